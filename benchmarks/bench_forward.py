@@ -1,0 +1,70 @@
+"""Forward-pass overhead of HookedViT against timm on deit3_base (random weights), in one run.
+
+Prints HookedViT forward / timm forward (target <= 1.05) and run_with_cache over every hook /
+timm forward (target <= 1.6). Usage: python benchmarks/bench_forward.py [--device cuda] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import timm
+import torch
+
+from hooked_vit import HookedViT
+
+
+def interleaved_medians(fns: dict, device: str, repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each function, timed in interleaved rounds after two warm-up
+    rounds, so that load from elsewhere on the machine hits every function alike."""
+    times = {name: [] for name in fns}
+    for round_ in range(repeats + 2):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit3_base_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    timm_model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
+    hooked = HookedViT.from_timm(timm_model)
+    images = torch.randn(args.batch, 3, hooked.cfg.img_size, hooked.cfg.img_size, device=args.device, dtype=dtype)
+
+    with torch.inference_mode():
+        medians = interleaved_medians({"timm": lambda: timm_model(images), "hooked": lambda: hooked(images),
+                                       "cache": lambda: hooked.run_with_cache(images)}, args.device, args.repeats)
+    t_timm, t_hooked, t_cache = medians["timm"], medians["hooked"], medians["cache"]
+    result = {
+        "config": vars(args) | {"torch": torch.__version__, "timm": timm.__version__,
+                                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                                "threads": torch.get_num_threads()},
+        "timm_forward_s": t_timm, "hooked_forward_s": t_hooked, "run_with_cache_all_s": t_cache,
+        "hooked_forward_over_timm": t_hooked / t_timm, "run_with_cache_over_timm": t_cache / t_timm,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"HookedViT forward / timm forward:             {t_hooked / t_timm:.3f}  (target <= 1.05)")
+    print(f"run_with_cache (all {len(hooked.hook_dict)} hooks) / timm forward: {t_cache / t_timm:.3f}  (target <= 1.6)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""TransformerLens's ``ActivationCache`` with ViT conveniences: circuit-site keys, the CLS token and
+patch tokens laid out on the image grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+
+from hooked_vit.sites import SITE_NAMES
+
+
+class ViTActivationCache(ActivationCache):
+    """Activations of one :class:`~hooked_vit.HookedViT` run.
+
+    Keys are hook names; TransformerLens shorthands (``cache["pattern", 3]``) and circuit-site names
+    (``cache["mlp_act", 3]``) work too.
+    """
+
+    def __getitem__(self, key: Any) -> Tensor:
+        if isinstance(key, tuple) and len(key) == 2 and key[0] in SITE_NAMES:
+            key = self.model.sites[key[1], key[0]].hook_name
+        if isinstance(key, str) and key not in self.cache_dict and "." in key:
+            raise KeyError(
+                f"{key!r} is not in this cache; it holds {len(self.cache_dict)} activations "
+                f"(names_filter may have left it out). Cached: {list(self.cache_dict)[:8]} ..."
+            )
+        return super().__getitem__(key)
+
+    def cls_token(self, key: Any) -> Float[Tensor, "batch *rest"]:
+        """The activation at the CLS token (position 0)."""
+        act = self[key]
+        return act[:, 0] if self.has_batch_dim else act[0]
+
+    def patch_grid(self, key: Any) -> Float[Tensor, "batch grid_h grid_w *rest"]:
+        """Patch-token activations (CLS dropped) reshaped to the ``[grid, grid]`` image layout."""
+        act = self[key]
+        if not self.has_batch_dim:
+            act = act[None]
+        grid = self.model.cfg.grid_size
+        return act[:, 1:].reshape(act.shape[0], grid, grid, *act.shape[2:])

@@ -1,0 +1,71 @@
+"""Every hook of a HookedViT in execution order, with its shape and meaning (one source of truth
+for :meth:`HookedViT.summary`, the README table and the pinned hook-name test)."""
+
+from __future__ import annotations
+
+from hooked_vit.config import HookedViTConfig
+
+# (name, shape, meaning); block hooks are relative to ``blocks.{layer}``.
+EMBED_HOOKS = [
+    ("hook_embed", "batch pos d_model", "CLS token then the patch embeddings"),
+    ("hook_pos_embed", "batch pos d_model", "position embedding (zero at CLS when no_embed_class, as in DeiT-III)"),
+    ("hook_full_embed", "batch pos d_model", "embed + pos_embed: the input of block 0"),
+]
+BLOCK_HOOKS = [
+    ("hook_resid_pre", "batch pos d_model", "residual stream entering the block"),
+    ("ln1.hook_scale", "batch pos 1", "LayerNorm 1 scale sqrt(var + eps)"),
+    ("ln1.hook_normalized", "batch pos d_model", "LayerNorm 1 output (site norm1)"),
+    ("attn.hook_q", "batch pos head d_head", "queries (site q, unit: head)"),
+    ("attn.hook_k", "batch pos head d_head", "keys (site k, unit: head)"),
+    ("attn.hook_v", "batch pos head d_head", "values (site v, unit: head)"),
+    ("attn.hook_attn_scores", "batch head query_pos key_pos", "q.k / sqrt(d_head), before softmax"),
+    ("attn.hook_pattern", "batch head query_pos key_pos", "attention probabilities"),
+    ("attn.hook_z", "batch pos head d_head", "pattern-weighted values, before the output projection"),
+    ("attn.hook_result", "batch pos head d_model", "per-head output (only with use_attn_result)"),
+    ("hook_attn_out", "batch pos d_model", "attention output after LayerScale, before the add (site attn_out)"),
+    ("hook_resid_mid", "batch pos d_model", "residual stream after attention"),
+    ("ln2.hook_scale", "batch pos 1", "LayerNorm 2 scale"),
+    ("ln2.hook_normalized", "batch pos d_model", "LayerNorm 2 output (site norm2)"),
+    ("mlp.hook_pre", "batch pos d_mlp", "fc1 output, before GELU"),
+    ("mlp.hook_post", "batch pos d_mlp", "GELU output (site mlp_act)"),
+    ("hook_mlp_out", "batch pos d_model", "MLP output after LayerScale, before the add (site mlp_out)"),
+    ("hook_resid_post", "batch pos d_model", "residual stream leaving the block"),
+]
+FINAL_HOOKS = [
+    ("ln_final.hook_scale", "batch pos 1", "final LayerNorm scale"),
+    ("ln_final.hook_normalized", "batch pos d_model", "final LayerNorm output"),
+    ("hook_pooled", "batch d_model", "final-norm CLS token: the classifier head's input"),
+]
+
+
+def hook_names(n_layers: int) -> list[str]:
+    """All hook names of an ``n_layers``-block model, in the order they fire."""
+    return ([name for name, _, _ in EMBED_HOOKS]
+            + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name, _, _ in BLOCK_HOOKS]
+            + [name for name, _, _ in FINAL_HOOKS])
+
+
+def hook_shape(name: str, cfg: HookedViTConfig, batch: int) -> tuple[int, ...]:
+    """Concrete shape of hook ``name`` for a batch of ``batch`` images."""
+    sizes = {"batch": batch, "pos": cfg.n_ctx, "query_pos": cfg.n_ctx, "key_pos": cfg.n_ctx,
+             "d_model": cfg.d_model, "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1}
+    suffix = name.split(".", 2)[2] if name.startswith("blocks.") else name
+    shape = {n: s for n, s, _ in EMBED_HOOKS + BLOCK_HOOKS + FINAL_HOOKS}[suffix]
+    return tuple(sizes[dim] for dim in shape.split())
+
+
+def hook_table(cfg: HookedViTConfig | None = None) -> str:
+    """Markdown table of the hooks; with ``cfg``, shapes also given in numbers."""
+
+    def row(name: str, shape: str, meaning: str) -> str:
+        numbers = ""
+        if cfg is not None:
+            probe = name.replace("{L}", "0")
+            numbers = " = [" + ", ".join(str(n) for n in hook_shape(probe, cfg, 1)[1:]) + "]"
+        return f"| `{name}` | `[{shape}]`{numbers} | {meaning} |"
+
+    lines = ["| hook | shape | meaning |", "|---|---|---|"]
+    lines += [row(*h) for h in EMBED_HOOKS]
+    lines += [row(f"blocks.{{L}}.{n}", s, m) for n, s, m in BLOCK_HOOKS]
+    lines += [row(*h) for h in FINAL_HOOKS]
+    return "\n".join(lines)

@@ -1,0 +1,301 @@
+"""HookedViT: a timm DeiT-III / ViT with a TransformerLens HookPoint at every activation."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
+
+from hooked_vit.cache import ViTActivationCache
+from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock
+from hooked_vit.config import HookedViTConfig
+from hooked_vit.hook_table import hook_table
+from hooked_vit.loading import (
+    build_timm_model,
+    check_state_dict,
+    config_from_timm,
+    create_timm_from_spec,
+    hooked_to_timm_state_dict,
+    load_checkpoint_into,
+    load_pretrained_timm,
+    timm_to_hooked_state_dict,
+)
+from hooked_vit.pretrained import get_spec
+from hooked_vit.sites import SiteRegistry
+from hooked_vit.validation import check_hook_names, check_images
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class HookedViT(HookedRootModule):
+    """A Vision Transformer whose every intermediate activation is a named HookPoint.
+
+    ``model(images)`` returns logits ``[batch, n_classes]``, equal to the timm model's; the hook
+    names and shapes are listed by :meth:`summary` and in the README.
+    """
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_model = cfg.d_model
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.n_patches + (0 if cfg.no_embed_class else 1), d_model))
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: CLS token then patch embeddings
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]: position embedding (0 at CLS if no_embed_class)
+        self.hook_full_embed = HookPoint()  # [batch, pos, d_model]: embed + pos_embed, block 0's input
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = LayerNorm(d_model, cfg.ln_eps)
+        self.hook_pooled = HookPoint()  # [batch, d_model]: final-norm CLS token, the head's input
+        self.head = nn.Linear(d_model, cfg.n_classes)
+        self.setup()
+        self.sites = SiteRegistry(cfg)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        images: Float[Tensor, "batch channel height width"],
+        *,
+        stop_at_layer: int | None = None,
+    ) -> Float[Tensor, "batch n_classes"] | Float[Tensor, "batch pos d_model"]:
+        """Logits ``[batch, n_classes]``; with ``stop_at_layer=L``, the residual stream
+        ``[batch, pos, d_model]`` entering block ``L`` (blocks ``L`` and later do not run)."""
+        check_images(images, self.cfg, self.cls_token)
+        batch = images.shape[0]
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), self.patch_embed(images)], dim=1)
+        pos_embed = F.pad(self.pos_embed, (0, 0, 1, 0)) if self.cfg.no_embed_class else self.pos_embed
+        x = self.hook_full_embed(self.hook_embed(tokens) + self.hook_pos_embed(pos_embed.expand(batch, -1, -1)))
+        for block in self.blocks[:stop_at_layer]:
+            x = block(x)
+        if stop_at_layer is not None:
+            return x
+        return self.head(self.hook_pooled(self.ln_final(x)[:, 0]))
+
+    # ------------------------------------------------------------------ hooks
+    def _check_hook_name(self, name: str) -> None:
+        check_hook_names([name], self.hook_dict)
+        if name.endswith("attn.hook_result") and not self.cfg.use_attn_result:
+            raise ValueError(f"{name} only fires with per-head results on: call model.set_use_attn_result(True) first")
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        if isinstance(name, str):
+            self._check_hook_name(name)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: str) -> None:
+        self._check_hook_name(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute (and hook) each head's output ``attn.hook_result`` ``[batch, pos, head, d_model]``."""
+        self.cfg.use_attn_result = use_attn_result
+        for block in self.blocks:
+            block.attn.use_attn_result = use_attn_result
+
+    def run_with_cache(
+        self,
+        images: Float[Tensor, "batch channel height width"],
+        *,
+        names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        metric: Callable[[Tensor], Tensor] | None = None,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
+        stop_at_layer: int | None = None,
+    ) -> tuple[Tensor, ViTActivationCache]:
+        """Run and cache activations (TransformerLens semantics).
+
+        With ``incl_bwd=True``, ``metric(output)`` (a scalar; default: the output itself, which must
+        then be a scalar) is backpropagated and gradients are cached as ``<hook name>_grad``.
+        """
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, Sequence):
+            for name in names_filter:
+                self._check_hook_name(name)
+            names_filter = list(names_filter)
+        cache_dict, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+        )
+        if not self.cfg.use_attn_result:  # hook_result does not fire: leave it out of "cache all"
+            fwd, bwd = ([(n, h) for n, h in hooks if not n.endswith("hook_result")] for hooks in (fwd, bwd))
+        grad_context = torch.enable_grad() if incl_bwd else nullcontext()
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end,
+                        clear_contexts=clear_contexts), grad_context:
+            out = self(images, stop_at_layer=stop_at_layer)
+            if incl_bwd:
+                target = metric(out) if metric is not None else out
+                if target.numel() != 1:
+                    raise ValueError(
+                        f"incl_bwd=True needs a scalar to differentiate, got shape {list(target.shape)}: pass "
+                        "metric=, e.g. metric=lambda logits: logits[:, label].sum()"
+                    )
+                target.backward()
+        return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_timm(cls, timm_model: nn.Module, **cfg_overrides: Any) -> "HookedViT":
+        """Wrap a supported timm ``VisionTransformer`` (weights copied, same device and dtype)."""
+        cfg = config_from_timm(timm_model, **cfg_overrides)
+        with torch.device("meta"):  # no random init: every parameter is assigned from timm's
+            model = cls(cfg)
+        state_dict = {k: v.clone() for k, v in timm_to_hooked_state_dict(timm_model.state_dict()).items()}
+        model.load_state_dict(state_dict, assign=True)
+        return model.eval()
+
+    def to_timm(self) -> nn.Module:
+        """An equivalent timm ``VisionTransformer`` holding a copy of these weights."""
+        param = self.cls_token
+        timm_model = build_timm_model(self.cfg).to(device=param.device, dtype=param.dtype)
+        from hooked_vit.pruning.masks import without_masks
+
+        # Pruned weights are already zero; the masks themselves have no timm counterpart.
+        timm_model.load_state_dict(hooked_to_timm_state_dict(without_masks(self.state_dict())))
+        return timm_model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str | os.PathLike,
+        *,
+        pretrained: bool = True,
+        checkpoint_path: str | os.PathLike | None = None,
+        seed: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        use_attn_result: bool = False,
+        sparsity: float | int | None = None,
+        method: str = "wanda",
+        nm: tuple[int, int] | str | None = None,
+        calibration: Any = None,
+        n_calib: int | None = None,
+        calib_seed: int | None = None,
+        finetune: int | dict[str, Any] | None = None,
+        cache: bool = True,
+    ) -> "HookedViT":
+        """Load a model by alias (``"deit3_base"``, see ``pretrained_configs/``), timm name, or a
+        directory written by :meth:`save_pretrained`.
+
+        Weights come from ``checkpoint_path`` (timm or original DeiT-III file) if given, else from
+        the package (embedded models) or timm's hub; ``pretrained=False`` gives a random
+        initialisation, reproducible with ``seed``.
+
+        With ``sparsity`` (fraction of each row's weights zeroed, in ``[0, 1)``) or ``nm=(N, M)``,
+        the model is pruned with ``method`` (``"wanda"`` or ``"magnitude"``, see
+        :func:`hooked_vit.pruning.prune`). Wanda's ``calibration`` is an image tensor, a dataset (or
+        builtin dataset name) or an image folder, sampled to ``n_calib`` images (default 128) with
+        ``calib_seed`` (default 0); by default the train split of the model's builtin dataset.
+        ``finetune`` (epochs, or a dict of :func:`hooked_vit.pruning.finetune` settings plus
+        ``batch_size`` and ``data``) fine-tunes with the masks held. The result is cached on disk
+        (``$HOOKED_VIT_CACHE``, else ``$XDG_CACHE_HOME/hooked_vit``, else ``~/.cache/hooked_vit``)
+        unless ``cache=False``; ``sparsity=0`` returns the dense model.
+        """
+        if Path(name).is_dir():
+            model = cls._from_directory(Path(name))
+        else:
+            spec = get_spec(str(name))
+            if pretrained and checkpoint_path is None:
+                timm_model = load_pretrained_timm(spec)
+            else:
+                rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+                with rng:
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    timm_model = create_timm_from_spec(spec)
+                if checkpoint_path is not None:
+                    load_checkpoint_into(timm_model, checkpoint_path)
+            model = cls.from_timm(
+                timm_model, model_name=spec.alias, timm_name=spec.hub_name,
+                preprocessing=dict(spec.preprocessing), dataset=spec.dataset,
+            )
+        model = model.to(device=device, dtype=dtype).eval()
+        if sparsity is not None or nm is not None:
+            from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB
+            from hooked_vit.pruning.recipe import pruned_model
+
+            model = pruned_model(
+                model, sparsity=sparsity, method=method, nm=nm, calibration=calibration,
+                n_calib=DEFAULT_N_CALIB if n_calib is None else n_calib,
+                calib_seed=DEFAULT_CALIB_SEED if calib_seed is None else calib_seed,
+                finetune=finetune, cache=cache,
+            )
+        model.set_use_attn_result(use_attn_result)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (created if needed); a
+        pruned model's weights include its ``weight_mask`` buffers, and its metadata goes to
+        ``pruning.json``."""
+        from hooked_vit.pruning.metadata import PRUNING_FILE, get_info, write_info
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        info = get_info(self)
+        if info is not None:
+            write_info(info, directory)
+        elif (directory / PRUNING_FILE).exists():  # stale metadata of a model saved here before
+            (directory / PRUNING_FILE).unlink()
+        (directory / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  directory / WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def _from_directory(cls, directory: Path) -> "HookedViT":
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{directory} is not a saved HookedViT: {path.name} is missing "
+                                        "(save_pretrained writes config.json and model.safetensors)")
+        with torch.device("meta"):  # parameters are assigned from the file below
+            model = cls(HookedViTConfig.from_dict(json.loads(config_path.read_text())))
+        state_dict = load_file(weights_path)
+        from hooked_vit.pruning.masks import prepare_for_state_dict
+        from hooked_vit.pruning.metadata import INFO_ATTR, read_info
+
+        prepare_for_state_dict(model, state_dict)  # weight_mask buffers of a pruned model
+        check_state_dict(state_dict, model, str(weights_path))
+        model.load_state_dict(state_dict, assign=True)
+        info = read_info(directory)
+        if info is not None:
+            setattr(model, INFO_ATTR, info)
+        return model
+
+    # ------------------------------------------------------------------ conveniences
+    def transform(self) -> Callable:
+        """timm's eval transform for this model (resize, crop, normalize), PIL image -> tensor."""
+        from timm.data import create_transform, resolve_data_config
+
+        pretrained_cfg = {**self.cfg.preprocessing,
+                          "input_size": (self.cfg.in_chans, self.cfg.img_size, self.cfg.img_size)}
+        return create_transform(**resolve_data_config(pretrained_cfg=pretrained_cfg), is_training=False)
+
+    def summary(self) -> str:
+        """Architecture, parameter count and the hook table (name, shape, meaning)."""
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.parameters())
+        lines = [
+            f"HookedViT {cfg.model_name} ({cfg.timm_name or 'custom timm VisionTransformer'})",
+            f"  {cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads x d_head {cfg.d_head}, "
+            f"d_mlp {cfg.d_mlp}, {cfg.img_size}px / patch {cfg.patch_size} -> {cfg.n_ctx} tokens, "
+            f"{cfg.n_classes} classes, LayerScale {cfg.layer_scale}, {n_params / 1e6:.2f}M parameters",
+            f"  {len(self.hook_dict)} hooks, {len(self.sites)} circuit sites ({self.sites.n_units} units)",
+            "",
+            hook_table(cfg),
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Unstructured and N:M pruning of HookedViT blocks (Wanda, magnitude) and masked fine-tuning.
+
+>>> from hooked_vit.pruning import prune, finetune
+>>> info = prune(model, method="wanda", sparsity=0.7, calibration=images)  # in place
+>>> finetune(model, train_loader, epochs=2)  # pruned weights stay exactly zero
+"""
+
+from hooked_vit.pruning.calibration import (
+    DEFAULT_CALIB_SEED,
+    DEFAULT_N_CALIB,
+    MissingCalibrationError,
+    resolve_calibration,
+)
+from hooked_vit.pruning.finetune import FinetuneResult, finetune
+from hooked_vit.pruning.layers import prunable_layers
+from hooked_vit.pruning.masks import (
+    apply_masks,
+    is_pruned,
+    mask_gradients,
+    masked_linears,
+    measured_sparsity,
+    remove_masks,
+    set_mask,
+)
+from hooked_vit.pruning.metadata import PruningInfo, get_info
+from hooked_vit.pruning.pruner import prune
+from hooked_vit.pruning.scores import keep_mask, magnitude_scores, wanda_scores
+from hooked_vit.pruning.statistics import input_norms
+from hooked_vit.pruning.validation import METHODS, check_method, check_nm, check_sparsity
+
+__all__ = [
+    "DEFAULT_CALIB_SEED", "DEFAULT_N_CALIB", "METHODS", "FinetuneResult", "MissingCalibrationError", "PruningInfo",
+    "apply_masks", "check_method", "check_nm", "check_sparsity", "finetune", "get_info", "input_norms", "is_pruned",
+    "keep_mask", "magnitude_scores", "mask_gradients", "masked_linears", "measured_sparsity", "prunable_layers",
+    "prune", "remove_masks", "resolve_calibration", "set_mask", "wanda_scores",
+]

@@ -1,0 +1,47 @@
+"""Which Linear layers of a HookedViT are pruned, and the hook whose value is each one's input.
+
+Pruned: every Linear inside the transformer blocks (``attn.qkv``, ``attn.proj``, ``mlp.fc1``,
+``mlp.fc2``); never the patch embedding or the classifier head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+# Linear inside a block -> the hook (relative to the block) whose value that Linear multiplies.
+# attn.hook_z is [batch, pos, head, d_head]; heads flattened head-major give proj's d_model input.
+INPUT_HOOKS: dict[str, str] = {
+    "attn.qkv": "ln1.hook_normalized",
+    "attn.proj": "attn.hook_z",
+    "mlp.fc1": "ln2.hook_normalized",
+    "mlp.fc2": "mlp.hook_post",
+}
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """One pruned Linear: its module name, the module, and the hook feeding it."""
+
+    name: str
+    module: nn.Linear
+    input_hook: str
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+
+def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
+    """The pruned Linears of ``model`` (a HookedViT), in block order then qkv, proj, fc1, fc2."""
+    if not hasattr(model, "blocks"):
+        raise TypeError(f"pruning needs a HookedViT (with .blocks), got {type(model).__name__}")
+    layers = []
+    for i, block in enumerate(model.blocks):
+        for rel_name, hook in INPUT_HOOKS.items():
+            module = block.get_submodule(rel_name)
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"blocks.{i}.{rel_name} is {type(module).__name__}, expected nn.Linear")
+            layers.append(PrunableLayer(f"blocks.{i}.{rel_name}", module, f"blocks.{i}.{hook}"))
+    return layers

@@ -1,0 +1,88 @@
+"""``prune``: Wanda or magnitude pruning of every Linear inside the blocks of a HookedViT, in place."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB, resolve_calibration
+from hooked_vit.pruning.layers import prunable_layers
+from hooked_vit.pruning.masks import is_pruned, measured_sparsity, set_mask
+from hooked_vit.pruning.metadata import INFO_ATTR, PruningInfo
+from hooked_vit.pruning.scores import keep_mask, magnitude_scores, wanda_scores
+from hooked_vit.pruning.statistics import input_norms
+from hooked_vit.pruning.validation import check_method, check_nm, check_nm_fits, check_sparsity
+
+
+def resolve_sparsity(sparsity: float | int | None, nm: Any) -> tuple[float, tuple[int, int] | None]:
+    """``(sparsity, nm)`` checked; with ``nm=(N, M)`` the sparsity is ``1 - N/M`` (a given
+    ``sparsity`` must agree)."""
+    nm = check_nm(nm)
+    if nm is None:
+        if sparsity is None:
+            raise ValueError("give sparsity= (fraction of each row's weights to zero, in [0, 1)) or nm=(N, M)")
+        return check_sparsity(sparsity), None
+    implied = 1.0 - nm[0] / nm[1]
+    if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
+        raise ValueError(f"nm={nm} keeps {nm[0]} of every {nm[1]} weights, i.e. sparsity {implied:g}, "
+                         f"but sparsity={sparsity} was given; pass one of them (or matching values)")
+    return implied, nm
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    method: str = "wanda",
+    sparsity: float | int | None = None,
+    *,
+    calibration: Any = None,
+    nm: tuple[int, int] | str | None = None,
+    n_calib: int = DEFAULT_N_CALIB,
+    seed: int = DEFAULT_CALIB_SEED,
+    batch_size: int = 32,
+) -> PruningInfo:
+    """Prune ``model`` (a dense HookedViT) in place and return what was done, measured.
+
+    Every ``nn.Linear`` inside the blocks (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``)
+    is pruned per output row: the ``int(in_features * sparsity)`` lowest-scoring weights of each
+    row become exactly zero, or, with ``nm=(N, M)``, all but the N highest-scoring of every M
+    consecutive weights of a row (sparsity ``1 - N/M``). The patch embedding and head are kept.
+
+    ``method="wanda"`` scores ``|W_ij| * ||X_j||_2``, with ``||X_j||`` the L2 norm of input feature
+    j over every token of every calibration image, gathered from the dense model in one forward
+    pass; ``method="magnitude"`` scores ``|W_ij|`` and needs no calibration.
+
+    ``calibration`` (Wanda): an image tensor ``[n, channel, height, width]`` (used whole), a
+    dataset from :mod:`hooked_vit.data` or its name, or an image folder; datasets and folders are
+    sampled to ``n_calib`` images with ``seed``. ``None`` uses the train split of the model's
+    builtin dataset. Masks are stored as ``weight_mask`` buffers and the result as
+    ``model.pruning_info``.
+    """
+    method = check_method(method)
+    sparsity, nm = resolve_sparsity(sparsity, nm)
+    if is_pruned(model):
+        raise ValueError("model is already pruned (it has weight_mask buffers); prune a dense model, or call "
+                         "hooked_vit.pruning.remove_masks(model) first to prune its current weights further")
+    layers = prunable_layers(model)
+    if nm is not None:
+        for layer in layers:
+            check_nm_fits(nm, layer.in_features, layer.name)
+    start = time.perf_counter()
+    norms, n_tokens, identity = None, None, None
+    if method == "wanda" and sparsity > 0:
+        source = resolve_calibration(model, calibration, n=n_calib, seed=seed)
+        norms, n_tokens = input_norms(model, source.images, batch_size=batch_size)
+        identity = source.identity
+    for layer in layers:
+        weight = layer.module.weight
+        scores = magnitude_scores(weight) if norms is None else wanda_scores(weight, norms[layer.name])
+        set_mask(layer.module, keep_mask(scores, sparsity, nm, layer=layer.name))
+    per_layer, overall = measured_sparsity(model)
+    info = PruningInfo(method=method, sparsity=sparsity, nm=nm, calibration=identity,
+                       n_calibration_tokens=n_tokens, layer_sparsity=per_layer, overall_sparsity=overall,
+                       seconds=time.perf_counter() - start)
+    setattr(model, INFO_ATTR, info)
+    return info

@@ -1,0 +1,56 @@
+"""Shared fixtures. hooked_vit is imported inside fixtures, never at module level here, so that
+jaxtyping's import hook (pytest --jaxtyping-packages, set in pyproject.toml) instruments it."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+
+def randomize_layer_scale(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Set every LayerScale gamma to U(0.5, 1.5): at timm's 1e-6 init every block is nearly the
+    identity and parity tests would compare almost nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+    return model
+
+
+def make_timm(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A random-init timm model of a real architecture with O(1) LayerScale, in eval mode."""
+    torch.manual_seed(seed)
+    return randomize_layer_scale(timm.create_model(name, pretrained=False, **kwargs), seed).eval()
+
+
+@pytest.fixture(scope="session")
+def timm_deit3_base() -> torch.nn.Module:
+    """deit3_base_patch16_224 with random weights (12 blocks, 86M parameters)."""
+    return make_timm("deit3_base_patch16_224")
+
+
+@pytest.fixture(scope="session")
+def hooked_deit3_base(timm_deit3_base):
+    from hooked_vit import HookedViT
+
+    return HookedViT.from_timm(timm_deit3_base)
+
+
+@pytest.fixture(scope="session")
+def images_224() -> torch.Tensor:
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def small_hooked():
+    """A 2-block DeiT-III-small-width model: real block structure, fast enough to hook everything."""
+    from hooked_vit import HookedViT
+
+    return HookedViT.from_timm(make_timm("deit3_small_patch16_224", depth=2, img_size=64))
+
+
+@pytest.fixture(scope="session")
+def images_64() -> torch.Tensor:
+    return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))

@@ -1,0 +1,157 @@
+"""Hook names, shapes, circuit sites, replacement semantics and the attention fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+BLOCK_HOOKS = [
+    "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
+    "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
+    "hook_attn_out", "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre",
+    "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+]
+
+
+def test_hook_names_are_pinned_in_execution_order(hooked_deit3_base):
+    expected = (["hook_embed", "hook_pos_embed", "hook_full_embed"]
+                + [f"blocks.{layer}.{name}" for layer in range(12) for name in BLOCK_HOOKS]
+                + ["ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled"])
+    assert list(hooked_deit3_base.hook_dict) == expected
+    from hooked_vit.hook_table import hook_names
+
+    assert hook_names(12) == expected
+
+
+def test_hooks_fire_in_listed_order_with_listed_shapes(small_hooked, images_64):
+    from hooked_vit.hook_table import hook_shape
+
+    small_hooked.set_use_attn_result(True)
+    fired = []
+    try:
+        small_hooked.run_with_hooks(
+            images_64, fwd_hooks=[(lambda name: True, lambda act, hook: fired.append((hook.name, act.shape)))]
+        )
+    finally:
+        small_hooked.set_use_attn_result(False)
+    assert [name for name, _ in fired] == list(small_hooked.hook_dict)
+    for name, shape in fired:
+        assert tuple(shape) == hook_shape(name, small_hooked.cfg, batch=3), name
+
+
+def test_circuit_site_registry(hooked_deit3_base):
+    sites = hooked_deit3_base.sites
+    assert len(sites) == 96
+    assert [s.name for s in sites.at_layer(0)] == ["norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out"]
+    assert sites[3, "mlp_act"].hook_name == "blocks.3.mlp.hook_post"
+    assert sites[-1, "norm1"].hook_name == "blocks.11.ln1.hook_normalized"
+    assert sites[2, "q"].unit == "head" and sites[2, "q"].width == 12 and sites[2, "q"].mask_shape == (12, 1)
+    assert sites[2, "mlp_act"].unit == "feature" and sites[2, "mlp_act"].width == 3072
+    assert sites.from_hook_name("blocks.7.hook_attn_out") == sites[7, "attn_out"]
+    assert all(name in hooked_deit3_base.hook_dict for name in sites.hook_names)
+    assert sites.n_units == 12 * (4 * 768 + 3 * 12 + 3072)
+    with pytest.raises(KeyError, match="sites are"):
+        sites[0, "mlp"]
+    with pytest.raises(KeyError, match="out of range"):
+        sites[12, "q"]
+
+
+def test_site_unit_activation_is_head_norm(small_hooked, images_64):
+    _, cache = small_hooked.run_with_cache(images_64, names_filter=["blocks.1.attn.hook_v", "blocks.1.mlp.hook_post"])
+    v_site, act_site = small_hooked.sites[1, "v"], small_hooked.sites[1, "mlp_act"]
+    v = cache["v", 1]
+    torch.testing.assert_close(v_site.unit_activation(v), v.pow(2).sum(-1).sqrt(), rtol=1e-6, atol=0)
+    assert torch.equal(act_site.unit_activation(cache["mlp_act", 1]), cache["blocks.1.mlp.hook_post"])
+
+
+def test_every_hook_value_is_used_downstream(small_hooked, images_64):
+    """Replacing any hook's value changes the logits: nothing downstream bypasses a hook."""
+    small_hooked.set_use_attn_result(True)
+    try:
+        clean = small_hooked(images_64)
+        for name in small_hooked.hook_dict:
+            # Random noise: a uniform shift would be invisible to LayerNorm (and to softmax, at k).
+            perturb = (lambda act, hook: act * 1.5) if "scale" in name or "pattern" in name else \
+                (lambda act, hook: act + 0.5 * torch.randn(act.shape, generator=torch.Generator().manual_seed(0)))
+            patched = small_hooked.run_with_hooks(images_64, fwd_hooks=[(name, perturb)])
+            assert not torch.allclose(patched, clean, atol=1e-4), name
+    finally:
+        small_hooked.set_use_attn_result(False)
+
+
+def test_patching_residual_stream_reproduces_the_source_run(small_hooked, images_64):
+    source, target = images_64[:1], images_64[1:2]
+    _, cache = small_hooked.run_with_cache(source, names_filter=["blocks.1.hook_resid_pre"])
+    patched = small_hooked.run_with_hooks(
+        target, fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: cache["blocks.1.hook_resid_pre"])]
+    )
+    assert torch.equal(patched, small_hooked(source))
+
+
+def test_attention_uses_sdpa_unless_scores_or_pattern_are_hooked(small_hooked, images_64, monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    fast = small_hooked(images_64)
+    assert len(calls) == 2
+    calls.clear()
+    _, cache = small_hooked.run_with_cache(images_64, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert not calls
+    explicit = small_hooked.run_with_hooks(images_64, fwd_hooks=[("blocks.0.attn.hook_attn_scores", lambda a, hook: None)])
+    assert len(calls) == 1  # block 1 only
+    torch.testing.assert_close(explicit, fast, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache["pattern", 0].sum(-1), torch.ones(3, 6, 17), rtol=0, atol=1e-5)
+
+
+def test_per_head_results_sum_to_attention_output(small_hooked, images_64):
+    small_hooked.set_use_attn_result(True)
+    try:
+        logits, cache = small_hooked.run_with_cache(images_64)
+    finally:
+        small_hooked.set_use_attn_result(False)
+    torch.testing.assert_close(logits, small_hooked(images_64), rtol=0, atol=1e-5)
+    attn = small_hooked.blocks[0]
+    out = (cache["blocks.0.attn.hook_result"].sum(2) + attn.attn.proj.bias) * attn.ls1.gamma
+    torch.testing.assert_close(out, cache["blocks.0.hook_attn_out"], rtol=0, atol=1e-5)
+
+
+def test_lrp_style_detaching_changes_gradients_not_outputs(small_hooked, images_64):
+    """LRP will detach LayerNorm scales and attention patterns through hooks."""
+    images = images_64.clone().requires_grad_(True)
+    plain = small_hooked(images)
+    (plain_grad,) = torch.autograd.grad(plain[:, 3].sum(), images)
+    detach = lambda act, hook: act.detach()  # noqa: E731
+    with small_hooked.hooks(fwd_hooks=[(lambda n: n.endswith("hook_scale") or n.endswith("hook_pattern"), detach)]):
+        modified = small_hooked(images)
+        (modified_grad,) = torch.autograd.grad(modified[:, 3].sum(), images)
+    torch.testing.assert_close(modified, plain, rtol=0, atol=1e-5)
+    assert not torch.allclose(modified_grad, plain_grad, atol=1e-6)
+
+
+def test_run_with_cache_options(small_hooked, images_64):
+    logits, cache = small_hooked.run_with_cache(images_64, names_filter="blocks.0.hook_resid_post")
+    assert list(cache.keys()) == ["blocks.0.hook_resid_post"]
+    with pytest.raises(ValueError, match="metric="):
+        small_hooked.run_with_cache(images_64, names_filter="hook_pooled", incl_bwd=True)
+    _, cache = small_hooked.run_with_cache(images_64, names_filter="hook_pooled", incl_bwd=True,
+                                           metric=lambda out: out[:, 0].sum())
+    assert cache["hook_pooled_grad"].shape == cache["hook_pooled"].shape
+    torch.testing.assert_close(cache["hook_pooled_grad"], small_hooked.head.weight[0].expand(3, -1))
+    small_hooked.zero_grad(set_to_none=True)
+    resid, cache = small_hooked.run_with_cache(images_64, stop_at_layer=1, names_filter="blocks.0.hook_resid_post")
+    assert torch.equal(resid, cache["resid_post", 0])
+    _, cache = small_hooked.run_with_cache(images_64[:1], remove_batch_dim=True, names_filter="hook_embed")
+    assert cache["hook_embed"].shape == (17, 384)
+
+
+def test_cache_conveniences(small_hooked, images_64):
+    _, cache = small_hooked.run_with_cache(images_64)
+    assert torch.equal(cache["mlp_act", 1], cache["blocks.1.mlp.hook_post"])
+    assert torch.equal(cache["q", 0], cache["blocks.0.attn.hook_q"])  # TransformerLens shorthand
+    assert torch.equal(cache.cls_token(("resid_post", 1)), cache["blocks.1.hook_resid_post"][:, 0])
+    grid = cache.patch_grid("blocks.1.hook_resid_post")
+    assert grid.shape == (3, 4, 4, 384)
+    assert torch.equal(grid[:, 1, 2], cache["blocks.1.hook_resid_post"][:, 1 + 1 * 4 + 2])
+    with pytest.raises(KeyError, match="names_filter"):
+        small_hooked.run_with_cache(images_64, names_filter="hook_embed")[1]["blocks.0.hook_resid_pre"]
