@@ -205,6 +205,10 @@ class HookedViT(HookedRootModule):
         (``$HOOKED_VIT_CACHE``, else ``$XDG_CACHE_HOME/hooked_vit``, else ``~/.cache/hooked_vit``)
         unless ``cache=False``; ``sparsity=0`` returns the dense model.
         """
+        if sparsity is not None or nm is not None:  # fail on bad pruning arguments before loading
+            from hooked_vit.pruning.recipe import check_request
+
+            check_request(sparsity=sparsity, method=method, nm=nm, finetune=finetune)
         if Path(name).is_dir():
             model = cls._from_directory(Path(name))
         else:

@@ -160,7 +160,7 @@ def test_to_timm_round_trip_is_exact(timm_deit3_base, hooked_deit3_base, images_
         assert torch.equal(value, ref[key]), key
     with torch.no_grad():
         assert torch.equal(back(images_224), timm_deit3_base(images_224))
-    assert back.pretrained_cfg["mean"] == timm_deit3_base.pretrained_cfg["mean"]
+    assert tuple(back.pretrained_cfg["mean"]) == tuple(timm_deit3_base.pretrained_cfg["mean"])
 
 
 FAMILY = ["deit3_small_patch16_224", "deit3_small_patch16_384", "deit3_medium_patch16_224",

@@ -5,13 +5,14 @@
 >>> finetune(model, train_loader, epochs=2)  # pruned weights stay exactly zero
 """
 
+from hooked_vit.pruning.cached import cache_root
 from hooked_vit.pruning.calibration import (
     DEFAULT_CALIB_SEED,
     DEFAULT_N_CALIB,
     MissingCalibrationError,
     resolve_calibration,
 )
-from hooked_vit.pruning.finetune import FinetuneResult, finetune
+from hooked_vit.pruning.finetuning import FinetuneResult, finetune
 from hooked_vit.pruning.layers import prunable_layers
 from hooked_vit.pruning.masks import (
     apply_masks,
@@ -30,7 +31,8 @@ from hooked_vit.pruning.validation import METHODS, check_method, check_nm, check
 
 __all__ = [
     "DEFAULT_CALIB_SEED", "DEFAULT_N_CALIB", "METHODS", "FinetuneResult", "MissingCalibrationError", "PruningInfo",
-    "apply_masks", "check_method", "check_nm", "check_sparsity", "finetune", "get_info", "input_norms", "is_pruned",
-    "keep_mask", "magnitude_scores", "mask_gradients", "masked_linears", "measured_sparsity", "prunable_layers",
-    "prune", "remove_masks", "resolve_calibration", "set_mask", "wanda_scores",
+    "apply_masks", "cache_root", "check_method", "check_nm", "check_sparsity", "finetune", "get_info",
+    "input_norms", "is_pruned", "keep_mask", "magnitude_scores", "mask_gradients", "masked_linears",
+    "measured_sparsity", "prunable_layers", "prune", "remove_masks", "resolve_calibration", "set_mask",
+    "wanda_scores",
 ]

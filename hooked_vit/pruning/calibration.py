@@ -2,8 +2,8 @@
 that names them (for metadata and the pruned-model cache).
 
 Defaults: ``DEFAULT_N_CALIB = 128`` images, drawn without replacement with ``DEFAULT_CALIB_SEED = 0``
-from a dataset or folder (a tensor is used whole). With no calibration given, the train split of
-the model's builtin dataset (``model.cfg.dataset``, e.g. ``"digits"``) is used.
+from a dataset (class-balanced) or folder; a tensor is used whole. With no calibration given, the
+train split of the model's builtin dataset (``model.cfg.dataset``, e.g. ``"digits"``) is used.
 """
 
 from __future__ import annotations
@@ -65,18 +65,24 @@ def _from_folder(model: Any, folder: Path, n: int, seed: int) -> Calibration:
 
 
 def _from_dataset(dataset: Any, n: int, seed: int, description: dict[str, Any]) -> Calibration:
+    from hooked_vit.data import LabelledImages, calibration_sample
+
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"calibration dataset must be indexable with a length, got {type(dataset).__name__}")
-    items = [dataset[i] for i in _sample_indices(len(dataset), n, seed)]
-    images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
-    identity = {"kind": "dataset", **description, "n": len(items), "seed": seed, "sha256": tensor_digest(images)}
+    if isinstance(dataset, LabelledImages):  # class-balanced draw, decoding only the chosen images
+        images, _ = calibration_sample(dataset, min(n, len(dataset)), seed=seed).tensors()
+    else:
+        items = [dataset[i] for i in _sample_indices(len(dataset), n, seed)]
+        images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+    identity = {"kind": "dataset", **description, "n": images.shape[0], "seed": seed, "sha256": tensor_digest(images)}
     return Calibration(images, identity)
 
 
-def _builtin_dataset(model: Any, name: str, split: str) -> Any:
+def _train_split(model: Any, source: str) -> tuple[Any, dict[str, Any]]:
     from hooked_vit.data import load_dataset
 
-    return load_dataset(name, split=split, model=model)
+    dataset = load_dataset(source, split="train", model=model)
+    return dataset, {"name": dataset.name, "split": "train"}
 
 
 def _missing(model: Any) -> MissingCalibrationError:
@@ -84,8 +90,9 @@ def _missing(model: Any) -> MissingCalibrationError:
     return MissingCalibrationError(
         f"Wanda needs calibration images and model {model.cfg.model_name!r} (dataset {dataset!r}) has no builtin "
         "dataset to draw them from. Pass calibration= as an image tensor [n, 3, H, W] preprocessed with "
-        "model.transform(), a folder of images (e.g. calibration='/data/imagenet/train'), or a dataset from "
-        "hooked_vit.data; or use method='magnitude', which needs none."
+        "model.transform(), a folder of images or an ImageNet-style root with a train/ split (e.g. "
+        "calibration='/data/imagenet'), or a dataset from hooked_vit.data.load_dataset; or use "
+        "method='magnitude', which needs none."
     )
 
 
@@ -95,10 +102,14 @@ def resolve_calibration(model: Any, calibration: Any = None, *, n: int = DEFAULT
 
     * a :class:`Calibration` (returned as is);
     * a tensor ``[n, channel, height, width]`` (model-ready, used whole);
-    * a folder of images (path; searched recursively, ``n`` sampled with ``seed``, preprocessed
-      with ``model.transform()``);
-    * a dataset of ``(image, label)`` items, or the name of a builtin dataset (its train split),
-      ``n`` items sampled with ``seed``;
+    * a path: an ImageNet-style root with a ``train/<class>/`` split (read with
+      :func:`hooked_vit.data.load_dataset`), else any folder of images (searched recursively, ``n``
+      files drawn uniformly with ``seed``, preprocessed with ``model.transform()``);
+    * a builtin dataset name (``"digits"``, ``"builtin"``): its train split;
+    * a dataset of ``(image, label)`` items; a :class:`~hooked_vit.data.LabelledImages` is sampled
+      class-balanced (:func:`hooked_vit.data.calibration_sample`), others uniformly.
+
+    Datasets and folders give ``min(n, size)`` images drawn with ``seed``.
     * ``None``: the train split of the model's builtin dataset, else :class:`MissingCalibrationError`.
     """
     if isinstance(calibration, Calibration):
@@ -111,25 +122,28 @@ def resolve_calibration(model: Any, calibration: Any = None, *, n: int = DEFAULT
                     "sha256": tensor_digest(calibration)}
         return Calibration(calibration, identity)
     if isinstance(calibration, (str, os.PathLike)):
-        path = Path(calibration)
-        if path.is_dir():
-            return _from_folder(model, path, n, seed)
         from hooked_vit.data import BUILTIN_DATASETS
 
-        name = str(calibration)
-        if name not in BUILTIN_DATASETS:
+        path = Path(calibration)
+        if path.is_dir() and (path / "train").is_dir():  # ImageNet-style root/train/<class>/*
+            dataset, description = _train_split(model, str(path))
+            return _from_dataset(dataset, n, seed, {**description, "path": str(path.resolve())})
+        if path.is_dir():
+            return _from_folder(model, path, n, seed)
+        if str(calibration) not in (*BUILTIN_DATASETS, "builtin"):
             raise MissingCalibrationError(
-                f"calibration={name!r} is neither a folder of images nor a builtin dataset "
+                f"calibration={str(calibration)!r} is neither a folder of images nor a builtin dataset "
                 f"({', '.join(sorted(BUILTIN_DATASETS))}); pass a folder path, an image tensor or a dataset"
             )
-        return _from_dataset(_builtin_dataset(model, name, "train"), n, seed, {"name": name, "split": "train"})
+        dataset, description = _train_split(model, str(calibration))
+        return _from_dataset(dataset, n, seed, description)
     if calibration is None:
         from hooked_vit.data import BUILTIN_DATASETS
 
-        name = getattr(model.cfg, "dataset", None)
-        if name not in BUILTIN_DATASETS:
+        if getattr(model.cfg, "dataset", None) not in BUILTIN_DATASETS:
             raise _missing(model)
-        return _from_dataset(_builtin_dataset(model, name, "train"), n, seed, {"name": name, "split": "train"})
+        dataset, description = _train_split(model, model.cfg.dataset)
+        return _from_dataset(dataset, n, seed, description)
     description = {"name": getattr(calibration, "name", type(calibration).__name__),
                    "split": getattr(calibration, "split", None)}
     return _from_dataset(calibration, n, seed, description)

@@ -65,7 +65,7 @@ def remove_masks(model: nn.Module) -> None:
 def prepare_for_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
     """Create the ``weight_mask`` buffers that ``state_dict`` holds, so ``load_state_dict`` fits."""
     modules = dict(model.named_modules())
-    for key, value in state_dict.items():
+    for key in state_dict:
         if not key.endswith(MASK_SUFFIX):
             continue
         name = key[: -len(MASK_SUFFIX)]

@@ -16,6 +16,8 @@ from hooked_vit.pruning.scores import keep_mask, magnitude_scores, wanda_scores
 from hooked_vit.pruning.statistics import input_norms
 from hooked_vit.pruning.validation import check_method, check_nm, check_nm_fits, check_sparsity
 
+ROW_CHUNK = 256  # output rows scored and sorted at a time
+
 
 def resolve_sparsity(sparsity: float | int | None, nm: Any) -> tuple[float, tuple[int, int] | None]:
     """``(sparsity, nm)`` checked; with ``nm=(N, M)`` the sparsity is ``1 - N/M`` (a given
@@ -78,8 +80,12 @@ def prune(
         identity = source.identity
     for layer in layers:
         weight = layer.module.weight
-        scores = magnitude_scores(weight) if norms is None else wanda_scores(weight, norms[layer.name])
-        set_mask(layer.module, keep_mask(scores, sparsity, nm, layer=layer.name))
+        keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+        for rows in torch.arange(weight.shape[0]).split(ROW_CHUNK):  # bounds the fp64/int64 temporaries
+            chunk = weight[rows[0]:rows[-1] + 1]
+            scores = magnitude_scores(chunk) if norms is None else wanda_scores(chunk, norms[layer.name])
+            keep[rows[0]:rows[-1] + 1] = keep_mask(scores, sparsity, nm, layer=layer.name)
+        set_mask(layer.module, keep)
     per_layer, overall = measured_sparsity(model)
     info = PruningInfo(method=method, sparsity=sparsity, nm=nm, calibration=identity,
                        n_calibration_tokens=n_tokens, layer_sparsity=per_layer, overall_sparsity=overall,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-import torch
 from torch import nn
 
+from hooked_vit.data import BUILTIN_DATASETS, load_dataset, make_loader
 from hooked_vit.pruning import cached
 from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB, resolve_calibration
-from hooked_vit.pruning.finetune import finetune as run_finetune
+from hooked_vit.pruning.finetuning import finetune as run_finetune
 from hooked_vit.pruning.pruner import prune, resolve_sparsity
 from hooked_vit.pruning.validation import check_method
 
@@ -39,9 +39,14 @@ def finetune_settings(finetune: int | dict[str, Any] | None) -> dict[str, Any] |
     return None if settings["epochs"] == 0 else settings
 
 
-def _training_data(model: nn.Module, data: Any) -> tuple[Any, dict[str, Any]]:
-    from hooked_vit.data import BUILTIN_DATASETS, load_dataset
+def check_request(*, sparsity: float | int | None, method: str, nm: Any, finetune: Any) -> None:
+    """Raise on invalid pruning arguments of ``from_pretrained`` (before any weights are loaded)."""
+    check_method(method)
+    resolve_sparsity(sparsity, nm)
+    finetune_settings(finetune)
 
+
+def _training_data(model: nn.Module, data: Any) -> tuple[Any, dict[str, Any]]:
     if data is None or isinstance(data, str):
         name = data if data is not None else getattr(model.cfg, "dataset", None)
         if name not in BUILTIN_DATASETS:
@@ -91,8 +96,8 @@ def pruned_model(
     prune(model, method, sparsity, calibration=calib, nm=nm)
     if settings is not None:
         kwargs = {k: v for k, v in settings.items() if k not in ("batch_size", "data")}
-        # No generator: finetune() reseeds the global RNG per epoch, which fixes the shuffle order.
-        loader = torch.utils.data.DataLoader(train_data, batch_size=settings["batch_size"], shuffle=True)
+        loader = make_loader(train_data, batch_size=settings["batch_size"], shuffle=True,
+                             seed=kwargs.get("seed", 0), device=next(model.parameters()).device)
         checkpoint_dir = directory.with_name(directory.name + ".finetune") if cache else None
         run_finetune(model, loader, checkpoint_dir=checkpoint_dir, progress=progress, **kwargs)
         model.pruning_info.finetune[-1]["data"] = data_identity

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from hooked_vit.data import load_dataset, make_loader
+from hooked_vit.evaluation import evaluate
 from hooked_vit.pruning.cached import state_digest
 from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB, resolve_calibration
-from hooked_vit.pruning.finetune import finetune
+from hooked_vit.pruning.finetuning import finetune
 from hooked_vit.pruning.pruner import prune
 from hooked_vit.pruning.validation import check_method, check_sparsity
 
@@ -43,11 +43,11 @@ class SweepConfig:
     methods: tuple[str, ...] = ("magnitude", "wanda")
     sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
     finetune_epochs: int = 0
-    finetune_lr: float = 1e-4
+    finetune_lr: float | int = 1e-4
     finetune_batch_size: int = 64
     n_calib: int = DEFAULT_N_CALIB
     seed: int = DEFAULT_CALIB_SEED
-    eval_split: str = "test"
+    eval_split: str = "val"
     batch_size: int = 128
     device: str = "cpu"
 
@@ -71,8 +71,6 @@ def _load_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _accuracy(model, dataset, config: SweepConfig) -> dict[str, float]:
-    from hooked_vit.evaluation import evaluate
-
     metrics = evaluate(model, dataset, batch_size=config.batch_size, progress=False)
     return {"top1": float(metrics["top1"]), "top5": float(metrics["top5"])}
 
@@ -81,7 +79,6 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
     """Run (or resume) the sweep, write its result files into ``out`` and return one row per
     (method, sparsity): ``top1``, ``top5`` (fractions), measured ``overall_sparsity`` and seconds."""
     from hooked_vit import HookedViT
-    from hooked_vit.data import load_dataset
 
     methods = tuple(check_method(m) for m in config.methods)
     sparsities = tuple(sorted({check_sparsity(s) for s in config.sparsities}))
@@ -109,8 +106,8 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
                 info = prune(model, method, sparsity, calibration=calibration)
                 result["prune_seconds"] = info.seconds
                 if config.finetune_epochs > 0:
-                    loader = torch.utils.data.DataLoader(train_data, batch_size=config.finetune_batch_size,
-                                                         shuffle=True)
+                    loader = make_loader(train_data, batch_size=config.finetune_batch_size, shuffle=True,
+                                         seed=config.seed, device=config.device)
                     done = finetune(model, loader, config.finetune_epochs, lr=config.finetune_lr,
                                     seed=config.seed, progress=progress)
                     result["finetune_seconds"] = done.seconds
@@ -188,7 +185,8 @@ def plot_sweep(rows: list[dict[str, Any]], config: SweepConfig, path: Path, desc
         ax.grid(alpha=0.3)
         ax.legend()
     ft = f"{config.finetune_epochs} ep fine-tuning" if config.finetune_epochs else "no fine-tuning"
-    fig.suptitle(f"{config.model} ({config.eval_split} split), {ft}, {config.n_calib} calibration images, seed {config.seed}")
+    fig.suptitle(f"{config.model} ({config.eval_split} split), {ft}, "
+                 f"{config.n_calib} calibration images, seed {config.seed}")
     fig.tight_layout()
     fig.savefig(path, dpi=120, metadata={"Description": description})
     plt.close(fig)
@@ -205,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-batch-size", type=int, default=64)
     parser.add_argument("--n-calib", type=int, default=DEFAULT_N_CALIB, help="Wanda calibration images (train split)")
     parser.add_argument("--seed", type=int, default=DEFAULT_CALIB_SEED, help="calibration sample and fine-tuning seed")
-    parser.add_argument("--eval-split", default="test")
+    parser.add_argument("--eval-split", default="val", help="split to measure accuracy on (default val)")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="output folder (default runs/sweep-<model>[-ft<N>])")
@@ -226,7 +224,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[SweepConfig, Path]:
         eval_split=args.eval_split, batch_size=args.batch_size, device=args.device,
     )
     suffix = f"-ft{config.finetune_epochs}" if config.finetune_epochs else ""
-    return config, Path(args.out) if args.out else Path("runs") / f"sweep-{config.model}{suffix}"
+    name = Path(config.model).name or "model"  # an alias, or a saved model's folder name
+    return config, Path(args.out) if args.out else Path("runs") / f"sweep-{name}{suffix}"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -3,10 +3,11 @@ a progress bar and resumable checkpoints.
 
 After every backward pass the gradients of pruned weights are zeroed, and after every optimizer
 step the masks are re-applied, so decoupled weight decay, momentum or Adam moments cannot move a
-pruned weight. Runs are deterministic given ``seed``: the global torch RNG (which a shuffling
-``DataLoader`` draws its order from) is set to ``seed + epoch`` at the start of each epoch, inside
-a forked RNG state so the caller's is left untouched. A run resumed from its checkpoint therefore
-replays the same batches and ends at the same weights as an uninterrupted one.
+pruned weight. Runs are deterministic given ``seed``: at the start of each epoch the global torch
+RNG (inside a forked RNG state, so the caller's is left untouched) and the ``DataLoader``'s own
+generator, if it has one, are set to ``seed + epoch``; they fix the shuffle order. A run resumed
+from its checkpoint therefore replays the same batches and ends at the same weights as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -186,6 +187,10 @@ def finetune(
                 epoch_losses=epoch_losses, loss_sum=loss_sum, loss_count=loss_count,
             ))
 
+    # A DataLoader's (or its sampler's) own generator fixes the shuffle order: reseed it per epoch too.
+    generators = {id(g): g for g in (getattr(train_loader, "generator", None),
+                                     getattr(getattr(train_loader, "sampler", None), "generator", None))
+                  if isinstance(g, torch.Generator)}.values()
     start = time.perf_counter()
     apply_masks(model)
     model.train()
@@ -194,6 +199,8 @@ def finetune(
         with torch.random.fork_rng(devices=[]):
             while epoch < epochs:
                 torch.manual_seed(seed + epoch)
+                for generator in generators:
+                    generator.manual_seed(seed + epoch)
                 for step_in_epoch, batch in enumerate(train_loader):
                     if step_in_epoch < skip:
                         continue
@@ -224,7 +231,7 @@ def finetune(
     result = FinetuneResult(settings=settings, steps=global_step, epoch_losses=epoch_losses,
                             resumed_from_step=resumed_from, seconds=time.perf_counter() - start)
     info = get_info(model)
-    if info is not None:
+    if info is not None and global_step > 0:
         info.finetune.append(settings)
         info.layer_sparsity, info.overall_sparsity = measured_sparsity(model)
     return result

@@ -1,0 +1,653 @@
+"""Layer level of IMPACT (sec. 3.3 and 4.3): a BatchTopK SAE per model (dense and pruned) on one
+hook, its reconstruction quality (Table 2) and the four neuron-level metrics applied to its latents
+(Figure 3), plus the SAE sweeps of appendix B (Tables 5 and 6).
+
+Per sparsity ``s`` of ``config.sparsities`` (0 = dense): the model ``config.model`` pruned with
+``config.method``; an SAE trained by sae-lens (:func:`analyses.sae.train_sae`) on the
+``train_split`` images, saved in ``<out>/sparsity_<s>/sae/`` (sae-lens format, resumable); then on
+the ``split`` images (held out):
+
+1. quality (:mod:`analyses.sae_quality`): NMSE, explained variance, dead latents (never active
+   over the held-out tokens), L0;
+2. per class ``c``: the top-K latents by attribution patching (:mod:`analyses.attribution_patching`)
+   with zero as the reference, run through the spliced SAE (error term on, so only latents change):
+   the K latents whose zeroing is estimated to lower the logit of ``c`` most; then, as for neurons,
+   ablation impact (the K latents zero-ablated together, eq. 2, over the class images; the paper
+   uses zero ablation for SAE latents), and selectivity, class variance and label entropy
+   (:mod:`analyses.neuron_metrics`) of the K latents over all held-out images, averaged over the K.
+
+Latent activations per image: the CLS-token value (selectivity) and the max over patch tokens
+(class variance, label entropy) for an SAE on all tokens, as for neurons; an SAE on the CLS token
+only (the paper's probe) uses its CLS value for both, an SAE on patch tokens its max over patches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from analyses.activation_store import TOKEN_CHOICES, hook_layout, select_tokens
+from analyses.ablation import model_key
+from analyses.attribution_patching import attribution_patching
+from analyses.neuron_level import METRIC_LABELS, METRICS, resolve_classes, top_units
+from analyses.neuron_metrics import NEGATIVE_RULES, class_variance, label_entropy, normalized_logit_change, selectivity
+from analyses.results import AnalysisResult, config_from_dict, config_to_dict, markdown_table, read_json, write_json
+from analyses.sae import (
+    SAE,
+    SAETrainConfig,
+    SAETrainingRun,
+    load_sae,
+    sae_hook,
+    sae_hook_name,
+    sae_tokens,
+    spliced,
+    train_sae,
+    zero_ablate_features,
+)
+from analyses.sae_quality import QualityAccumulator, SAEQuality, SweepConfig, SweepResult, sae_label, sweep_row
+from hooked_vit.data import LabelledImages, default_batch_size, load_dataset, make_loader, progress, resolve_device
+from hooked_vit.sites import Site
+
+DEFAULT_MODEL = "deit3_tiny_digits"
+DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
+CONFIG_FILE = "layer_level_config.json"
+SAE_SITE = "sae_latent"
+
+
+def _as_train_config(value: Any) -> SAETrainConfig:
+    return SAETrainConfig(**value) if isinstance(value, dict) else value
+
+
+@dataclass
+class LayerLevelConfig:
+    """Settings of a layer-level run.
+
+    ``model`` pruned with ``method`` (``finetune_epochs`` of masked fine-tuning) at each of
+    ``sparsities`` (0 = dense). ``dataset``: source for :func:`hooked_vit.data.load_dataset`
+    (``"builtin"``: the model's own); SAEs train on ``train_split`` and are evaluated on ``split``.
+    ``sae``: the SAE and its training (hook, tokens, k, expansion factor, ...), identical for every
+    model as in the paper. ``classes`` (default all present), ``top_k`` latents per class,
+    ``negatives`` (rule of :mod:`analyses.neuron_metrics`). ``batch_size``: images per forward
+    pass; ``device``: default CUDA when available.
+    """
+
+    model: str = DEFAULT_MODEL
+    dataset: str = "builtin"
+    train_split: str = "train"
+    split: str = "val"
+    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
+    method: str = "wanda"
+    finetune_epochs: int = 0
+    sae: SAETrainConfig | dict[str, Any] = field(default_factory=SAETrainConfig)  # a dict (JSON) is converted
+    classes: tuple[int | str, ...] | None = None
+    top_k: int = 50
+    negatives: str = "clamp"
+    batch_size: int | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sae = _as_train_config(self.sae)
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.negatives not in NEGATIVE_RULES:
+            raise ValueError(f"negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
+        if not self.sparsities:
+            raise ValueError("sparsities must hold at least one value (0 for the dense model)")
+        for s in self.sparsities:
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"sparsities must lie in [0, 1), got {s}")
+
+
+def sparsity_label(sparsity: float) -> str:
+    return "dense" if float(sparsity) == 0 else f"{float(sparsity):g}"
+
+
+def sparsity_dir(out: str | os.PathLike, sparsity: float) -> Path:
+    """``<out>/sparsity_<s>``: one model's SAEs, one folder each (:func:`sae_dir`)."""
+    return Path(out) / f"sparsity_{float(sparsity):g}"
+
+
+def sae_dir(out: str | os.PathLike, sparsity: float, sae: SAETrainConfig) -> Path:
+    """``<out>/sparsity_<s>/<sae_label>``: where the SAE of one model and SAE setting is saved
+    (the main SAE and the sweep's share the layout, so the sweep reuses the main one)."""
+    return sparsity_dir(out, sparsity) / sae_label(sae)
+
+
+def model_sae_config(config: LayerLevelConfig, sparsity: float, sae: SAETrainConfig | None = None) -> SAETrainConfig:
+    """``sae`` (default ``config.sae``) with its activation cache, if any, in a folder per model."""
+    sae = config.sae if sae is None else sae
+    if sae.cache_dir is None:
+        return sae
+    return dataclasses.replace(sae, cache_dir=str(sparsity_dir(sae.cache_dir, sparsity) / sae_label(sae)))
+
+
+def load_model(config: LayerLevelConfig, sparsity: float) -> nn.Module:
+    """``config.model`` at ``sparsity`` (dense at 0), pruned with ``config.method`` (cached on disk by
+    :meth:`HookedViT.from_pretrained`), on ``config.device`` (default CUDA when available)."""
+    from hooked_vit import HookedViT
+
+    return HookedViT.from_pretrained(config.model, device=resolve_device(config.device),
+                                     sparsity=float(sparsity) or None, method=config.method,
+                                     finetune=config.finetune_epochs or None)
+
+
+# ----------------------------------------------------------------------------- latent tables
+@dataclass
+class LatentTables:
+    """Per held-out image: clean ``logits`` ``[n_images n_classes]``, ``labels``, and per latent its
+    selectivity activation ``cls`` and pooled activation ``max`` (``[n_images d_sae]``, see the
+    module docstring)."""
+
+    logits: Float[Tensor, "n_images n_classes"]
+    labels: Int[Tensor, "n_images"]
+    cls: Float[Tensor, "n_images d_sae"]
+    max: Float[Tensor, "n_images d_sae"]
+
+
+@torch.no_grad()
+def held_out_pass(
+    model: nn.Module, sae: SAE, dataset: LabelledImages, *, batch_size: int | None = None, show_progress: bool = True
+) -> tuple[SAEQuality, LatentTables]:
+    """One forward pass over ``dataset`` giving both the SAE's quality at its hook and tokens
+    (:class:`~analyses.sae_quality.SAEQuality`) and the :class:`LatentTables` (on the CPU)."""
+    hook_name, tokens = sae_hook_name(sae), sae_tokens(sae)
+    layout = hook_layout(model, hook_name)
+    param = next(model.parameters())
+    accumulator = QualityAccumulator(sae.cfg.d_in, sae.cfg.d_sae)
+    captured: list[Tensor] = []
+
+    def capture(act: Tensor, hook: Any) -> None:
+        captured.append(select_tokens(act.detach(), layout, tokens, model.cfg.n_ctx))
+
+    logits, labels, cls_parts, max_parts = [], [], [], []
+    loader = make_loader(dataset, batch_size=batch_size, device=param.device)
+    with model.hooks(fwd_hooks=[(hook_name, capture)]):
+        for images, batch_labels in progress(loader, desc="held-out latents", total=len(loader),
+                                             enabled=show_progress):
+            captured.clear()
+            logits.append(model(images.to(device=param.device, dtype=param.dtype)).float().cpu())
+            labels.append(batch_labels)
+            x = captured[0].to(sae.dtype)  # [batch n_tok d_in]
+            latents = sae.encode(x)
+            flat = x.reshape(-1, x.shape[-1])
+            accumulator.update(flat, sae.decode(latents).reshape(flat.shape), latents.reshape(-1, latents.shape[-1]))
+            latents = latents.float().cpu()
+            if tokens == "all":
+                cls_parts.append(latents[:, 0])
+                max_parts.append(latents[:, 1:].amax(dim=1))
+            else:
+                pooled = latents.amax(dim=1)
+                cls_parts.append(pooled)
+                max_parts.append(pooled)
+    tables = LatentTables(torch.cat(logits), torch.cat(labels), torch.cat(cls_parts), torch.cat(max_parts))
+    return accumulator.result(), tables
+
+
+def latent_site(sae: SAE) -> Site:
+    """The attached SAE's latents as a :class:`Site` (hook ``<hook>.hook_sae_acts_post``, one
+    feature unit per latent), for :func:`~analyses.attribution_patching.attribution_patching`."""
+    hook_name = sae_hook_name(sae)
+    layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else -1
+    return Site(layer, SAE_SITE, sae_hook(hook_name, "acts_post"), "feature", sae.cfg.d_sae)
+
+
+def latent_scores(
+    model: nn.Module, sae: SAE, images: Float[Tensor, "n channel height width"], target: int, *, batch_size: int
+) -> Float[Tensor, "d_sae"]:
+    """Per latent, the estimated drop of the ``target`` logit when it is zeroed (attribution
+    patching through the SAE spliced with its error term), averaged over ``images``."""
+    site = latent_site(sae)
+    total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    with spliced(model, sae, use_error_term=True):
+        for start in range(0, images.shape[0], batch_size):
+            estimates = attribution_patching(model, images[start:start + batch_size], [site], targets=target,
+                                             reference="zero").estimates[site.hook_name]
+            total -= estimates.double().sum(dim=0).cpu()
+    return total / images.shape[0]
+
+
+@torch.no_grad()
+def ablated_logits(
+    model: nn.Module, sae: SAE, images: Float[Tensor, "n channel height width"], latents: Int[Tensor, "k"],
+    *, batch_size: int
+) -> Float[Tensor, "n n_classes"]:
+    """Logits with ``latents`` zeroed in the SAE spliced with its error term (nothing else changes)."""
+    hook = [(sae_hook(sae_hook_name(sae), "acts_post"), zero_ablate_features(latents))]
+    with spliced(model, sae, use_error_term=True):
+        return torch.cat([model.run_with_hooks(images[i:i + batch_size], fwd_hooks=hook).float().cpu()
+                          for i in range(0, images.shape[0], batch_size)])
+
+
+def latent_metrics(
+    model: nn.Module,
+    sae: SAE,
+    dataset: LabelledImages,
+    tables: LatentTables,
+    config: LayerLevelConfig,
+    *,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Per class of ``dataset``: the four metrics over its top-K latents (see the module docstring),
+    with the latents, their scores and per-latent values; ``tables`` from :func:`held_out_pass`."""
+    param = next(model.parameters())
+    batch_size = config.batch_size or default_batch_size(param.device)
+    if config.top_k > sae.cfg.d_sae:
+        raise ValueError(f"top_k={config.top_k} exceeds the SAE's {sae.cfg.d_sae} latents")
+    labels = tables.labels
+    entropy = label_entropy(tables.max, labels, dataset.num_classes, config.negatives)
+    records = []
+    classes = resolve_classes(dataset, config.classes)
+    for target in progress(classes, desc="classes", total=len(classes), enabled=show_progress):
+        is_target = labels == target
+        positions = torch.nonzero(is_target).reshape(-1)
+        images = dataset.subset(positions).tensors(show_progress=False)[0].to(device=param.device, dtype=param.dtype)
+        scores = latent_scores(model, sae, images, target, batch_size=batch_size)
+        chosen = top_units(scores, config.top_k)
+        ablated = ablated_logits(model, sae, images, chosen.to(param.device), batch_size=batch_size)
+        ablation = normalized_logit_change(tables.logits[is_target], ablated, target)
+        sel = selectivity(tables.cls[:, chosen], labels, target)
+        cv = class_variance(tables.max[:, chosen], labels, target, config.negatives)
+        ent = entropy[chosen]
+        records.append({
+            "class": target, "class_name": dataset.class_names[target], "n_images": int(is_target.sum()),
+            "ablation": float(ablation.mean()), "selectivity": float(sel.mean()),
+            "class_variance": float(cv.mean()), "label_entropy": float(ent.mean()),
+            "latents": chosen.tolist(), "scores": scores[chosen].tolist(),
+            "latent_selectivity": sel.tolist(), "latent_class_variance": cv.tolist(),
+            "latent_label_entropy": ent.tolist(),
+        })
+    return records
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass
+class LayerLevelResult(AnalysisResult):
+    """Layer-level numbers: ``quality`` has one row per sparsity (Table 2: NMSE, explained
+    variance, dead latents over ``n_tokens`` held-out tokens, L0), ``rows`` one per (sparsity,
+    class) with the four metrics averaged over the class's top-K latents (Figure 3), and
+    ``latents`` the per-class latent indices and per-latent values."""
+
+    CONFIG_CLASS: ClassVar[type] = LayerLevelConfig
+    config: LayerLevelConfig
+    quality: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    latents: list[dict[str, Any]] = field(default_factory=list)
+    model_keys: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def sparsities(self) -> list[float]:
+        return sorted({r["sparsity"] for r in self.quality} | {r["sparsity"] for r in self.rows})
+
+    def values(self, metric: str, sparsity: float) -> list[float]:
+        """Per-class values of ``metric`` at ``sparsity``."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; metrics are {METRICS}")
+        return [r[metric] for r in self.rows if r["sparsity"] == sparsity]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per sparsity: number of classes and mean/std (population) of each metric."""
+        out = []
+        for sparsity in sorted({r["sparsity"] for r in self.rows}):
+            row: dict[str, Any] = {"sparsity": sparsity}
+            for metric in METRICS:
+                values = torch.tensor(self.values(metric, sparsity), dtype=torch.float64)
+                row["n_classes"] = values.numel()
+                row[f"{metric}_mean"] = float(values.mean())
+                row[f"{metric}_std"] = float(values.std(correction=0))
+            out.append(row)
+        return out
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"quality": self.quality, "per_class": self.rows, "summary": self.summary()}
+
+    def table2(self) -> str:
+        """Table 2 analogue (markdown): NMSE, dead latents, explained variance (%) per sparsity."""
+        rows = [{"Sparsity": sparsity_label(q["sparsity"]), "NMSE ↓": f"{q['nmse']:.4f}",
+                 "Dead ↓": f"{q['dead_latents']} / {q['d_sae']}", "Expl. Var. (%) ↑": f"{100 * q['explained_variance']:.2f}",
+                 "L0": f"{q['l0']:.1f}"} for q in self.quality]
+        return markdown_table(rows)
+
+    def markdown(self) -> str:
+        """Table 2 analogue, then the latent metrics summary (mean ± std over classes)."""
+        text = self.table2()
+        if self.rows:
+            rows = [{"sparsity": sparsity_label(r["sparsity"]), "classes": r["n_classes"],
+                     **{METRIC_LABELS[m]: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS}}
+                    for r in self.summary()]
+            text += "\n\n" + markdown_table(rows)
+        return text
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``result.json``, ``quality.csv``, ``per_class.csv``, ``summary.csv``, ``summary.md`` and,
+        with latent metrics, ``figure.png``."""
+        directory = super().save(directory)
+        (directory / "summary.md").write_text(f"<!-- {self.config_comment()} -->\n\n{self.markdown()}\n")
+        if self.rows:
+            self.plot(directory / "figure.png")
+        return directory
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """The paper's Figure 3: violins of the per-class values of each metric (panels), one per
+        sparsity. Saved to ``path`` (PNG) if given; returns the figure."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        sparsities = sorted({r["sparsity"] for r in self.rows})
+        colours = plt.get_cmap("viridis")(torch.linspace(0.1, 0.9, max(len(sparsities), 1)).tolist())
+        fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.2), squeeze=False)
+        for ax, metric in zip(axes[0], METRICS):
+            for x, (sparsity, colour) in enumerate(zip(sparsities, colours)):
+                values = self.values(metric, sparsity)
+                if len(values) >= 2 and max(values) - min(values) > 1e-12:
+                    parts = ax.violinplot([values], positions=[x], widths=0.8, showmeans=True)
+                    for body in parts["bodies"]:
+                        body.set_facecolor(colour)
+                        body.set_alpha(0.7)
+                    for key in ("cmeans", "cmins", "cmaxes", "cbars"):
+                        parts[key].set_color(colour)
+                elif values:  # one value or all equal: no density to draw
+                    ax.scatter([x] * len(values), values, color=colour, s=12)
+            ax.set_xticks(range(len(sparsities)), [sparsity_label(s) for s in sparsities])
+            ax.set_title(METRIC_LABELS[metric])
+            ax.set_xlabel("sparsity")
+            ax.grid(alpha=0.3, axis="y")
+        c, sae = self.config, self.config.sae
+        hook = self.quality[0]["hook_name"] if self.quality else sae.hook_name or "last resid_post"
+        fig.suptitle(f"Layer level: {c.model}, {c.method}; BatchTopK SAE at {hook} "
+                     f"({sae.tokens}, k={sae.k:g}, x{sae.expansion_factor}), top-{c.top_k} latents per class")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120, metadata={"Description": self.config_comment()})
+            plt.close(fig)
+        return fig
+
+
+# ----------------------------------------------------------------------------- entry points
+def _datasets(config: LayerLevelConfig, model: nn.Module, dataset: LabelledImages | None,
+              train_dataset: LabelledImages | None) -> tuple[LabelledImages, LabelledImages]:
+    held_out = dataset if dataset is not None else load_dataset(config.dataset, split=config.split, model=model)
+    train = train_dataset if train_dataset is not None else load_dataset(config.dataset, split=config.train_split,
+                                                                         model=model)
+    return train, held_out
+
+
+def train_layer_level(
+    config: LayerLevelConfig,
+    out: str | os.PathLike,
+    *,
+    model_loader: Callable[[LayerLevelConfig, float], nn.Module] = load_model,
+    train_dataset: LabelledImages | None = None,
+    resume: bool = True,
+) -> list[SAETrainingRun]:
+    """Train (or load, or resume) the SAE of every sparsity into :func:`sae_dir` and write
+    ``<out>/layer_level_config.json``. ``train_dataset`` replaces the config's (e.g. tensors)."""
+    write_json(Path(out) / CONFIG_FILE, config_to_dict(config))
+    runs = []
+    for sparsity in config.sparsities:
+        model = model_loader(config, float(sparsity))
+        train = train_dataset if train_dataset is not None else load_dataset(
+            config.dataset, split=config.train_split, model=model)
+        runs.append(train_sae(model, train, model_sae_config(config, sparsity),
+                              out_dir=sae_dir(out, sparsity, config.sae), resume=resume))
+        del model
+    return runs
+
+
+def layer_level(
+    model: nn.Module,
+    sae: SAE,
+    dataset: LabelledImages,
+    config: LayerLevelConfig,
+    *,
+    sparsity: float = 0.0,
+    features: bool = True,
+    show_progress: bool = True,
+) -> LayerLevelResult:
+    """The layer level of one model and its trained SAE on held-out ``dataset``: quality and (with
+    ``features``) the latent metrics, rows labelled with ``sparsity``."""
+    start = time.perf_counter()
+    if features and config.top_k > sae.cfg.d_sae:
+        raise ValueError(f"top_k={config.top_k} exceeds the SAE's {sae.cfg.d_sae} latents")
+    quality, tables = held_out_pass(model, sae, dataset, batch_size=config.batch_size, show_progress=show_progress)
+    quality_row = {"sparsity": float(sparsity), "model": config.model, "hook_name": sae_hook_name(sae),
+                   "tokens": sae_tokens(sae), "k": config.sae.k, "expansion": config.sae.expansion_factor,
+                   **quality.as_row()}
+    rows, latents = [], []
+    if features:
+        for record in latent_metrics(model, sae, dataset, tables, config, show_progress=show_progress):
+            rows.append({"sparsity": float(sparsity), **{k: record[k] for k in ("class", "class_name", "n_images")},
+                         **{m: record[m] for m in METRICS}})
+            latents.append({"sparsity": float(sparsity), **record})
+    return LayerLevelResult(config, [quality_row], rows, latents, {f"{float(sparsity):g}": model_key(model)},
+                            time.perf_counter() - start)
+
+
+def run_layer_level(
+    config: LayerLevelConfig,
+    out: str | os.PathLike,
+    *,
+    model_loader: Callable[[LayerLevelConfig, float], nn.Module] = load_model,
+    dataset: LabelledImages | None = None,
+    features: bool = True,
+    show_progress: bool = True,
+) -> LayerLevelResult:
+    """Evaluate the SAEs trained by :func:`train_layer_level` under ``out`` (each must exist and
+    match its model's weights) on the held-out split (or ``dataset``); saves the combined result
+    (tables, markdown, figure) to ``out``."""
+    start = time.perf_counter()
+    combined = LayerLevelResult(config)
+    for sparsity in config.sparsities:
+        directory = sae_dir(out, sparsity, config.sae)
+        try:
+            sae = load_sae(directory)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no trained SAE in {directory}: run `hooked-vit sae-train` with the same settings "
+                                    "first (or train_layer_level)") from None
+        model = model_loader(config, float(sparsity))
+        key = model_key(model)
+        trained_on = sae.cfg.metadata.model_key
+        if trained_on is not None and trained_on != key:
+            raise ValueError(f"the SAE in {directory} was trained on other weights ({trained_on}) than "
+                             f"{config.model} at sparsity {sparsity:g} ({key}); retrain it")
+        sae.to(device=next(model.parameters()).device)
+        held_out = dataset if dataset is not None else load_dataset(config.dataset, split=config.split, model=model)
+        part = layer_level(model, sae, held_out, config, sparsity=float(sparsity), features=features,
+                           show_progress=show_progress)
+        combined.quality += part.quality
+        combined.rows += part.rows
+        combined.latents += part.latents
+        combined.model_keys.update(part.model_keys)
+        del model
+    combined.seconds = time.perf_counter() - start
+    combined.save(out)
+    return combined
+
+
+def run_sae_sweep(
+    config: LayerLevelConfig,
+    sweep: SweepConfig,
+    out: str | os.PathLike,
+    *,
+    model_loader: Callable[[LayerLevelConfig, float], nn.Module] = load_model,
+    dataset: LabelledImages | None = None,
+    train_dataset: LabelledImages | None = None,
+) -> SweepResult:
+    """Tables 5/6: the sweep's SAE settings trained and evaluated for every sparsity of
+    ``config``; SAEs in :func:`sae_dir` (finished ones, e.g. the main SAE, are reused), the table
+    in ``<out>/sweep/``."""
+    rows: list[dict[str, Any]] = []
+    for sparsity in config.sparsities:
+        model = model_loader(config, float(sparsity))
+        train, held_out = _datasets(config, model, dataset, train_dataset)
+        label = "dense" if float(sparsity) == 0 else f"{config.method} {float(sparsity):g}"
+        for setting in sweep.settings():
+            run = train_sae(model, train, model_sae_config(config, sparsity, setting),
+                            out_dir=sae_dir(out, sparsity, setting))
+            rows.append({"model": label, **sweep_row(model, run, held_out, config.batch_size)})
+        del model
+    result = SweepResult(sweep, rows)
+    result.save(Path(out) / "sweep")
+    (Path(out) / "sweep" / "sweep.md").write_text(result.markdown() + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+def _numbers(text: str, what: str, kind: type = float) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers such as 0,0.5,0.7; got {text!r}") from None
+
+
+def _class_list(text: str | None) -> tuple[int | str, ...] | None:
+    if text is None:
+        return None
+    return tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip())
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hooked-vit sae-train`` options (defaults: the paper's probe)."""
+    d = SAETrainConfig()
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias (default {DEFAULT_MODEL})")
+    parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),
+                        help="comma-separated fractions in [0, 1); 0 is the dense model")
+    parser.add_argument("--method", default="wanda", help="pruning method (wanda or magnitude)")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="masked fine-tuning epochs after pruning")
+    parser.add_argument("--data", default="builtin", help="'builtin', 'digits' or an ImageNet-style folder root")
+    parser.add_argument("--train-split", default="train", help="split the SAEs train on (default train)")
+    parser.add_argument("--split", default="val", help="held-out split for quality (default val)")
+    parser.add_argument("--hook", default=None, help="hook name (default blocks.{n_layers-1}.hook_resid_post)")
+    parser.add_argument("--tokens", default=d.tokens, choices=TOKEN_CHOICES, help="tokens (default cls)")
+    parser.add_argument("--k", type=float, default=d.k, help=f"BatchTopK k, mean active latents (default {d.k:g})")
+    parser.add_argument("--expansion", type=int, default=d.expansion_factor,
+                        help=f"expansion factor, d_sae = expansion * d_in (default {d.expansion_factor})")
+    parser.add_argument("--samples", type=int, default=d.training_samples,
+                        help=f"training activations (default {d.training_samples})")
+    parser.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
+                        help=f"activations per training step (default {d.train_batch_size})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+    parser.add_argument("--lr-scheduler", default=d.lr_scheduler, help="constant, cosineannealing, ...")
+    parser.add_argument("--lr-warm-up-steps", type=int, default=0)
+    parser.add_argument("--lr-decay-steps", type=int, default=0)
+    parser.add_argument("--aux-coefficient", type=float, default=d.aux_loss_coefficient,
+                        help="weight of the dead-latent auxiliary loss (default 1/32)")
+    parser.add_argument("--dead-window", type=int, default=d.dead_feature_window,
+                        help="steps without firing before a latent counts as dead in training")
+    parser.add_argument("--threshold-lr", type=float, default=d.topk_threshold_lr,
+                        help="EMA rate of the inference threshold (default 0.01)")
+    parser.add_argument("--normalize", default=d.normalize_activations, choices=("none", "expected_average_only_in"))
+    parser.add_argument("--buffer-size", type=int, default=d.buffer_size, help="activations in the shuffling buffer")
+    parser.add_argument("--cache-dir", default=None, help="on-disk activation cache (per model: <dir>/sparsity_<s>)")
+    parser.add_argument("--checkpoints", type=int, default=4, help="training checkpoints per SAE (default 4)")
+    parser.add_argument("--log-every", type=int, default=d.log_every, help="steps between logged metrics")
+    parser.add_argument("--seed", type=int, default=0, help="SAE init and activation stream seed")
+    parser.add_argument("--sweep-k", default=None, help="also sweep k (comma-separated), as Tables 5/6")
+    parser.add_argument("--sweep-expansion", default=None, help="also sweep expansion factors (comma-separated)")
+    parser.add_argument("--sweep-tokens", default=None, help="also sweep token choices (comma-separated)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 64 CPU / 256 GPU)")
+    parser.add_argument("--device", default=None, help="torch device (default CUDA if available, else CPU)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/layer-level-<model>)")
+    parser.add_argument("--no-resume", action="store_true", help="retrain from scratch instead of resuming")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[LayerLevelConfig, Path]:
+    """A :class:`LayerLevelConfig` and output folder from parsed ``sae-train`` arguments."""
+    sae = SAETrainConfig(
+        hook_name=args.hook, tokens=args.tokens, k=args.k, expansion_factor=args.expansion,
+        training_samples=args.samples, train_batch_size=args.train_batch_size, lr=args.lr,
+        lr_scheduler=args.lr_scheduler, lr_warm_up_steps=args.lr_warm_up_steps, lr_decay_steps=args.lr_decay_steps,
+        aux_loss_coefficient=args.aux_coefficient, dead_feature_window=args.dead_window,
+        topk_threshold_lr=args.threshold_lr, normalize_activations=args.normalize, buffer_size=args.buffer_size,
+        image_batch_size=args.batch_size, cache_dir=args.cache_dir, n_checkpoints=args.checkpoints,
+        log_every=args.log_every, seed=args.seed, device=args.device,
+    )
+    config = LayerLevelConfig(model=args.model, dataset=args.data, train_split=args.train_split, split=args.split,
+                              sparsities=_numbers(args.sparsities, "--sparsities"), method=args.method,
+                              finetune_epochs=args.finetune_epochs, sae=sae, batch_size=args.batch_size,
+                              device=args.device)
+    return config, Path(args.out) if args.out else Path("runs") / f"layer-level-{config.model}"
+
+
+def train_main(args: argparse.Namespace) -> int:
+    """Entry point of ``hooked-vit sae-train``: train one SAE per sparsity (resuming), and the
+    sweep when asked; prints a line per SAE and the sweep table."""
+    config, out = config_from_args(args)
+    start = time.perf_counter()
+    for sparsity, run in zip(config.sparsities, train_layer_level(config, out, resume=not args.no_resume)):
+        final = run.log[-1] if run.log else {}
+        state = "loaded (already trained)" if run.training_sae is None else f"trained in {run.seconds:.0f} s"
+        print(f"{sparsity_label(sparsity):>6}: {state}; {run.hook_name} ({config.sae.tokens}), d_sae "
+              f"{run.sae.cfg.d_sae}, train mse {final.get('mse_loss', float('nan')):.4g}, "
+              f"fve {final.get('explained_variance', float('nan')):.4f} -> {run.out_dir}")
+    sweeps = (args.sweep_k, args.sweep_expansion, args.sweep_tokens)
+    if any(s is not None for s in sweeps):
+        sweep = SweepConfig(base=config.sae,
+                            ks=_numbers(args.sweep_k, "--sweep-k") if args.sweep_k else (),
+                            expansion_factors=_numbers(args.sweep_expansion, "--sweep-expansion", int)
+                            if args.sweep_expansion else (),
+                            tokens=tuple(t.strip() for t in args.sweep_tokens.split(",")) if args.sweep_tokens else ())
+        result = run_sae_sweep(config, sweep, out)
+        print(result.markdown())
+        print(f"wrote {out}/sweep/sweep.csv, sweep.md")
+    print(f"{time.perf_counter() - start:.0f} s; config in {out / CONFIG_FILE}; evaluate with "
+          f"`hooked-vit sae-eval --out {out}`")
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hooked-vit sae-eval`` options."""
+    parser.add_argument("--out", default=None,
+                        help=f"folder written by sae-train (default runs/layer-level-{DEFAULT_MODEL})")
+    parser.add_argument("--top-k", type=int, default=None, help="latents per class (default 50, capped at d_sae)")
+    parser.add_argument("--classes", default=None, help="comma-separated class indices, ids or names (default all)")
+    parser.add_argument("--negatives", default="clamp", choices=NEGATIVE_RULES)
+    parser.add_argument("--quality-only", action="store_true", help="only Table 2 (no latent metrics)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    parser.add_argument("--device", default=None, help="torch device (default: as trained)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """Entry point of ``hooked-vit sae-eval``: Table 2 and the latent metrics of the SAEs under
+    ``--out``; prints the tables and writes them with the figure."""
+    out = Path(args.out) if args.out else Path("runs") / f"layer-level-{DEFAULT_MODEL}"
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} holds no layer-level run ({CONFIG_FILE} missing): run hooked-vit sae-train first")
+    config = config_from_dict(LayerLevelConfig, read_json(path))
+    changes: dict[str, Any] = {"negatives": args.negatives, "classes": _class_list(args.classes)}
+    if args.top_k is not None:
+        changes["top_k"] = args.top_k
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
+    if args.device is not None:
+        changes["device"] = args.device
+    config = dataclasses.replace(config, **changes)
+    result = run_layer_level(config, out, features=not args.quality_only, show_progress=not args.no_progress)
+    print(result.markdown())
+    print(f"\n{result.seconds:.0f} s; wrote {out}/quality.csv, per_class.csv, summary.csv, summary.md, result.json"
+          f"{', figure.png' if result.rows else ''}")
+    return 0
+
+
+__all__ = [
+    "CONFIG_FILE", "DEFAULT_SPARSITIES", "LatentTables", "LayerLevelConfig", "LayerLevelResult", "ablated_logits",
+    "add_eval_arguments", "add_train_arguments", "config_from_args", "eval_main", "latent_metrics", "latent_scores",
+    "latent_site", "held_out_pass", "layer_level", "load_model", "model_sae_config", "run_layer_level", "run_sae_sweep",
+    "sae_dir", "sparsity_dir",
+    "train_layer_level", "train_main",
+]

@@ -1,0 +1,671 @@
+"""Neuron level of IMPACT (sec. 3.2 and 4.2): per class and block, the top-K units by attribution
+patching and the four metrics over them, for a dense model and its pruned variants.
+
+Neurons. The units of the neuron level are the MLP neurons of a block (site ``mlp_act``, the GELU
+outputs ``blocks.L.mlp.hook_post``, one unit per feature) and its attention heads treated as single
+units (``attn_head``: the head output ``blocks.L.attn.hook_z``, activation = L2 norm over
+``d_head``, appendix A.2). Both compete for the top-K of a block (``sites`` changes the set).
+
+Per class ``c`` (its images in ``split``) and block ``L`` (default: early/middle/late,
+:func:`default_blocks`):
+
+1. selection: attribution patching (:mod:`analyses.attribution_patching`) estimates, per image,
+   how much mean-ablating each unit changes the logit of ``c``; a unit's score is the estimated
+   *drop* averaged over the class images (``selection="drop"``: the K units whose ablation is
+   estimated to lower the class logit most), or the mean absolute estimated change
+   (``selection="absolute"``). The top-K scores are chosen (ties: lower unit index first).
+2. ablation impact (eq. 2): the K units mean-ablated together, ``normalized_logit_change``
+   averaged over the class images;
+3. selectivity (eq. 3), class variance (eqs. 4-5) and label entropy (eqs. 6-7) of each of the K
+   units (:mod:`analyses.neuron_metrics`, over all images of ``split``), averaged over the K.
+
+Means come from ``means_split`` (default train, the "training distribution" of eq. 11). One
+class's numbers are written to ``<out>/sparsity_<s>/classes/<c>.json`` as soon as they are known,
+with the settings that produced them; a rerun skips the classes already done (resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from analyses.ablation import (
+    ALL_SITE_NAMES,
+    HEAD_SITE,
+    ActivationMeans,
+    load_or_compute_means,
+    mean_ablation_hooks,
+    model_key,
+    resolve_site,
+)
+from analyses.attribution_patching import attribution_patching
+from analyses.neuron_metrics import (
+    NEGATIVE_RULES,
+    average_ranks,
+    class_variance,
+    label_entropy,
+    normalized_logit_change,
+    selectivity_from_ranks,
+)
+from analyses.results import AnalysisResult, config_to_dict, markdown_table, read_json, write_json
+from hooked_vit.data import (
+    LabelledImages,
+    calibration_sample,
+    default_batch_size,
+    load_dataset,
+    make_loader,
+    progress,
+    resolve_device,
+)
+from hooked_vit.sites import Site
+
+NEURON_SITES: tuple[str, ...] = ("mlp_act", HEAD_SITE)
+METRICS: tuple[str, ...] = ("ablation", "selectivity", "class_variance", "label_entropy")
+METRIC_LABELS = {"ablation": "Ablation impact", "selectivity": "Selectivity (AUROC)",
+                 "class_variance": "Class variance (CV)", "label_entropy": "Label entropy (nats)"}
+SELECTIONS: tuple[str, ...] = ("drop", "absolute")
+DEFAULT_MODEL = "deit3_tiny_digits"
+DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
+# Settings that do not change a class's numbers (so a resumed run may differ in them).
+_RUN_ONLY = ("sparsities", "classes", "batch_size", "device")
+
+
+@dataclass
+class NeuronLevelConfig:
+    """Settings of a neuron-level run.
+
+    ``model``: alias for :meth:`HookedViT.from_pretrained`, pruned with ``method`` at each of
+    ``sparsities`` (0 = dense; ``finetune_epochs`` of masked fine-tuning after pruning).
+    ``dataset``: source for :func:`hooked_vit.data.load_dataset` (``"builtin"``: the model's own);
+    ``split`` holds the analysed images, ``means_split`` those the ablation means are taken over.
+    ``classes``: indices, ids or names (default: every class present in ``split``). ``blocks``:
+    default :func:`default_blocks`. ``top_k`` units per class and block among ``sites``, chosen by
+    ``selection`` (``"drop"`` or ``"absolute"``). ``negatives``: the rule of
+    :mod:`analyses.neuron_metrics` for negative activations. ``pooled_means``: ablate with the mean
+    over images and positions instead of the per-position mean. ``n_means_images``: take the means
+    over a class-balanced sample of that many ``means_split`` images drawn with ``seed`` (default:
+    all of them; e.g. 50,000 for ImageNet's train split).
+    """
+
+    model: str = DEFAULT_MODEL
+    dataset: str = "builtin"
+    split: str = "val"
+    means_split: str = "train"
+    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
+    method: str = "wanda"
+    finetune_epochs: int = 0
+    classes: tuple[int | str, ...] | None = None
+    blocks: tuple[int, ...] | None = None
+    top_k: int = 50
+    sites: tuple[str, ...] = NEURON_SITES
+    selection: str = "drop"
+    negatives: str = "clamp"
+    pooled_means: bool = False
+    n_means_images: int | None = None
+    seed: int = 0
+    batch_size: int | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.negatives not in NEGATIVE_RULES:
+            raise ValueError(f"negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
+        unknown = [s for s in self.sites if s not in ALL_SITE_NAMES]
+        if unknown or not self.sites:
+            raise ValueError(f"sites must be a non-empty subset of {list(ALL_SITE_NAMES)}, got {list(self.sites)}")
+        for s in self.sparsities:
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"sparsities must lie in [0, 1), got {s}")
+
+    def class_settings(self) -> dict[str, Any]:
+        """What one class's numbers depend on (besides the model's weights and the class)."""
+        data = config_to_dict(self)
+        for key in _RUN_ONLY:
+            data.pop(key)
+        return data
+
+
+def default_blocks(n_layers: int) -> tuple[int, ...]:
+    """Early, middle and late blocks: ``round((d-1)*2/11)``, ``round((d-1)*7/11)`` and ``d-1``
+    (halves rounded up), the paper's blocks 2, 7 and 11 of 12 at ``d = 12``; duplicates dropped for
+    very shallow models (``d = 4``: 1, 2, 3)."""
+    if n_layers < 1:
+        raise ValueError(f"a model needs at least one block, got {n_layers}")
+    picks = [math.floor((n_layers - 1) * f / 11 + 0.5) for f in (2, 7)] + [n_layers - 1]
+    return tuple(dict.fromkeys(picks))
+
+
+def resolve_blocks(model: nn.Module, blocks: Sequence[int] | None) -> tuple[int, ...]:
+    """``blocks`` checked against the model's depth (negative indices count from the end)."""
+    n = model.cfg.n_layers
+    if blocks is None:
+        return default_blocks(n)
+    out = []
+    for block in blocks:
+        if not -n <= int(block) < n:
+            raise ValueError(f"block {block} out of range for a model with {n} blocks (0..{n - 1})")
+        out.append(int(block) % n)
+    if not out:
+        raise ValueError("blocks must name at least one block")
+    return tuple(dict.fromkeys(out))
+
+
+def neuron_sites(model: nn.Module, block: int, names: Sequence[str] = NEURON_SITES) -> list[Site]:
+    """The sites whose units are the neuron level's units at ``block`` (in ``names`` order)."""
+    return [resolve_site(model, (block, name)) for name in names]
+
+
+def unit_labels(sites: Sequence[Site]) -> list[str]:
+    """``"<site>:<index>"`` for every unit of ``sites``, in concatenation order."""
+    return [f"{site.name}:{i}" for site in sites for i in range(site.width)]
+
+
+# ----------------------------------------------------------------------------- activations
+@dataclass
+class ActivationTables:
+    """Per image of a dataset: the clean ``logits`` ``[n_images n_classes]`` and, per block, each
+    neuron unit's CLS-token activation and its max over the patch tokens (``[n_images n_units]``,
+    units in :func:`unit_labels` order; heads as L2 norms over ``d_head``)."""
+
+    logits: Tensor
+    labels: Tensor
+    cls: dict[int, Tensor]
+    max: dict[int, Tensor]
+
+
+@torch.no_grad()
+def activation_tables(
+    model: nn.Module,
+    dataset: LabelledImages,
+    sites: dict[int, list[Site]],
+    *,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> ActivationTables:
+    """One streaming pass over ``dataset`` filling :class:`ActivationTables` for ``sites`` (block
+    -> sites); tables are kept on the CPU."""
+    param = next(model.parameters())
+    batch_cls: dict[str, list[Tensor]] = {}
+    batch_max: dict[str, list[Tensor]] = {}
+    by_hook = {site.hook_name: site for block_sites in sites.values() for site in block_sites}
+
+    def record(act: Tensor, hook) -> None:
+        units = by_hook[hook.name].unit_activation(act)  # [batch pos width]
+        batch_cls.setdefault(hook.name, []).append(units[:, 0].float().cpu())
+        batch_max.setdefault(hook.name, []).append(units[:, 1:].amax(dim=1).float().cpu())
+
+    logits, labels = [], []
+    loader = make_loader(dataset, batch_size=batch_size, device=param.device)
+    with model.hooks(fwd_hooks=[(name, record) for name in by_hook]):
+        for images, batch_labels in progress(loader, desc="unit activations", total=len(loader),
+                                             enabled=show_progress):
+            logits.append(model(images.to(device=param.device, dtype=param.dtype)).float().cpu())
+            labels.append(batch_labels)
+    cls = {b: torch.cat([torch.cat(batch_cls[s.hook_name]) for s in ss], dim=1) for b, ss in sites.items()}
+    mx = {b: torch.cat([torch.cat(batch_max[s.hook_name]) for s in ss], dim=1) for b, ss in sites.items()}
+    return ActivationTables(torch.cat(logits), torch.cat(labels), cls, mx)
+
+
+def top_units(scores: Float[Tensor, "n_units"], k: int) -> Int[Tensor, "k"]:
+    """Indices of the ``k`` largest ``scores``, largest first (ties: lower index first)."""
+    if not 1 <= k <= scores.shape[0]:
+        raise ValueError(f"top_k={k} but the block has {scores.shape[0]} units; choose 1 <= top_k <= {scores.shape[0]}")
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    return order[:k]
+
+
+def selection_scores(
+    model: nn.Module,
+    images: Float[Tensor, "n channel height width"],
+    target: int,
+    sites: Sequence[Site],
+    means: ActivationMeans,
+    *,
+    selection: str = "drop",
+    pooled: bool = False,
+    batch_size: int = 64,
+) -> Float[Tensor, "n_units"]:
+    """Per unit of ``sites`` (concatenated), the selection score from attribution patching with
+    mean references and the ``target`` logit as metric: mean estimated drop (``"drop"``) or mean
+    absolute estimated change (``"absolute"``) over ``images``, in logits."""
+    total: Tensor | None = None
+    for start in range(0, images.shape[0], batch_size):
+        estimates = attribution_patching(model, images[start:start + batch_size], sites, targets=target,
+                                         reference="mean", means=means, pooled=pooled).estimates
+        per_image = torch.cat([estimates[s.hook_name] for s in sites], dim=1)  # [batch n_units]
+        per_image = -per_image if selection == "drop" else per_image.abs()
+        total = per_image.sum(0) if total is None else total + per_image.sum(0)
+    assert total is not None
+    return (total / images.shape[0]).double().cpu()
+
+
+# ----------------------------------------------------------------------------- one model
+class _ModelAnalysis:
+    """The per-model state of the neuron level (means, activation tables, label entropies) and the
+    per-class computation."""
+
+    def __init__(self, model: nn.Module, dataset: LabelledImages, means: ActivationMeans,
+                 config: NeuronLevelConfig, *, show_progress: bool):
+        self.model, self.dataset, self.config = model, dataset, config
+        self.blocks = resolve_blocks(model, config.blocks)
+        self.sites = {b: neuron_sites(model, b, config.sites) for b in self.blocks}
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.means = means.to(self.device, self.dtype)
+        self.batch_size = config.batch_size or default_batch_size(self.device)
+        self.tables = activation_tables(model, dataset, self.sites, batch_size=self.batch_size,
+                                        show_progress=show_progress)
+        n_classes = dataset.num_classes
+        self.entropy = {b: label_entropy(self.tables.max[b], self.tables.labels, n_classes, config.negatives)
+                        for b in self.blocks}
+        # CLS-activation ranks over all images: class-independent, so one sort serves every class.
+        self.ranks = {b: self._ranks(self.tables.cls[b]) for b in self.blocks}
+
+    def _ranks(self, table: Tensor, chunk: int = 512) -> Tensor:
+        """:func:`average_ranks` of a CPU table, computed on the model's device ``chunk`` units at a time."""
+        return torch.cat([average_ranks(table[:, i:i + chunk].to(self.device)).cpu()
+                          for i in range(0, table.shape[1], chunk)], dim=1)
+
+    def class_record(self, target: int) -> dict[str, Any]:
+        """All numbers of class ``target``: per block the four metrics (averaged over the top-K
+        units), the units, their scores and their per-unit metric values."""
+        config, labels = self.config, self.tables.labels
+        is_target = labels == target
+        n_images = int(is_target.sum())
+        if n_images == 0:
+            raise ValueError(f"class {target} has no images in {self.dataset!r}")
+        images = self.dataset.subset(torch.nonzero(is_target).reshape(-1)).tensors(show_progress=False)[0]
+        images = images.to(device=self.device, dtype=self.dtype)
+        all_sites = [s for b in self.blocks for s in self.sites[b]]
+        scores_all = selection_scores(self.model, images, target, all_sites, self.means,
+                                      selection=config.selection, pooled=config.pooled_means,
+                                      batch_size=self.batch_size)
+        clean_logits = self.tables.logits[is_target]
+        blocks: dict[str, Any] = {}
+        offset = 0
+        for b in self.blocks:
+            sites = self.sites[b]
+            width = sum(s.width for s in sites)
+            scores = scores_all[offset:offset + width]
+            offset += width
+            chosen = top_units(scores, config.top_k)
+            units: dict[Site, list[int]] = {}
+            start = 0
+            for site in sites:
+                in_site = chosen[(chosen >= start) & (chosen < start + site.width)] - start
+                if in_site.numel():
+                    units[site] = in_site.tolist()
+                start += site.width
+            hooks = mean_ablation_hooks(self.model, units, self.means, pooled=config.pooled_means)
+            with torch.no_grad():
+                ablated = torch.cat([
+                    self.model.run_with_hooks(images[i:i + self.batch_size], fwd_hooks=hooks).float().cpu()
+                    for i in range(0, n_images, self.batch_size)
+                ])
+            ablation = normalized_logit_change(clean_logits, ablated, target)
+            sel = selectivity_from_ranks(self.ranks[b][:, chosen], labels, target)
+            cv = class_variance(self.tables.max[b][:, chosen], labels, target, config.negatives)
+            entropy = self.entropy[b][chosen]
+            names = unit_labels(sites)
+            blocks[str(b)] = {
+                "ablation": float(ablation.mean()),
+                "selectivity": float(sel.mean()),
+                "class_variance": float(cv.mean()),
+                "label_entropy": float(entropy.mean()),
+                "units": [names[i] for i in chosen.tolist()],
+                "scores": scores[chosen].tolist(),
+                "unit_selectivity": sel.tolist(),
+                "unit_class_variance": cv.tolist(),
+                "unit_label_entropy": entropy.tolist(),
+            }
+        return {"class": target, "class_name": self.dataset.class_names[target], "n_images": n_images,
+                "blocks": blocks}
+
+
+def _class_path(directory: Path, target: int) -> Path:
+    return directory / "classes" / f"{target}.json"
+
+
+def sparsity_dir(out: str | os.PathLike, sparsity: float) -> Path:
+    """``<out>/sparsity_<s>``: where one model's per-class files go."""
+    return Path(out) / f"sparsity_{float(sparsity):g}"
+
+
+def resolve_classes(dataset: LabelledImages, classes: Sequence[int | str] | None) -> list[int]:
+    """Class indices to analyse: ``classes`` (indices, ids or names; each needs images in
+    ``dataset``), default every class present."""
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset!r} has no images to analyse")
+    if classes is None:
+        return dataset.present_classes()
+    present = set(dataset.present_classes())
+    out = []
+    for c in classes:
+        index = dataset.class_index(c)
+        if index not in present:
+            raise ValueError(f"class {c!r} ({dataset.class_names[index]}) has no images in {dataset!r}")
+        out.append(index)
+    if not out:
+        raise ValueError("classes must name at least one class")
+    return list(dict.fromkeys(out))
+
+
+def model_records(
+    model: nn.Module,
+    dataset: LabelledImages,
+    means_dataset: LabelledImages,
+    config: NeuronLevelConfig,
+    *,
+    directory: str | os.PathLike | None = None,
+    means_directory: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Per-class records (:meth:`_ModelAnalysis.class_record`) of one model, in class order. With
+    ``directory``, each record is saved there as soon as it is computed and records already saved
+    with the same settings and weights are reused (resume)."""
+    classes = resolve_classes(dataset, config.classes)
+    for block in resolve_blocks(model, config.blocks):  # fail early on a top-K larger than a block
+        top_units(torch.zeros(sum(s.width for s in neuron_sites(model, block, config.sites))), config.top_k)
+    settings = {**config.class_settings(), "model_key": model_key(model), "dataset": dataset.name,
+                "split": dataset.split, "n_images": len(dataset), "means_dataset": means_dataset.name,
+                "means_split": means_dataset.split}
+    records: dict[int, dict[str, Any]] = {}
+    if directory is not None:
+        for c in classes:
+            path = _class_path(Path(directory), c)
+            if path.is_file():
+                saved = read_json(path)
+                if saved.get("settings") == settings:
+                    records[c] = saved["record"]
+    pending = [c for c in classes if c not in records]
+    if pending:
+        means = load_or_compute_means(model, means_dataset, directory=means_directory,
+                                      batch_size=config.batch_size, show_progress=show_progress)
+        analysis = _ModelAnalysis(model, dataset, means, config, show_progress=show_progress)
+        for c in progress(pending, desc="classes", total=len(pending), enabled=show_progress):
+            records[c] = analysis.class_record(c)
+            if directory is not None:
+                write_json(_class_path(Path(directory), c), {"settings": settings, "record": records[c]})
+    return [records[c] for c in classes]
+
+
+# ----------------------------------------------------------------------------- result
+def flatten_records(sparsity: float, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (class, block): sparsity, block, class, class_name, n_images and the metrics."""
+    return [{"sparsity": float(sparsity), "block": int(b), "class": r["class"], "class_name": r["class_name"],
+             "n_images": r["n_images"], **{m: values[m] for m in METRICS}}
+            for r in records for b, values in r["blocks"].items()]
+
+
+@dataclass
+class NeuronLevelResult(AnalysisResult):
+    """Neuron-level metrics: ``rows`` has one entry per (sparsity, class, block) with the four
+    metrics averaged over that class and block's top-K units (see :func:`flatten_records`);
+    ``model_keys`` maps each sparsity (as a string) to the weights it was measured on."""
+
+    CONFIG_CLASS: ClassVar[type] = NeuronLevelConfig
+    config: NeuronLevelConfig
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    model_keys: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted({r["block"] for r in self.rows})
+
+    @property
+    def sparsities(self) -> list[float]:
+        return sorted({r["sparsity"] for r in self.rows})
+
+    def values(self, metric: str, block: int, sparsity: float) -> list[float]:
+        """Per-class values of ``metric`` at ``block`` and ``sparsity``."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; metrics are {METRICS}")
+        return [r[metric] for r in self.rows if r["block"] == block and r["sparsity"] == sparsity]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per block and sparsity: number of classes and mean/std (population) of each metric."""
+        out = []
+        for block in self.blocks:
+            for sparsity in self.sparsities:
+                row: dict[str, Any] = {"block": block, "sparsity": sparsity}
+                for metric in METRICS:
+                    values = torch.tensor(self.values(metric, block, sparsity), dtype=torch.float64)
+                    row["n_classes"] = values.numel()
+                    row[f"{metric}_mean"] = float(values.mean())
+                    row[f"{metric}_std"] = float(values.std(correction=0))
+                out.append(row)
+        return out
+
+    def tables(self) -> dict[str, list[dict[str, Any]]]:
+        return {"per_class": self.rows, "summary": self.summary()}
+
+    def markdown(self) -> str:
+        """The summary as a markdown table (mean ± std over classes)."""
+        rows = [{"block": r["block"], "sparsity": "dense" if r["sparsity"] == 0 else f"{r['sparsity']:g}",
+                 "classes": r["n_classes"],
+                 **{METRIC_LABELS[m]: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS}}
+                for r in self.summary()]
+        return markdown_table(rows)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``result.json``, ``per_class.csv``, ``summary.csv``, ``summary.md`` and ``figure.png``."""
+        directory = super().save(directory)
+        (directory / "summary.md").write_text(f"<!-- {self.config_comment()} -->\n\n{self.markdown()}\n")
+        self.plot(directory / "figure.png")
+        return directory
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """The paper's Figure 2: violins of the per-class values, metrics (rows) x blocks
+        (columns), one colour per sparsity. Saved to ``path`` (PNG) if given; returns the figure."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        blocks, sparsities = self.blocks, self.sparsities
+        colours = plt.get_cmap("viridis")(torch.linspace(0.1, 0.9, max(len(sparsities), 1)).tolist())
+        fig, axes = plt.subplots(len(METRICS), len(blocks), figsize=(3.2 * len(blocks) + 1, 2.4 * len(METRICS)),
+                                 squeeze=False, sharey="row")
+        for i, metric in enumerate(METRICS):
+            for j, block in enumerate(blocks):
+                ax = axes[i][j]
+                for x, (sparsity, colour) in enumerate(zip(sparsities, colours)):
+                    values = self.values(metric, block, sparsity)
+                    if len(values) >= 2 and max(values) - min(values) > 1e-12:
+                        parts = ax.violinplot([values], positions=[x], widths=0.8, showmeans=True)
+                        for body in parts["bodies"]:
+                            body.set_facecolor(colour)
+                            body.set_alpha(0.7)
+                        for key in ("cmeans", "cmins", "cmaxes", "cbars"):
+                            parts[key].set_color(colour)
+                    elif values:  # a single value or all equal: a KDE is undefined, draw the points
+                        ax.scatter([x] * len(values), values, color=colour, s=12)
+                ax.set_xticks(range(len(sparsities)), ["dense" if s == 0 else f"{s:g}" for s in sparsities])
+                ax.grid(alpha=0.3, axis="y")
+                if i == 0:
+                    ax.set_title(f"block {block}")
+                if j == 0:
+                    ax.set_ylabel(METRIC_LABELS[metric])
+                if i == len(METRICS) - 1:
+                    ax.set_xlabel("sparsity")
+        config = self.config
+        fig.suptitle(f"Neuron level: {config.model}, {config.method}, top-{config.top_k} "
+                     f"{'+'.join(config.sites)} units per class ({config.split} split)")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120, metadata={"Description": self.config_comment()})
+            plt.close(fig)
+        return fig
+
+
+# ----------------------------------------------------------------------------- entry points
+def neuron_level(
+    model: nn.Module,
+    dataset: str | LabelledImages,
+    config: NeuronLevelConfig,
+    *,
+    means_dataset: LabelledImages | None = None,
+    out: str | os.PathLike | None = None,
+    sparsity: float | None = None,
+    means_directory: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> NeuronLevelResult:
+    """The neuron level of one model (the analysis pattern: model, dataset source, config).
+
+    ``dataset``: a :func:`~hooked_vit.data.load_dataset` source (then ``config.split`` and
+    ``config.means_split`` of it are used) or a :class:`LabelledImages` (then ``means_dataset``,
+    default the same images, gives the means). ``sparsity`` labels the rows (default: the
+    model's pruning sparsity, 0 if dense). With ``out``, per-class records are saved under
+    ``sparsity_dir(out, sparsity)`` and reused on a rerun; means default to ``<out>/means``.
+    """
+    start = time.perf_counter()
+    if isinstance(dataset, LabelledImages):
+        data, means_data = dataset, means_dataset if means_dataset is not None else dataset
+    else:
+        data = load_dataset(dataset, split=config.split, model=model)
+        means_data = (means_dataset if means_dataset is not None
+                      else load_dataset(dataset, split=config.means_split, model=model))
+    if config.n_means_images is not None:
+        means_data = calibration_sample(means_data, config.n_means_images, seed=config.seed)
+    if sparsity is None:
+        info = getattr(model, "pruning_info", None)
+        sparsity = float(info.sparsity) if info is not None else 0.0
+    directory = sparsity_dir(out, sparsity) if out is not None else None
+    if means_directory is None and out is not None:
+        means_directory = Path(out) / "means"
+    records = model_records(model, data, means_data, config, directory=directory,
+                            means_directory=means_directory, show_progress=show_progress)
+    return NeuronLevelResult(config, flatten_records(sparsity, records), {f"{float(sparsity):g}": model_key(model)},
+                             time.perf_counter() - start)
+
+
+def load_model(config: NeuronLevelConfig, sparsity: float) -> nn.Module:
+    """``config.model`` at ``sparsity`` (dense at 0), pruned with ``config.method`` (cached on disk
+    by :meth:`HookedViT.from_pretrained`), on ``config.device`` (default CUDA when available)."""
+    from hooked_vit import HookedViT
+
+    device = resolve_device(config.device)
+    return HookedViT.from_pretrained(config.model, device=device, sparsity=float(sparsity) or None,
+                                     method=config.method, finetune=config.finetune_epochs or None)
+
+
+def run_neuron_metrics(
+    config: NeuronLevelConfig,
+    out: str | os.PathLike | None = None,
+    *,
+    model_loader: Callable[[NeuronLevelConfig, float], nn.Module] = load_model,
+    dataset: LabelledImages | None = None,
+    means_dataset: LabelledImages | None = None,
+    means_directory: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> NeuronLevelResult:
+    """The neuron level over ``config.sparsities``: each model from ``model_loader(config, s)``,
+    analysed by :func:`neuron_level` (per-class files under ``out``, resumable), the combined
+    result saved to ``out`` (tables, markdown, figure) when given. ``dataset``/``means_dataset``
+    replace ``config.dataset`` (e.g. tensors for tests); ``means_directory`` (default
+    ``<out>/means``) holds the mean activations."""
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    keys: dict[str, str] = {}
+    for sparsity in config.sparsities:
+        model = model_loader(config, float(sparsity))
+        result = neuron_level(model, dataset if dataset is not None else config.dataset, config,
+                              means_dataset=means_dataset, out=out, sparsity=float(sparsity),
+                              means_directory=means_directory, show_progress=show_progress)
+        rows += result.rows
+        keys.update(result.model_keys)
+        del model
+    result = NeuronLevelResult(config, rows, keys, time.perf_counter() - start)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers such as 0,0.5,0.7; got {text!r}") from None
+
+
+def _class_list(text: str | None) -> tuple[int | str, ...] | None:
+    if text is None:
+        return None
+    return tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``hooked-vit neuron-metrics`` options."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias (default {DEFAULT_MODEL})")
+    parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),
+                        help="comma-separated fractions in [0, 1); 0 is the dense model")
+    parser.add_argument("--method", default="wanda", help="pruning method (wanda or magnitude)")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="masked fine-tuning epochs after pruning")
+    parser.add_argument("--data", default="builtin", help="'builtin', 'digits' or an ImageNet-style folder root")
+    parser.add_argument("--split", default="val", help="split analysed (default val)")
+    parser.add_argument("--means-split", default="train", help="split the ablation means are taken over")
+    parser.add_argument("--classes", default=None, help="comma-separated class indices, ids or names (default all)")
+    parser.add_argument("--blocks", default=None, help="comma-separated blocks (default early, middle, late)")
+    parser.add_argument("--top-k", type=int, default=50, help="units per class and block (default 50)")
+    parser.add_argument("--sites", default=",".join(NEURON_SITES),
+                        help=f"unit sites, comma-separated from {','.join(ALL_SITE_NAMES)}")
+    parser.add_argument("--selection", default="drop", choices=SELECTIONS,
+                        help="rank units by estimated logit drop (default) or absolute change")
+    parser.add_argument("--negatives", default="clamp", choices=NEGATIVE_RULES,
+                        help="rule for negative activations in class variance / label entropy")
+    parser.add_argument("--pooled-means", action="store_true", help="ablate with means pooled over positions")
+    parser.add_argument("--n-means-images", type=int, default=None,
+                        help="take the means over a class-balanced sample of this many images (default all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of that sample")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64 CPU / 256 GPU)")
+    parser.add_argument("--device", default=None, help="torch device (default CUDA if available, else CPU)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/neuron-metrics-<model>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[NeuronLevelConfig, Path]:
+    """A :class:`NeuronLevelConfig` and output folder from parsed ``neuron-metrics`` arguments."""
+    blocks = None if args.blocks is None else tuple(int(v) for v in _floats(args.blocks, "--blocks"))
+    config = NeuronLevelConfig(
+        model=args.model, dataset=args.data, split=args.split, means_split=args.means_split,
+        sparsities=_floats(args.sparsities, "--sparsities"), method=args.method,
+        finetune_epochs=args.finetune_epochs, classes=_class_list(args.classes), blocks=blocks, top_k=args.top_k,
+        sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()), selection=args.selection,
+        negatives=args.negatives, pooled_means=args.pooled_means,
+        n_means_images=args.n_means_images, seed=args.seed, batch_size=args.batch_size, device=args.device,
+    )
+    return config, Path(args.out) if args.out else Path("runs") / f"neuron-metrics-{config.model}"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``hooked-vit neuron-metrics``: run, print the table and the files written."""
+    config, out = config_from_args(args)
+    result = run_neuron_metrics(config, out, show_progress=not args.no_progress)
+    print(result.markdown())
+    print(f"\n{result.seconds:.0f} s; wrote {out}/summary.csv, summary.md, per_class.csv, figure.png, result.json "
+          f"and per-class records under {out}/sparsity_*/classes/")
+    return 0
+
+
+__all__ = [
+    "METRICS", "NEURON_SITES", "ActivationTables", "NeuronLevelConfig", "NeuronLevelResult", "activation_tables",
+    "add_arguments", "config_from_args", "default_blocks", "flatten_records", "load_model", "main", "model_records",
+    "neuron_level", "neuron_sites", "resolve_blocks", "resolve_classes", "run_neuron_metrics", "selection_scores",
+    "sparsity_dir", "top_units", "unit_labels",
+]

@@ -1,0 +1,551 @@
+"""BatchTopK sparse autoencoders on HookedViT activations, trained by sae-lens (IMPACT sec. 3.3).
+
+Training (:func:`train_sae`) is sae-lens's own: its ``BatchTopKTrainingSAE`` (eq. 8-9: ``f(x) =
+BatchTopK(W_enc x + b_enc)``, ``x_hat = W_dec f(x) + b_dec``, MSE plus the dead-latent auxiliary
+loss) and its ``SAETrainer``, fed by an :class:`~analyses.activation_store.ActivationStore`. No
+wandb: metrics are logged every ``log_every`` steps to the returned log and
+``<out_dir>/training_log.jsonl``, next to sae-lens's progress bar. With ``n_checkpoints`` the
+trainer saves checkpoints (sae-lens's layout, plus the store's position) and a rerun resumes from
+the latest.
+
+A trained SAE is saved in sae-lens's format (``cfg.json`` + ``sae_weights.safetensors``; as
+sae-lens does for BatchTopK, the inference SAE is a JumpReLU SAE whose threshold is the learned
+BatchTopK threshold) and loads with ``sae_lens.SAE.load_from_disk``. Its metadata carries
+``hook_name`` and ``tokens``, which :func:`attach_sae` uses to splice it into a HookedViT: the
+hook's value at those tokens is replaced by the reconstruction (plus, with ``use_error_term``,
+the reconstruction error, so the forward pass is unchanged until a feature is edited). The splice
+exposes sae-lens's hook names under the hook, e.g. ``blocks.3.hook_resid_post.hook_sae_acts_post``
+``[batch n_tok d_sae]``, where :func:`zero_ablate_features` / :func:`patch_features` edit features
+as one edits neurons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from transformer_lens.hook_points import HookPoint
+
+os.environ.setdefault("WANDB_MODE", "disabled")  # sae-lens imports wandb; never log to it from here
+
+from sae_lens import SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig  # noqa: E402
+from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME  # noqa: E402
+from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
+
+from analyses.activation_store import (  # noqa: E402
+    ActivationStore,
+    ActivationStoreConfig,
+    HookLayout,
+    check_tokens,
+    default_hook_name,
+    hook_layout,
+    select_tokens,
+    token_positions,
+)
+
+TRAIN_CONFIG_FILE = "train_config.json"
+TRAINING_FILE = "training.json"
+LOG_FILE = "training_log.jsonl"
+STORE_STATE_FILE = "store_state.json"
+CHECKPOINT_DIR = "checkpoints"
+SAE_HOOK_SUFFIXES: tuple[str, ...] = ("input", "acts_post", "recons", "error", "output")
+LR_SCHEDULERS: tuple[str, ...] = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
+NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
+# Config fields that do not change what is learned (may differ when resuming).
+_OPERATIONAL_FIELDS = frozenset({"n_checkpoints", "keep_checkpoints", "log_every", "device", "image_batch_size",
+                                 "memory_limit_bytes", "cache_dir", "progress"})
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class SAETrainConfig:
+    """A BatchTopK SAE and how sae-lens trains it. Defaults are the paper's probe (sec. 4.3):
+    CLS token of the last block's residual stream, ``k=128``, expansion factor 32.
+
+    ``hook_name``: default ``blocks.{n_layers-1}.hook_resid_post``. ``tokens``: ``cls``,
+    ``patch`` or ``all``. ``k``: mean active latents per activation (BatchTopK keeps the
+    ``k * batch`` largest over a batch). ``d_sae = expansion_factor * d_in``.
+    ``training_samples``: activations seen in training (steps = ``training_samples //
+    train_batch_size``). ``lr`` (Adam, sae-lens's clip at grad norm 1), ``lr_scheduler`` one of
+    ``constant``, ``cosineannealing``, ``cosineannealingwarmrestarts``, with ``lr_warm_up_steps``
+    / ``lr_decay_steps`` / ``lr_end``. ``aux_loss_coefficient``: weight of the auxiliary loss that
+    revives dead latents (1/32 as in the BatchTopK paper); a latent counts as dead for it after
+    ``dead_feature_window`` steps without firing. ``topk_threshold_lr``: EMA rate of the
+    threshold used at inference. ``normalize_activations``: ``none`` or
+    ``expected_average_only_in`` (scale inputs to norm ``sqrt(d_in)``, folded in at the end).
+    Store: ``buffer_size``, ``image_batch_size``, ``memory_limit_bytes``, ``cache_dir`` (see
+    :class:`~analyses.activation_store.ActivationStoreConfig`). ``n_checkpoints`` evenly spaced
+    checkpoints (kept: the last ``keep_checkpoints``). ``seed`` seeds the SAE init and the stream.
+    """
+
+    hook_name: str | None = None
+    tokens: str = "cls"
+    k: float | int = 128
+    expansion_factor: int = 32
+    training_samples: int = 2**22
+    train_batch_size: int = 4096
+    lr: float | int = 3e-4
+    lr_scheduler: str = "constant"
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0
+    lr_end: float | int | None = None
+    aux_loss_coefficient: float | int = 1 / 32
+    topk_threshold_lr: float | int = 0.01
+    dead_feature_window: int = 1000
+    feature_sampling_window: int = 2000
+    decoder_init_norm: float | int | None = 0.1
+    rescale_acts_by_decoder_norm: bool = True
+    normalize_activations: str = "none"
+    n_batches_for_norm_estimate: int = 100
+    buffer_size: int = 2**16
+    image_batch_size: int | None = None
+    memory_limit_bytes: int = 2 * 2**30
+    cache_dir: str | None = None
+    n_checkpoints: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 100
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_tokens(self.tokens)
+        if not self.k > 0:
+            raise ValueError(f"k must be positive, got {self.k}")
+        if self.expansion_factor < 1:
+            raise ValueError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
+        if self.train_batch_size < 1 or self.training_samples < self.train_batch_size:
+            raise ValueError(f"training_samples ({self.training_samples}) must be at least one batch "
+                             f"(train_batch_size {self.train_batch_size} >= 1)")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(f"normalize_activations must be one of {', '.join(NORMALIZATIONS)}, "
+                             f"got {self.normalize_activations!r}")
+        for name in ("log_every", "dead_feature_window", "feature_sampling_window", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_checkpoints < 0:
+            raise ValueError(f"n_checkpoints must be >= 0, got {self.n_checkpoints}")
+
+    @property
+    def training_steps(self) -> int:
+        return self.training_samples // self.train_batch_size
+
+    def resolved_hook(self, model: nn.Module) -> str:
+        """``hook_name``, or the paper's default for ``model``."""
+        return self.hook_name if self.hook_name is not None else default_hook_name(model)
+
+    def store_config(self, model: nn.Module) -> ActivationStoreConfig:
+        """The training stream's :class:`ActivationStoreConfig` (shuffled, seeded with ``seed``)."""
+        return ActivationStoreConfig(
+            hook_names=(self.resolved_hook(model),), tokens=self.tokens, train_batch_size=self.train_batch_size,
+            buffer_size=max(self.buffer_size, self.train_batch_size), shuffle=True, seed=self.seed,
+            image_batch_size=self.image_batch_size, memory_limit_bytes=self.memory_limit_bytes,
+            cache_dir=self.cache_dir, device=self.device, progress=self.progress,
+        )
+
+    def sae_config(self, d_in: int, device: str) -> BatchTopKTrainingSAEConfig:
+        """sae-lens's BatchTopK training config for activations of width ``d_in``."""
+        d_sae = self.expansion_factor * d_in
+        if self.k > d_sae:
+            raise ValueError(f"k={self.k} exceeds the dictionary size d_sae={d_sae} ({self.expansion_factor} x {d_in})")
+        return BatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, k=self.k, topk_threshold_lr=self.topk_threshold_lr,
+            aux_loss_coefficient=self.aux_loss_coefficient, decoder_init_norm=self.decoder_init_norm,
+            rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
+            normalize_activations=self.normalize_activations, device=device,
+        )
+
+    def trainer_config(self, device: str, checkpoint_path: Path | None) -> SAETrainerConfig:
+        """sae-lens's trainer config: no wandb, checkpoints under ``checkpoint_path`` if given."""
+        return SAETrainerConfig(
+            total_training_samples=self.training_steps * self.train_batch_size,
+            train_batch_size_samples=self.train_batch_size,
+            lr=self.lr, lr_end=self.lr if self.lr_end is None else self.lr_end,
+            lr_scheduler_name=self.lr_scheduler, lr_warm_up_steps=self.lr_warm_up_steps,
+            lr_decay_steps=self.lr_decay_steps, device=device,
+            dead_feature_window=self.dead_feature_window, feature_sampling_window=self.feature_sampling_window,
+            n_checkpoints=self.n_checkpoints if checkpoint_path is not None else 0,
+            checkpoint_path=str(checkpoint_path) if checkpoint_path is not None else None,
+            save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False),
+            n_batches_for_norm_estimate=self.n_batches_for_norm_estimate,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine what is learned (compared when resuming)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _OPERATIONAL_FIELDS}
+
+
+# ----------------------------------------------------------------------------- trainer
+def _log_record(trainer: SAETrainer, output: Any, started: float) -> dict[str, float | int]:
+    """One training-log line from sae-lens's own step metrics."""
+    raw = trainer.build_train_step_log_dict(output=output, n_training_samples=trainer.n_training_samples)
+    record: dict[str, float | int] = {"step": trainer.n_training_steps, "samples": trainer.n_training_samples}
+    names = {"losses/overall_loss": "loss", "losses/mse_loss": "mse_loss",
+             "losses/auxiliary_reconstruction_loss": "aux_loss", "metrics/explained_variance": "explained_variance",
+             "metrics/l0": "l0", "sparsity/dead_features": "dead_latents",
+             "details/current_learning_rate": "lr", "metrics/topk_threshold": "topk_threshold"}
+    for key, short in names.items():
+        if key in raw:
+            record[short] = float(raw[key])
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+class _LoggingTrainer(SAETrainer):
+    """sae-lens's ``SAETrainer``, unchanged, plus a metrics line every ``log_every`` steps (taken
+    where ``fit()`` updates its progress bar) and a step count derived from samples on resume."""
+
+    def __init__(self, *args: Any, log_every: int, on_log: Callable[[dict[str, float | int]], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.log_every = log_every
+        self.on_log = on_log
+        self.started = time.perf_counter()
+
+    def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
+        last = self.n_training_samples >= self.cfg.total_training_samples
+        if self.n_training_steps % self.log_every == 0 or last:
+            record = _log_record(self, step_output, self.started)
+            self.on_log(record)
+            pbar.set_postfix(mse=f"{record.get('mse_loss', float('nan')):.4g}",
+                             fve=f"{record.get('explained_variance', float('nan')):.3f}",
+                             dead=int(record.get("dead_latents", 0)), refresh=False)
+        super()._update_pbar(step_output, pbar, update_interval=self.log_every)
+
+    def load_trainer_state(self, checkpoint_path: Path | str) -> None:
+        super().load_trainer_state(checkpoint_path)
+        # sae-lens saves the step counter before fit() increments it; every batch is full, so the
+        # number of completed steps is exact from the samples seen.
+        self.n_training_steps = self.n_training_samples // self.cfg.train_batch_size_samples
+        self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t >= self.n_training_samples]
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class SAETrainingRun:
+    """A trained SAE and how it was trained: ``sae`` (sae-lens inference SAE, JumpReLU with the
+    learned BatchTopK threshold), ``training_sae`` (``None`` when loaded from a finished run),
+    the ``log`` lines, wall-clock ``seconds`` of this call, ``out_dir`` and ``resumed_from``."""
+
+    sae: SAE
+    config: SAETrainConfig
+    hook_name: str
+    log: list[dict[str, float | int]] = field(default_factory=list)
+    training_sae: BatchTopKTrainingSAE | None = None
+    seconds: float = 0.0
+    out_dir: Path | None = None
+    resumed_from: Path | None = None
+
+
+def to_inference_sae(training_sae: BatchTopKTrainingSAE) -> SAE:
+    """The inference SAE sae-lens saves for a BatchTopK training SAE (a JumpReLU SAE: decoder
+    norms folded in, threshold = the learned BatchTopK threshold), built in memory."""
+    state = {k: v.detach().clone() for k, v in training_sae.state_dict().items()}
+    training_sae.process_state_dict_for_saving_inference(state)
+    cfg_dict = training_sae.cfg.get_inference_sae_cfg_dict()
+    device = cfg_dict.get("device", "cpu")
+    cfg_dict["device"] = "meta"
+    sae = SAE.from_dict(cfg_dict)
+    sae.cfg.device = device
+    sae.process_state_dict_for_loading(state)
+    sae.load_state_dict(state, assign=True)
+    return sae.to(device=device).eval()
+
+
+def load_sae(path: str | os.PathLike, device: str = "cpu") -> SAE:
+    """An SAE saved by :func:`train_sae` (or any sae-lens SAE directory), via ``SAE.load_from_disk``."""
+    path = Path(path)
+    if not (path / SAE_CFG_FILENAME).is_file() or not (path / SAE_WEIGHTS_FILENAME).is_file():
+        raise FileNotFoundError(f"{path} holds no saved SAE ({SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} expected)")
+    return SAE.load_from_disk(str(path), device=device).eval()
+
+
+def sae_hook_name(sae: SAE) -> str:
+    """The HookedViT hook an SAE was trained on (from its metadata)."""
+    name = sae.cfg.metadata.hook_name
+    if not name:
+        raise ValueError("this SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name")
+    return str(name)
+
+
+def sae_tokens(sae: SAE) -> str:
+    """The token choice an SAE was trained on (from its metadata; ``cls`` if absent)."""
+    return check_tokens(str(sae.cfg.metadata.tokens or "cls"))
+
+
+# ----------------------------------------------------------------------------- training
+def _latest_checkpoint(directory: Path) -> Path | None:
+    """The most advanced complete checkpoint (``<samples>/`` with the store state written last)."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.iterdir() if p.name.isdigit() and (p / STORE_STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name), default=None)
+
+
+def _read_log(path: Path, up_to_samples: int | None) -> list[dict[str, float | int]]:
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in lines if up_to_samples is None or r["samples"] <= up_to_samples]
+
+
+def _identity(cfg: SAETrainConfig, hook_name: str, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
+    from analyses.ablation import dataset_key, model_key
+
+    return {"config": cfg.identity(), "hook_name": hook_name, "model_key": model_key(model),
+            "dataset_key": dataset_key(dataset)}
+
+
+def train_sae(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: SAETrainConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+) -> SAETrainingRun:
+    """Train a BatchTopK SAE with sae-lens on ``model``'s activations over ``dataset`` (items
+    ``(image, label)``) at ``cfg``'s hook and tokens.
+
+    With ``out_dir``: the final SAE is saved there in sae-lens's format (plus ``sparsity``,
+    ``train_config.json``, ``training.json`` and the log), checkpoints go to
+    ``out_dir/checkpoints/<samples>/``; with ``resume`` a finished run is loaded instead of
+    retrained and an unfinished one continues from its latest checkpoint (a run of another
+    config, model or dataset there is an error). ``resume=False`` starts afresh.
+    """
+    started = time.perf_counter()
+    hook_name = cfg.resolved_hook(model)
+    hook_layout(model, hook_name)
+    out = Path(out_dir) if out_dir is not None else None
+    identity = _identity(cfg, hook_name, model, dataset) if out is not None else None
+    if out is not None:
+        finished = _check_out_dir(out, identity, resume)
+        if finished is not None:
+            return finished
+    store = ActivationStore(model, dataset, cfg.store_config(model))
+    device = str(store.device)
+    checkpoints = out / CHECKPOINT_DIR if out is not None else None
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        training_sae = BatchTopKTrainingSAE(cfg.sae_config(store.d_in, device))
+    metadata = training_sae.cfg.metadata
+    metadata.hook_name = hook_name
+    metadata.tokens = cfg.tokens
+    metadata.model_name = getattr(model.cfg, "model_name", None)
+    if identity is not None:
+        metadata.model_key, metadata.dataset_key = identity["model_key"], identity["dataset_key"]
+
+    log_path = out / LOG_FILE if out is not None else None
+    resume_from = _latest_checkpoint(checkpoints) if (checkpoints is not None and resume) else None
+    log: list[dict[str, float | int]] = []
+
+    def on_log(record: dict[str, float | int]) -> None:
+        log.append(record)
+        if log_path is not None:
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def save_store_state(checkpoint_path: Path | None) -> None:
+        if checkpoint_path is None:
+            return
+        (checkpoint_path / STORE_STATE_FILE).write_text(json.dumps(store.state_dict()))
+        older = sorted((p for p in checkpoint_path.parent.iterdir() if p.name.isdigit() and p != checkpoint_path),
+                       key=lambda p: int(p.name))
+        for stale in older[: max(0, len(older) - (cfg.keep_checkpoints - 1))]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    trainer = _LoggingTrainer(cfg.trainer_config(device, checkpoints), training_sae, store,
+                              save_checkpoint_fn=save_store_state, log_every=cfg.log_every, on_log=on_log)
+    if resume_from is not None:
+        trainer.load_trainer_state(resume_from)
+        training_sae.load_weights_from_checkpoint(resume_from)
+        store.load_state_dict(json.loads((resume_from / STORE_STATE_FILE).read_text()))
+        log[:] = _read_log(log_path, trainer.n_training_samples)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+    elif log_path is not None:
+        log_path.write_text("")
+    trainer.fit()
+    training_sae.eval()
+    sae = to_inference_sae(training_sae)
+    run = SAETrainingRun(sae=sae, config=cfg, hook_name=hook_name, log=log, training_sae=training_sae,
+                         seconds=time.perf_counter() - started, out_dir=out, resumed_from=resume_from)
+    if out is not None:
+        training_sae.save_inference_model(out)
+        save_file({"sparsity": trainer.log_feature_sparsity.contiguous()}, out / SPARSITY_FILENAME)
+        summary = {"hook_name": hook_name, "steps": trainer.n_training_steps,
+                   "samples": trainer.n_training_samples, "seconds_this_call": run.seconds,
+                   "resumed_from": str(resume_from) if resume_from else None, "final": log[-1] if log else None}
+        (out / TRAINING_FILE).write_text(json.dumps(summary, indent=2))
+    return run
+
+
+def _check_out_dir(out: Path, identity: dict[str, Any], resume: bool) -> SAETrainingRun | None:
+    """Prepare ``out`` for a run: the finished run there if ``resume`` and it matches, else
+    ``None`` (after clearing it when not resuming). A different run there is an error."""
+    config_path = out / TRAIN_CONFIG_FILE
+    if config_path.is_file() and resume:
+        saved = json.loads(config_path.read_text())
+        current = json.loads(json.dumps(identity))
+        differing = sorted(k for k in current if saved.get(k) != current[k])
+        if differing:
+            detail = differing
+            if "config" in differing:
+                detail = [f"config.{k}" for k in current["config"] if saved.get("config", {}).get(k) != current["config"][k]]
+            raise ValueError(f"{out} holds an SAE run with a different {', '.join(detail)}; use another output "
+                             "directory or resume=False (--no-resume) to overwrite it")
+        if (out / TRAINING_FILE).is_file() and (out / SAE_WEIGHTS_FILENAME).is_file():
+            cfg = SAETrainConfig(**saved["config"])
+            sae = load_sae(out)
+            return SAETrainingRun(sae=sae, config=cfg, hook_name=saved["hook_name"],
+                                  log=_read_log(out / LOG_FILE, None), out_dir=out)
+        return None
+    if out.exists() and not resume:
+        for name in (CHECKPOINT_DIR,):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (TRAINING_FILE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, LOG_FILE):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(identity, indent=2))
+    return None
+
+
+# ----------------------------------------------------------------------------- splicing
+def sae_hook(hook_name: str, which: str = "acts_post") -> str:
+    """Name of an attached SAE's hook: ``f"{hook_name}.hook_sae_{which}"`` with ``which`` one of
+    ``input`` / ``recons`` / ``error`` / ``output`` (``[batch n_tok d_in]``) or ``acts_post``
+    (feature activations ``[batch n_tok d_sae]``)."""
+    if which not in SAE_HOOK_SUFFIXES:
+        raise ValueError(f"which must be one of {', '.join(SAE_HOOK_SUFFIXES)}, got {which!r}")
+    return f"{hook_name}.hook_sae_{which}"
+
+
+class SAESplice(HookPoint):
+    """Takes the place of the HookPoint at an SAE's hook: at the SAE's tokens the hook's value
+    becomes the SAE reconstruction (plus the error ``x - x_hat`` of the unedited input, computed
+    without gradient, when ``use_error_term``); other tokens pass through. Hooks added at the
+    hook's own name see the spliced value (the one used downstream). The SAE is not registered as
+    a submodule, so the model's parameters and state dict are unchanged."""
+
+    def __init__(self, sae: SAE, layout: HookLayout, tokens: str, n_ctx: int, use_error_term: bool,
+                 original: HookPoint):
+        super().__init__()
+        self.__dict__["sae"] = sae
+        self.__dict__["original"] = original
+        self.layout = layout
+        self.tokens = tokens
+        self.n_ctx = n_ctx
+        self.use_error_term = use_error_term
+        self.hook_sae_input = HookPoint()  # [batch, n_tok, d_in]: the hook's value at the SAE's tokens
+        self.hook_sae_acts_post = HookPoint()  # [batch, n_tok, d_sae]: feature activations
+        self.hook_sae_recons = HookPoint()  # [batch, n_tok, d_in]: reconstruction from (edited) features
+        self.hook_sae_error = HookPoint()  # [batch, n_tok, d_in]: x - x_hat of the unedited input
+        self.hook_sae_output = HookPoint()  # [batch, n_tok, d_in]: what replaces the input
+
+    def forward(self, x: Tensor) -> Tensor:
+        sae: SAE = self.__dict__["sae"]
+        selected = select_tokens(x, self.layout, self.tokens, self.n_ctx)
+        sae_in = self.hook_sae_input(selected)
+        acts = self.hook_sae_acts_post(sae.encode(sae_in))
+        out = self.hook_sae_recons(sae.decode(acts))
+        if self.use_error_term:
+            with torch.no_grad():
+                error = sae_in - sae.decode(sae.encode(sae_in))
+            out = out + self.hook_sae_error(error)
+        out = self.hook_sae_output(out).to(x.dtype)
+        if not self.layout.has_positions or self.tokens == "all":
+            return out.reshape(x.shape)
+        index = token_positions(self.tokens, self.n_ctx).to(x.device)
+        return x.index_copy(1, index, out.reshape(x.shape[0], index.numel(), *x.shape[2:]))
+
+
+def _module_at(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent = model
+    *parents, last = path.split(".")
+    for part in parents:
+        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+    return parent, last
+
+
+def attach_sae(model: nn.Module, sae: SAE, *, use_error_term: bool = False) -> SAESplice:
+    """Splice ``sae`` into ``model`` at its hook (``sae.cfg.metadata.hook_name``), at its tokens
+    (``metadata.tokens``), until :func:`detach_sae`. The SAE moves to the model's device and dtype.
+    New hooks ``{hook}.hook_sae_{input,acts_post,recons,error,output}`` appear in ``model.hook_dict``."""
+    hook_name = sae_hook_name(sae)
+    tokens = sae_tokens(sae)
+    current = model.hook_dict.get(hook_name)
+    if isinstance(current, SAESplice):
+        raise ValueError(f"an SAE is already attached at {hook_name}; detach_sae(model, {hook_name!r}) first")
+    layout = hook_layout(model, hook_name)
+    if layout.d_in != sae.cfg.d_in:
+        raise ValueError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook_name} gives {layout.d_in}")
+    if current.has_hooks():
+        raise ValueError(f"{hook_name} has hooks attached; remove them (model.reset_hooks()) before splicing an SAE")
+    param = next(model.parameters())
+    sae.to(device=param.device, dtype=param.dtype)
+    splice = SAESplice(sae, layout, tokens, model.cfg.n_ctx, use_error_term, current)
+    parent, attr = _module_at(model, hook_name)
+    setattr(parent, attr, splice)
+    model.setup()
+    return splice
+
+
+def detach_sae(model: nn.Module, hook_name: str) -> SAE:
+    """Remove the SAE spliced at ``hook_name`` (restoring the original HookPoint); returns it."""
+    splice = model.hook_dict.get(hook_name)
+    if not isinstance(splice, SAESplice):
+        raise ValueError(f"no SAE is attached at {hook_name!r}")
+    parent, attr = _module_at(model, hook_name)
+    setattr(parent, attr, splice.__dict__["original"])
+    model.setup()
+    return splice.__dict__["sae"]
+
+
+@contextmanager
+def spliced(model: nn.Module, sae: SAE, *, use_error_term: bool = False) -> Iterator[SAESplice]:
+    """``with spliced(model, sae, use_error_term=True): ...`` attaches ``sae`` for the block."""
+    splice = attach_sae(model, sae, use_error_term=use_error_term)
+    try:
+        yield splice
+    finally:
+        model.reset_hooks()
+        detach_sae(model, splice.layout.hook_name)
+
+
+def zero_ablate_features(features: Sequence[int] | Int[Tensor, "k"]) -> Callable[..., Tensor]:
+    """A forward hook for ``sae_hook(hook_name, "acts_post")`` setting ``features`` to 0."""
+    index = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+
+    def hook(acts: Float[Tensor, "batch n_tok d_sae"], hook: Any = None) -> Float[Tensor, "batch n_tok d_sae"]:
+        return acts.index_fill(-1, index.to(acts.device), 0.0)
+
+    return hook
+
+
+def patch_features(
+    features: Sequence[int] | Int[Tensor, "k"], values: Float[Tensor, "*value_dims"]
+) -> Callable[..., Tensor]:
+    """A forward hook for ``sae_hook(hook_name, "acts_post")`` setting ``features`` to ``values``
+    (broadcast against ``[batch, n_tok, len(features)]``, e.g. activations from another image)."""
+    index = torch.as_tensor(features, dtype=torch.long).reshape(-1)
+
+    def hook(acts: Float[Tensor, "batch n_tok d_sae"], hook: Any = None) -> Float[Tensor, "batch n_tok d_sae"]:
+        idx = index.to(acts.device)
+        patched = values.to(device=acts.device, dtype=acts.dtype).expand(*acts.shape[:-1], idx.numel())
+        return acts.index_copy(-1, idx, patched.contiguous())
+
+    return hook
