@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +43,7 @@ from analyses.neuron_level import METRIC_LABELS, METRICS, resolve_classes, top_u
 from analyses.neuron_metrics import NEGATIVE_RULES, class_variance, label_entropy, normalized_logit_change, selectivity
 from analyses.results import AnalysisResult, config_from_dict, config_to_dict, markdown_table, read_json, write_json
 from analyses.sae import (
+    LR_SCHEDULERS,
     SAE,
     SAETrainConfig,
     SAETrainingRun,
@@ -56,6 +57,7 @@ from analyses.sae import (
 )
 from analyses.sae_quality import QualityAccumulator, SAEQuality, SweepConfig, SweepResult, sae_label, sweep_row
 from hooked_vit.data import LabelledImages, default_batch_size, load_dataset, make_loader, progress, resolve_device
+from hooked_vit.cli import parse_classes, parse_numbers
 from hooked_vit.sites import Site
 
 DEFAULT_MODEL = "deit3_tiny_digits"
@@ -314,7 +316,8 @@ class LayerLevelResult(AnalysisResult):
     def table2(self) -> str:
         """Table 2 analogue (markdown): NMSE, dead latents, explained variance (%) per sparsity."""
         rows = [{"Sparsity": sparsity_label(q["sparsity"]), "NMSE ↓": f"{q['nmse']:.4f}",
-                 "Dead ↓": f"{q['dead_latents']} / {q['d_sae']}", "Expl. Var. (%) ↑": f"{100 * q['explained_variance']:.2f}",
+                 "Dead ↓": f"{q['dead_latents']} / {q['d_sae']}",
+                 "Expl. Var. (%) ↑": f"{100 * q['explained_variance']:.2f}",
                  "L0": f"{q['l0']:.1f}"} for q in self.quality]
         return markdown_table(rows)
 
@@ -506,19 +509,6 @@ def run_sae_sweep(
 
 
 # ----------------------------------------------------------------------------- command line
-def _numbers(text: str, what: str, kind: type = float) -> tuple:
-    try:
-        return tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers such as 0,0.5,0.7; got {text!r}") from None
-
-
-def _class_list(text: str | None) -> tuple[int | str, ...] | None:
-    if text is None:
-        return None
-    return tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip())
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hooked-vit sae-train`` options (defaults: the paper's probe)."""
     d = SAETrainConfig()
@@ -540,7 +530,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
                         help=f"activations per training step (default {d.train_batch_size})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
-    parser.add_argument("--lr-scheduler", default=d.lr_scheduler, help="constant, cosineannealing, ...")
+    parser.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=LR_SCHEDULERS)
     parser.add_argument("--lr-warm-up-steps", type=int, default=0)
     parser.add_argument("--lr-decay-steps", type=int, default=0)
     parser.add_argument("--aux-coefficient", type=float, default=d.aux_loss_coefficient,
@@ -558,7 +548,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-k", default=None, help="also sweep k (comma-separated), as Tables 5/6")
     parser.add_argument("--sweep-expansion", default=None, help="also sweep expansion factors (comma-separated)")
     parser.add_argument("--sweep-tokens", default=None, help="also sweep token choices (comma-separated)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 64 CPU / 256 GPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default 64 CPU / 256 GPU)")
     parser.add_argument("--device", default=None, help="torch device (default CUDA if available, else CPU)")
     parser.add_argument("--out", default=None, help="output folder (default runs/layer-level-<model>)")
     parser.add_argument("--no-resume", action="store_true", help="retrain from scratch instead of resuming")
@@ -576,7 +567,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LayerLevelConfig, Path]:
         log_every=args.log_every, seed=args.seed, device=args.device,
     )
     config = LayerLevelConfig(model=args.model, dataset=args.data, train_split=args.train_split, split=args.split,
-                              sparsities=_numbers(args.sparsities, "--sparsities"), method=args.method,
+                              sparsities=parse_numbers(args.sparsities, "--sparsities"), method=args.method,
                               finetune_epochs=args.finetune_epochs, sae=sae, batch_size=args.batch_size,
                               device=args.device)
     return config, Path(args.out) if args.out else Path("runs") / f"layer-level-{config.model}"
@@ -596,8 +587,8 @@ def train_main(args: argparse.Namespace) -> int:
     sweeps = (args.sweep_k, args.sweep_expansion, args.sweep_tokens)
     if any(s is not None for s in sweeps):
         sweep = SweepConfig(base=config.sae,
-                            ks=_numbers(args.sweep_k, "--sweep-k") if args.sweep_k else (),
-                            expansion_factors=_numbers(args.sweep_expansion, "--sweep-expansion", int)
+                            ks=parse_numbers(args.sweep_k, "--sweep-k") if args.sweep_k else (),
+                            expansion_factors=parse_numbers(args.sweep_expansion, "--sweep-expansion", int)
                             if args.sweep_expansion else (),
                             tokens=tuple(t.strip() for t in args.sweep_tokens.split(",")) if args.sweep_tokens else ())
         result = run_sae_sweep(config, sweep, out)
@@ -612,7 +603,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hooked-vit sae-eval`` options."""
     parser.add_argument("--out", default=None,
                         help=f"folder written by sae-train (default runs/layer-level-{DEFAULT_MODEL})")
-    parser.add_argument("--top-k", type=int, default=None, help="latents per class (default 50, capped at d_sae)")
+    parser.add_argument("--top-k", type=int, default=None, help="latents per class (default: the run's, 50; at most d_sae)")
     parser.add_argument("--classes", default=None, help="comma-separated class indices, ids or names (default all)")
     parser.add_argument("--negatives", default="clamp", choices=NEGATIVE_RULES)
     parser.add_argument("--quality-only", action="store_true", help="only Table 2 (no latent metrics)")
@@ -627,9 +618,10 @@ def eval_main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"layer-level-{DEFAULT_MODEL}"
     path = out / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{out} holds no layer-level run ({CONFIG_FILE} missing): run hooked-vit sae-train first")
+        raise FileNotFoundError(f"{out} holds no layer-level run ({CONFIG_FILE} missing): "
+                                "run hooked-vit sae-train first")
     config = config_from_dict(LayerLevelConfig, read_json(path))
-    changes: dict[str, Any] = {"negatives": args.negatives, "classes": _class_list(args.classes)}
+    changes: dict[str, Any] = {"negatives": args.negatives, "classes": parse_classes(args.classes)}
     if args.top_k is not None:
         changes["top_k"] = args.top_k
     if args.batch_size is not None:

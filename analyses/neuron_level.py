@@ -67,6 +67,7 @@ from hooked_vit.data import (
     progress,
     resolve_device,
 )
+from hooked_vit.cli import parse_classes, parse_numbers
 from hooked_vit.sites import Site
 
 NEURON_SITES: tuple[str, ...] = ("mlp_act", HEAD_SITE)
@@ -597,19 +598,6 @@ def run_neuron_metrics(
 
 
 # ----------------------------------------------------------------------------- command line
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers such as 0,0.5,0.7; got {text!r}") from None
-
-
-def _class_list(text: str | None) -> tuple[int | str, ...] | None:
-    if text is None:
-        return None
-    return tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip())
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hooked-vit neuron-metrics`` options."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias (default {DEFAULT_MODEL})")
@@ -641,11 +629,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[NeuronLevelConfig, Path]:
     """A :class:`NeuronLevelConfig` and output folder from parsed ``neuron-metrics`` arguments."""
-    blocks = None if args.blocks is None else tuple(int(v) for v in _floats(args.blocks, "--blocks"))
+    blocks = None if args.blocks is None else parse_numbers(args.blocks, "--blocks", int)
     config = NeuronLevelConfig(
         model=args.model, dataset=args.data, split=args.split, means_split=args.means_split,
-        sparsities=_floats(args.sparsities, "--sparsities"), method=args.method,
-        finetune_epochs=args.finetune_epochs, classes=_class_list(args.classes), blocks=blocks, top_k=args.top_k,
+        sparsities=parse_numbers(args.sparsities, "--sparsities"), method=args.method,
+        finetune_epochs=args.finetune_epochs, classes=parse_classes(args.classes), blocks=blocks, top_k=args.top_k,
         sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()), selection=args.selection,
         negatives=args.negatives, pooled_means=args.pooled_means,
         n_means_images=args.n_means_images, seed=args.seed, batch_size=args.batch_size, device=args.device,

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -405,7 +405,8 @@ def _check_out_dir(out: Path, identity: dict[str, Any], resume: bool) -> SAETrai
         if differing:
             detail = differing
             if "config" in differing:
-                detail = [f"config.{k}" for k in current["config"] if saved.get("config", {}).get(k) != current["config"][k]]
+                saved_config = saved.get("config", {})
+                detail = [f"config.{k}" for k, v in current["config"].items() if saved_config.get(k) != v]
             raise ValueError(f"{out} holds an SAE run with a different {', '.join(detail)}; use another output "
                              "directory or resume=False (--no-resume) to overwrite it")
         if (out / TRAINING_FILE).is_file() and (out / SAE_WEIGHTS_FILENAME).is_file():

@@ -211,7 +211,9 @@ class SweepResult(AnalysisResult):
         return markdown_table(rows)
 
 
-def sweep_row(model: nn.Module, run: SAETrainingRun, held_out: Dataset, image_batch_size: int | None = None) -> dict[str, Any]:
+def sweep_row(
+    model: nn.Module, run: SAETrainingRun, held_out: Dataset, image_batch_size: int | None = None
+) -> dict[str, Any]:
     """One sweep row: the run's settings and its held-out quality."""
     setting = run.config
     quality = evaluate_sae(model, run.sae, held_out, image_batch_size=image_batch_size, progress=setting.progress)

@@ -27,7 +27,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
-from analyses.activation_store import ActivationStore, ActivationStoreConfig, default_hook_name, hook_layout  # noqa: E402
+from analyses.activation_store import (  # noqa: E402
+    ActivationStore,
+    ActivationStoreConfig,
+    default_hook_name,
+    hook_layout,
+)
 from analyses.sae import BatchTopKTrainingSAE, SAETrainConfig  # noqa: E402
 from hooked_vit import HookedViT  # noqa: E402
 from hooked_vit.data import LabelledImages  # noqa: E402
@@ -65,7 +70,7 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=4096, help="activations per training batch")
     parser.add_argument("--k", type=float, default=32)
     parser.add_argument("--expansion", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="training steps per timed round")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -144,7 +149,8 @@ def main() -> None:
         "config": vars(args) | {"hook": hook, "d_in": d_in, "d_sae": d_in * args.expansion,
                                 "activations_per_epoch": per_epoch, "torch": torch.__version__,
                                 "threads": torch.get_num_threads(),
-                                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
+                                "device_name": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                                                else "cpu")},
         "activations_per_s": rates, "train_steps_per_s": steps_per_s,
         "store_model_over_forward": rates["store_model"] / rates["forward"],
         "store_memory_over_forward": rates["store_memory"] / rates["forward"],

@@ -52,6 +52,22 @@ def subcommand(name: str, help: str, *, configure: Configure = _no_arguments) ->
     return register
 
 
+def parse_numbers(text: str, what: str, kind: type = float) -> tuple:
+    """Comma-separated numbers such as ``"0,0.5,0.7"`` (``kind`` each); ``ValueError`` naming
+    the option ``what`` otherwise."""
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers such as 0,0.5,0.7; got {text!r}") from None
+
+
+def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
+    """Comma-separated class indices or names (``"0,3,cat"``); ``None`` stays ``None`` (all classes)."""
+    if text is None:
+        return None
+    return tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip())
+
+
 def _load_model(name: str, device: str | None) -> Any:
     from hooked_vit import HookedViT
 

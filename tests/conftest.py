@@ -54,3 +54,12 @@ def small_hooked():
 @pytest.fixture(scope="session")
 def images_64() -> torch.Tensor:
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 2-block DeiT-III (width 32, 2 heads, 17 tokens) with O(1) LayerScale, fresh per module."""
+    from hooked_vit import HookedViT
+
+    return HookedViT.from_timm(make_timm("deit3_small_patch16_224", depth=2, img_size=32, patch_size=8,
+                                         embed_dim=32, num_heads=2))

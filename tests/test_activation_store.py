@@ -8,18 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import make_timm
 
 HOOK = "blocks.0.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """A 2-block DeiT-III (width 32, 2 heads, 17 tokens) with O(1) LayerScale."""
-    from hooked_vit import HookedViT
-
-    return HookedViT.from_timm(make_timm("deit3_small_patch16_224", depth=2, img_size=32, patch_size=8,
-                                         embed_dim=32, num_heads=2))
 
 
 @pytest.fixture(scope="module")

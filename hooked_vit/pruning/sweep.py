@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hooked_vit.cli import parse_numbers
 from hooked_vit.data import load_dataset, make_loader
 from hooked_vit.evaluation import evaluate
 from hooked_vit.pruning.cached import state_digest
@@ -211,15 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[SweepConfig, Path]:
     """A :class:`SweepConfig` and output folder from parsed ``sweep-sparsity`` arguments."""
-    def floats(text: str) -> tuple[float, ...]:
-        try:
-            return tuple(float(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise SystemExit(f"--sparsities must be comma-separated numbers such as 0,0.5,0.7; got {text!r}") from None
-
     config = SweepConfig(
         model=args.model, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        sparsities=floats(args.sparsities), finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        sparsities=parse_numbers(args.sparsities, "--sparsities"), finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         finetune_batch_size=args.finetune_batch_size, n_calib=args.n_calib, seed=args.seed,
         eval_split=args.eval_split, batch_size=args.batch_size, device=args.device,
     )
