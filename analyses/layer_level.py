@@ -41,6 +41,7 @@ from analyses.ablation import model_key
 from analyses.attribution_patching import attribution_patching
 from analyses.neuron_level import METRIC_LABELS, METRICS, resolve_classes, top_units
 from analyses.neuron_metrics import NEGATIVE_RULES, class_variance, label_entropy, normalized_logit_change, selectivity
+from analyses.models import load_variant, sparsity_dir
 from analyses.results import AnalysisResult, config_from_dict, config_to_dict, markdown_table, read_json, write_json
 from analyses.sae import (
     LR_SCHEDULERS,
@@ -56,8 +57,8 @@ from analyses.sae import (
     zero_ablate_features,
 )
 from analyses.sae_quality import QualityAccumulator, SAEQuality, SweepConfig, SweepResult, sae_label, sweep_row
-from hooked_vit.data import LabelledImages, default_batch_size, load_dataset, make_loader, progress, resolve_device
-from hooked_vit.cli import parse_classes, parse_numbers
+from hooked_vit.data import LabelledImages, default_batch_size, load_dataset, make_loader, progress
+from hooked_vit.cli import add_model_family_arguments, parse_classes, parse_numbers
 from hooked_vit.sites import Site
 
 DEFAULT_MODEL = "deit3_tiny_digits"
@@ -114,11 +115,6 @@ def sparsity_label(sparsity: float) -> str:
     return "dense" if float(sparsity) == 0 else f"{float(sparsity):g}"
 
 
-def sparsity_dir(out: str | os.PathLike, sparsity: float) -> Path:
-    """``<out>/sparsity_<s>``: one model's SAEs, one folder each (:func:`sae_dir`)."""
-    return Path(out) / f"sparsity_{float(sparsity):g}"
-
-
 def sae_dir(out: str | os.PathLike, sparsity: float, sae: SAETrainConfig) -> Path:
     """``<out>/sparsity_<s>/<sae_label>``: where the SAE of one model and SAE setting is saved
     (the main SAE and the sweep's share the layout, so the sweep reuses the main one)."""
@@ -136,11 +132,8 @@ def model_sae_config(config: LayerLevelConfig, sparsity: float, sae: SAETrainCon
 def load_model(config: LayerLevelConfig, sparsity: float) -> nn.Module:
     """``config.model`` at ``sparsity`` (dense at 0), pruned with ``config.method`` (cached on disk by
     :meth:`HookedViT.from_pretrained`), on ``config.device`` (default CUDA when available)."""
-    from hooked_vit import HookedViT
-
-    return HookedViT.from_pretrained(config.model, device=resolve_device(config.device),
-                                     sparsity=float(sparsity) or None, method=config.method,
-                                     finetune=config.finetune_epochs or None)
+    return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
+                        device=config.device)
 
 
 # ----------------------------------------------------------------------------- latent tables
@@ -512,12 +505,7 @@ def run_sae_sweep(
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hooked-vit sae-train`` options (defaults: the paper's probe)."""
     d = SAETrainConfig()
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias (default {DEFAULT_MODEL})")
-    parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),
-                        help="comma-separated fractions in [0, 1); 0 is the dense model")
-    parser.add_argument("--method", default="wanda", help="pruning method (wanda or magnitude)")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="masked fine-tuning epochs after pruning")
-    parser.add_argument("--data", default="builtin", help="'builtin', 'digits' or an ImageNet-style folder root")
+    add_model_family_arguments(parser, DEFAULT_MODEL, DEFAULT_SPARSITIES)
     parser.add_argument("--train-split", default="train", help="split the SAEs train on (default train)")
     parser.add_argument("--split", default="val", help="held-out split for quality (default val)")
     parser.add_argument("--hook", default=None, help="hook name (default blocks.{n_layers-1}.hook_resid_post)")

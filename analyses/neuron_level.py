@@ -57,6 +57,7 @@ from analyses.neuron_metrics import (
     normalized_logit_change,
     selectivity_from_ranks,
 )
+from analyses.models import load_variant, sparsity_dir
 from analyses.results import AnalysisResult, config_to_dict, markdown_table, read_json, write_json
 from hooked_vit.data import (
     LabelledImages,
@@ -65,9 +66,8 @@ from hooked_vit.data import (
     load_dataset,
     make_loader,
     progress,
-    resolve_device,
 )
-from hooked_vit.cli import parse_classes, parse_numbers
+from hooked_vit.cli import add_model_family_arguments, parse_classes, parse_numbers
 from hooked_vit.sites import Site
 
 NEURON_SITES: tuple[str, ...] = ("mlp_act", HEAD_SITE)
@@ -340,11 +340,6 @@ def _class_path(directory: Path, target: int) -> Path:
     return directory / "classes" / f"{target}.json"
 
 
-def sparsity_dir(out: str | os.PathLike, sparsity: float) -> Path:
-    """``<out>/sparsity_<s>``: where one model's per-class files go."""
-    return Path(out) / f"sparsity_{float(sparsity):g}"
-
-
 def resolve_classes(dataset: LabelledImages, classes: Sequence[int | str] | None) -> list[int]:
     """Class indices to analyse: ``classes`` (indices, ids or names; each needs images in
     ``dataset``), default every class present."""
@@ -558,11 +553,8 @@ def neuron_level(
 def load_model(config: NeuronLevelConfig, sparsity: float) -> nn.Module:
     """``config.model`` at ``sparsity`` (dense at 0), pruned with ``config.method`` (cached on disk
     by :meth:`HookedViT.from_pretrained`), on ``config.device`` (default CUDA when available)."""
-    from hooked_vit import HookedViT
-
-    device = resolve_device(config.device)
-    return HookedViT.from_pretrained(config.model, device=device, sparsity=float(sparsity) or None,
-                                     method=config.method, finetune=config.finetune_epochs or None)
+    return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
+                        device=config.device)
 
 
 def run_neuron_metrics(
@@ -600,12 +592,7 @@ def run_neuron_metrics(
 # ----------------------------------------------------------------------------- command line
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hooked-vit neuron-metrics`` options."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias (default {DEFAULT_MODEL})")
-    parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),
-                        help="comma-separated fractions in [0, 1); 0 is the dense model")
-    parser.add_argument("--method", default="wanda", help="pruning method (wanda or magnitude)")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="masked fine-tuning epochs after pruning")
-    parser.add_argument("--data", default="builtin", help="'builtin', 'digits' or an ImageNet-style folder root")
+    add_model_family_arguments(parser, DEFAULT_MODEL, DEFAULT_SPARSITIES)
     parser.add_argument("--split", default="val", help="split analysed (default val)")
     parser.add_argument("--means-split", default="train", help="split the ablation means are taken over")
     parser.add_argument("--classes", default=None, help="comma-separated class indices, ids or names (default all)")

@@ -68,6 +68,18 @@ def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
     return tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip())
 
 
+def add_model_family_arguments(parser: argparse.ArgumentParser, default_model: str,
+                               default_sparsities: Sequence[float]) -> None:
+    """The options naming a dense model and its pruned variants, shared by the IMPACT analyses:
+    ``--model --sparsities --method --finetune-epochs --data``."""
+    parser.add_argument("--model", default=default_model, help=f"model alias (default {default_model})")
+    parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in default_sparsities),
+                        help="comma-separated fractions in [0, 1); 0 is the dense model")
+    parser.add_argument("--method", default="wanda", help="pruning method (wanda or magnitude)")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="masked fine-tuning epochs after pruning")
+    parser.add_argument("--data", default="builtin", help="'builtin', 'digits' or an ImageNet-style folder root")
+
+
 def _load_model(name: str, device: str | None) -> Any:
     from hooked_vit import HookedViT
 
