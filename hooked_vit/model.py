@@ -160,12 +160,13 @@ class HookedViT(HookedRootModule):
 
     def to_timm(self) -> nn.Module:
         """An equivalent timm ``VisionTransformer`` holding a copy of these weights."""
-        param = self.cls_token
-        timm_model = build_timm_model(self.cfg).to(device=param.device, dtype=param.dtype)
         from hooked_vit.pruning.masks import without_masks
 
+        with torch.device("meta"):  # no random init: every parameter is assigned below
+            timm_model = build_timm_model(self.cfg)
         # Pruned weights are already zero; the masks themselves have no timm counterpart.
-        timm_model.load_state_dict(hooked_to_timm_state_dict(without_masks(self.state_dict())))
+        state_dict = hooked_to_timm_state_dict(without_masks(self.state_dict()))
+        timm_model.load_state_dict({k: v.clone() for k, v in state_dict.items()}, assign=True)
         return timm_model.eval()
 
     @classmethod
