@@ -24,18 +24,21 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from hooked_vit import atomic
 from hooked_vit.data import make_loader, progress
+from hooked_vit.errors import CorruptFileError, InvalidArgumentError, InvalidTypeError, UnknownNameError
 from hooked_vit.pruning.cached import cache_root, state_digest
+from hooked_vit.reading import load_safetensors
 from hooked_vit.sites import SITE_NAMES, Site
 
 HEAD_SITE = "attn_head"
@@ -51,7 +54,7 @@ def attention_head_site(model: nn.Module, layer: int) -> Site:
     (``[batch pos head d_head]``), one unit per head, activation = L2 norm over ``d_head``."""
     n_layers = model.cfg.n_layers
     if not -n_layers <= layer < n_layers:
-        raise KeyError(f"Layer {layer} out of range for a model with {n_layers} blocks")
+        raise UnknownNameError(f"Layer {layer} out of range for a model with {n_layers} blocks")
     layer %= n_layers
     return Site(layer, HEAD_SITE, f"blocks.{layer}.attn.hook_z", "head", model.cfg.n_heads)
 
@@ -66,7 +69,7 @@ def resolve_site(model: nn.Module, site: Site | str | tuple[int, str]) -> Site:
         if name == HEAD_SITE:
             return attention_head_site(model, layer)
         if name not in SITE_NAMES:
-            raise KeyError(f"Unknown site {name!r}; sites are {list(ALL_SITE_NAMES)}")
+            raise UnknownNameError(f"Unknown site {name!r}; sites are {list(ALL_SITE_NAMES)}")
         return model.sites[layer, name]
     if isinstance(site, str):
         match = _HEAD_HOOK.match(site)
@@ -74,9 +77,9 @@ def resolve_site(model: nn.Module, site: Site | str | tuple[int, str]) -> Site:
             return attention_head_site(model, int(match.group(1)))
         if site in model.sites:
             return model.sites.from_hook_name(site)
-        raise KeyError(f"{site!r} is neither a circuit-site hook (e.g. {model.sites[0, 'mlp_act'].hook_name!r}) "
-                       "nor an attention-head output hook (blocks.L.attn.hook_z)")
-    raise TypeError(f"a site is a Site, a (layer, name) pair or a hook name; got {type(site).__name__}")
+        raise UnknownNameError(f"{site!r} is neither a circuit-site hook (e.g. {model.sites[0, 'mlp_act'].hook_name!r}) "
+                               "nor an attention-head output hook (blocks.L.attn.hook_z)")
+    raise InvalidTypeError(f"a site is a Site, a (layer, name) pair or a hook name; got {type(site).__name__}")
 
 
 def default_mean_hooks(model: nn.Module) -> list[str]:
@@ -108,8 +111,8 @@ class ActivationMeans:
         """The mean of ``hook_name``: per position, or with ``pooled`` also averaged over the
         positions (the image-and-token mean, ``[*unit_dims]``)."""
         if hook_name not in self.means:
-            raise KeyError(f"no mean stored for {hook_name!r}; stored: {len(self.means)} hooks, "
-                           f"e.g. {list(self.means)[:3]}. Pass it in hooks= when computing the means")
+            raise UnknownNameError(f"no mean stored for {hook_name!r}; stored: {len(self.means)} hooks, "
+                                   f"e.g. {list(self.means)[:3]}. Pass it in hooks= when computing the means")
         value = self.means[hook_name]
         return value.mean(dim=0) if pooled and _has_positions(hook_name) else value
 
@@ -119,23 +122,24 @@ class ActivationMeans:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file (keys in its metadata)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"n_images": str(self.n_images), "model_key": self.model_key, "dataset_key": self.dataset_key}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.means.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return atomic.save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.means.items()}, path,
+                                       metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> ActivationMeans:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        what = "an ActivationMeans file (safetensors with n_images, model_key, dataset_key metadata)"
+        fix = "delete it; load_or_compute_means recomputes it"
+        means = load_safetensors(path, what, fix, device=str(device) if device is not None else "cpu")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except SafetensorError as error:
+            raise CorruptFileError(path, what, fix, found=str(error)) from None
         if not {"n_images", "model_key", "dataset_key"} <= set(meta):
-            raise ValueError(f"{path} is not an ActivationMeans file (metadata {sorted(meta)})")
-        means = load_file(str(path), device=str(device) if device is not None else "cpu")
+            raise CorruptFileError(path, what, fix, found=f"metadata {sorted(meta)}")
         return cls(means, int(meta["n_images"]), meta["model_key"], meta["dataset_key"])
 
 
@@ -172,9 +176,9 @@ def compute_means(
     and feature."""
     hooks = list(dict.fromkeys(default_mean_hooks(model) if hooks is None else hooks))
     if not hooks:
-        raise ValueError("compute_means needs at least one hook")
+        raise InvalidArgumentError("compute_means needs at least one hook")
     if len(dataset) == 0:
-        raise ValueError("cannot compute means over an empty dataset")
+        raise InvalidArgumentError("cannot compute means over an empty dataset")
     param = next(model.parameters())
     device = param.device if device is None else torch.device(device)
     sums: dict[str, Tensor] = {}
@@ -191,7 +195,7 @@ def compute_means(
             n += images.shape[0]
     missing = [name for name in hooks if name not in sums]
     if missing:
-        raise ValueError(f"hooks {missing[:4]} did not fire during the forward pass")
+        raise InvalidArgumentError(f"hooks {missing[:4]} did not fire during the forward pass")
     means = {name: (sums[name] / n).to(param.dtype) for name in hooks}
     return ActivationMeans(means, n, model_key(model), dataset_key(dataset))
 
@@ -219,13 +223,22 @@ def load_or_compute_means(
     path = means_path(model, dataset, directory)
     param = next(model.parameters())
     if path.is_file():
-        stored = ActivationMeans.load(path, device=param.device)
-        if set(hooks) <= set(stored.means):
-            return stored
-        hooks = list(dict.fromkeys([*stored.means, *hooks]))
+        try:
+            stored = ActivationMeans.load(path, device=param.device)
+        except CorruptFileError as error:
+            aside = atomic.move_aside(path, "corrupt")
+            warnings.warn(f"{error}; moved it to {aside} and recomputing the means", RuntimeWarning, stacklevel=2)
+        else:
+            if set(hooks) <= set(stored.means):
+                return stored
+            hooks = list(dict.fromkeys([*stored.means, *hooks]))
     means = compute_means(model, dataset, hooks=hooks, batch_size=batch_size, device=device,
                           show_progress=show_progress)
-    means.save(path)
+    try:
+        means.save(path)
+    except OSError as error:
+        warnings.warn(f"could not cache the means at {path} ({error}); continuing without caching",
+                      RuntimeWarning, stacklevel=2)
     return means
 
 
@@ -281,11 +294,11 @@ def site_reference(
         return reference
     if reference == "mean":
         if means is None:
-            raise ValueError("mean ablation needs means=: an ActivationMeans (see load_or_compute_means)")
+            raise InvalidArgumentError("mean ablation needs means=: an ActivationMeans (see load_or_compute_means)")
         return means.mean(site.hook_name, pooled=pooled)
     if reference == "zero":
         return torch.zeros(())
-    raise ValueError(f"reference must be one of {REFERENCES} or a tensor, got {reference!r}")
+    raise InvalidArgumentError(f"reference must be one of {REFERENCES} or a tensor, got {reference!r}")
 
 
 def ablation_hooks(

@@ -26,10 +26,8 @@ or the model (recomputed every epoch). All three give the same activations.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,93 +35,24 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from hooked_vit import atomic
 from hooked_vit.data import make_loader, progress
-from hooked_vit.hook_table import EMBED_HOOKS, hook_shape
-from hooked_vit.validation import check_hook_names
+from hooked_vit.errors import CorruptFileError, InvalidArgumentError
+from hooked_vit.reading import load_safetensors, read_json
+from hooked_vit.tokens import (  # noqa: F401  (re-exported: the store's public vocabulary)
+    TOKEN_CHOICES, HookLayout, check_tokens, hook_layout, select_tokens, token_positions)
 
-TOKEN_CHOICES: tuple[str, ...] = ("cls", "patch", "all")
 CACHE_FORMAT = 1
 META_FILE = "meta.json"
 IMAGE_INDEX = "image_index"
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
-_NO_TOKEN_AXIS = ("attn.hook_attn_scores", "attn.hook_pattern")
 
 Activations = dict[str, Tensor]
 
 
 # ----------------------------------------------------------------------------- hooks and tokens
-@dataclass(frozen=True)
-class HookLayout:
-    """Where hook ``hook_name`` fires and how its value becomes activations: ``stop_at_layer``
-    (blocks that must run; ``None`` = the whole model), whether dim 1 is the token position, and
-    ``d_in`` (trailing dims flattened)."""
-
-    hook_name: str
-    stop_at_layer: int | None
-    has_positions: bool
-    d_in: int
-
-
-def hook_layout(model: nn.Module, hook_name: str) -> HookLayout:
-    """The :class:`HookLayout` of ``hook_name`` in ``model``; unknown hooks fail with the closest
-    names, and hooks without a per-token feature vector (attention scores/patterns) are refused."""
-    if not isinstance(hook_name, str):
-        raise TypeError(f"a hook name is a string, got {type(hook_name).__name__}")
-    check_hook_names([hook_name], model.hook_dict)
-    if hook_name.endswith(_NO_TOKEN_AXIS):
-        raise ValueError(f"{hook_name} has shape [batch head query_pos key_pos]: no per-token feature vector to "
-                         "train an SAE on; use attn.hook_z, hook_attn_out or the residual stream")
-    if hook_name.endswith("attn.hook_result") and not model.cfg.use_attn_result:
-        raise ValueError(f"{hook_name} only fires with per-head results on: call model.set_use_attn_result(True)")
-    try:
-        shape = hook_shape(hook_name, model.cfg, 1)
-    except KeyError:
-        raise ValueError(f"{hook_name} is not a HookedViT activation hook (see hooked_vit.hook_table)") from None
-    match = _BLOCK_HOOK.match(hook_name)
-    if match:
-        stop: int | None = int(match.group(1)) + 1
-    elif hook_name in {name for name, _, _ in EMBED_HOOKS}:
-        stop = 0
-    else:
-        stop = None
-    has_positions = len(shape) > 2
-    return HookLayout(hook_name, stop, has_positions, math.prod(shape[2:] if has_positions else shape[1:]))
-
-
-def check_tokens(tokens: str) -> str:
-    """``tokens`` if it is one of :data:`TOKEN_CHOICES`, else a ``ValueError``."""
-    if tokens not in TOKEN_CHOICES:
-        raise ValueError(f"tokens must be one of {', '.join(TOKEN_CHOICES)} (CLS only, patch tokens, or both); "
-                         f"got {tokens!r}")
-    return tokens
-
-
-def token_positions(tokens: str, n_ctx: int) -> Int[Tensor, "n_tok"]:
-    """Token positions of a choice: ``cls`` -> [0], ``patch`` -> 1..n_ctx-1, ``all`` -> 0..n_ctx-1."""
-    check_tokens(tokens)
-    if tokens == "cls":
-        return torch.zeros(1, dtype=torch.long)
-    return torch.arange(1 if tokens == "patch" else 0, n_ctx)
-
-
-def select_tokens(
-    act: Float[Tensor, "batch *dims"], layout: HookLayout, tokens: str, n_ctx: int
-) -> Float[Tensor, "batch n_tok d_in"]:
-    """The chosen tokens of a hook's value, trailing dims flattened: ``[batch, n_tok, d_in]``.
-    A hook without a token axis (``hook_pooled``, the final-norm CLS token) allows only ``"cls"``."""
-    if not layout.has_positions:
-        if check_tokens(tokens) != "cls":
-            raise ValueError(f"{layout.hook_name} is the CLS token only (no token axis): use tokens='cls'")
-        return act.reshape(act.shape[0], 1, layout.d_in)
-    index = token_positions(tokens, n_ctx).to(act.device)
-    picked = act if tokens == "all" else act.index_select(1, index)
-    return picked.reshape(act.shape[0], index.numel(), layout.d_in)
-
-
 def n_tokens(model: nn.Module, tokens: str) -> int:
     """Activations per image for a token choice."""
     return token_positions(tokens, model.cfg.n_ctx).numel()
@@ -195,18 +124,20 @@ class ActivationStoreConfig:
             self.hook_names = (self.hook_names,)
         self.hook_names = tuple(self.hook_names)
         if not self.hook_names:
-            raise ValueError("an activation store needs at least one hook name")
+            raise InvalidArgumentError("an activation store needs at least one hook name")
         if len(set(self.hook_names)) != len(self.hook_names):
-            raise ValueError(f"hook names repeat: {list(self.hook_names)}")
+            raise InvalidArgumentError(f"hook names repeat: {list(self.hook_names)}")
         check_tokens(self.tokens)
+        if self.cache_dir is not None and not str(self.cache_dir).strip():
+            raise InvalidArgumentError("cache_dir must be a folder path, or None for no on-disk cache; got ''")
         for name in ("train_batch_size", "buffer_size", "images_per_shard"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InvalidArgumentError(f"{name} must be positive, got {getattr(self, name)}")
         if self.shuffle and self.buffer_size < self.train_batch_size:
-            raise ValueError(f"buffer_size ({self.buffer_size}) must hold at least one batch "
-                             f"(train_batch_size {self.train_batch_size})")
+            raise InvalidArgumentError(f"buffer_size ({self.buffer_size}) must hold at least one batch "
+                                       f"(train_batch_size {self.train_batch_size})")
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
-            raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {self.dtype!r}")
+            raise InvalidArgumentError(f"dtype must be float32, float16, bfloat16 or float64, got {self.dtype!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -239,7 +170,7 @@ class ActivationStore:
 
     def __init__(self, model: nn.Module, dataset: Dataset, cfg: ActivationStoreConfig):
         if len(dataset) == 0:
-            raise ValueError("cannot stream activations from an empty dataset")
+            raise InvalidArgumentError("cannot stream activations from an empty dataset")
         self.model = model
         self.dataset = dataset
         self.cfg = cfg
@@ -248,7 +179,7 @@ class ActivationStore:
             if not layout.has_positions:
                 check_tokens(cfg.tokens)
                 if cfg.tokens != "cls":
-                    raise ValueError(f"{layout.hook_name} is the CLS token only (no token axis): use tokens='cls'")
+                    raise InvalidArgumentError(f"{layout.hook_name} is the CLS token only (no token axis): use tokens='cls'")
         self.tokens_per_image = n_tokens(model, cfg.tokens)
         param = next(model.parameters())
         self.device = torch.device(cfg.device) if cfg.device is not None else param.device
@@ -257,13 +188,14 @@ class ActivationStore:
         self._stream: Iterator[Activations] | None = None
         self._memory: tuple[Activations, Tensor] | None = None
         self._cache_checked = False
+        self._cache_usable = True  # False once the cache folder turned out unwritable
 
     # ------------------------------------------------------------------ sizes
     @property
     def hook_name(self) -> str:
         """The hook of a single-hook store."""
         if len(self.cfg.hook_names) != 1:
-            raise ValueError(f"this store captures {len(self.cfg.hook_names)} hooks; use next_batch() or multi_hook()")
+            raise InvalidArgumentError(f"this store captures {len(self.cfg.hook_names)} hooks; use next_batch() or multi_hook()")
         return self.cfg.hook_names[0]
 
     @property
@@ -293,9 +225,15 @@ class ActivationStore:
     @property
     def source(self) -> str:
         """Where activations come from: ``"disk"``, ``"memory"`` or ``"model"``."""
-        if self.cfg.cache_dir is not None:
+        if self.cfg.cache_dir is not None and self._cache_usable:
             return "disk"
         return "memory" if self.bytes_per_epoch <= self.cfg.memory_limit_bytes else "model"
+
+    def _ready_source(self) -> str:
+        """:attr:`source`, after building (or checking) the disk cache when it is the source."""
+        if self.source == "disk" and not self._cache_checked:
+            self.build_cache()
+        return self.source
 
     # ------------------------------------------------------------------ model passes
     def _loader(self, positions: Sequence[int] | None):
@@ -343,50 +281,73 @@ class ActivationStore:
         """Write the on-disk cache (``cfg.cache_dir``) if it is not complete: one shard per
         ``images_per_shard`` images, each written atomically and recorded in ``meta.json`` as it
         completes, so an interrupted build resumes at the next missing shard. A cache written for
-        another model, dataset, hook set or token choice is refused."""
+        another model, dataset, hook set or token choice is refused; a corrupt ``meta.json`` is moved
+        aside (with a warning) and the cache rebuilt. If the folder cannot be written (read-only,
+        full disk), a warning says so and the store computes activations from the model instead."""
         if self.cfg.cache_dir is None:
-            raise ValueError("build_cache needs cfg.cache_dir")
+            raise InvalidArgumentError("build_cache needs cfg.cache_dir")
         directory = Path(self.cfg.cache_dir)
         meta_path = directory / META_FILE
         identity = self._identity()
         done: set[int] = set()
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
+        meta = self._read_meta(meta_path)
+        if meta is not None:
             differing = sorted(k for k in identity if meta.get(k) != identity[k])
             if differing:
-                raise ValueError(f"activation cache {directory} was built for a different {', '.join(differing)}; "
-                                 "delete it or choose another cache_dir")
+                raise InvalidArgumentError(f"activation cache {directory} was built for a different {', '.join(differing)}; "
+                                           "delete it or choose another cache_dir")
             done = {s for s in meta.get("shards_done", []) if self._shard_path(s).is_file()}
-        directory.mkdir(parents=True, exist_ok=True)
         todo = [s for s in range(self.n_shards) if s not in done]
-        ips = self.cfg.images_per_shard
-        bar = progress(todo, desc=f"caching activations ({len(todo)} shards)", total=len(todo),
-                       enabled=self.cfg.progress)
-        for shard in bar:
-            positions = range(shard * ips, min((shard + 1) * ips, self.n_images))
-            parts = list(self._model_chunks(positions, "", show=False))
-            acts = _cat([p[0] for p in parts])
-            tensors = {name: value.cpu().contiguous() for name, value in acts.items()}
-            tensors[IMAGE_INDEX] = torch.cat([p[1] for p in parts])
-            tmp = self._shard_path(shard).with_suffix(".tmp")
-            save_file(tensors, tmp)
-            os.replace(tmp, self._shard_path(shard))
-            done.add(shard)
-            self._write_meta(meta_path, identity, done)
-        if not meta_path.is_file():
-            self._write_meta(meta_path, identity, done)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            bar = progress(todo, desc=f"caching activations ({len(todo)} shards)", total=len(todo),
+                           enabled=self.cfg.progress)
+            for shard in bar:
+                self._write_shard(shard)
+                done.add(shard)
+                self._write_meta(meta_path, identity, done)
+            if not meta_path.is_file():
+                self._write_meta(meta_path, identity, done)
+        except OSError as error:
+            warnings.warn(f"cannot write the activation cache {directory} ({error.strerror or error}); continuing "
+                          "without it: activations are computed from the model", RuntimeWarning, stacklevel=2)
+            self._cache_usable = False
         self._cache_checked = True
         return directory
+
+    def _read_meta(self, path: Path) -> dict[str, Any] | None:
+        """``meta.json``, or ``None`` if absent or corrupt (then moved aside, with a warning)."""
+        if not path.is_file():
+            return None
+        try:
+            return read_json(path, "an activation cache index (JSON)")
+        except CorruptFileError as error:
+            aside = atomic.move_aside(path, "corrupt")
+            warnings.warn(f"{error}; moved it to {aside} and rebuilding the cache", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _write_shard(self, shard: int) -> None:
+        ips = self.cfg.images_per_shard
+        positions = range(shard * ips, min((shard + 1) * ips, self.n_images))
+        parts = list(self._model_chunks(positions, "", show=False))
+        tensors = {name: value.cpu().contiguous() for name, value in _cat([p[0] for p in parts]).items()}
+        tensors[IMAGE_INDEX] = torch.cat([p[1] for p in parts])
+        atomic.save_safetensors(tensors, self._shard_path(shard))
 
     def _write_meta(self, path: Path, identity: dict[str, Any], done: set[int]) -> None:
         meta = {**identity, "n_shards": self.n_shards, "shards_done": sorted(done),
                 "complete": len(done) == self.n_shards}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path)
+        atomic.write_json(path, meta)
 
     def _load_shard(self, shard: int) -> tuple[Activations, Tensor]:
-        tensors = load_file(str(self._shard_path(shard)))
+        path = self._shard_path(shard)
+        try:
+            tensors = load_safetensors(path, "an activation cache shard (safetensors)")
+        except CorruptFileError as error:  # e.g. a disk error since it was written: rebuild the shard
+            aside = atomic.move_aside(path, "corrupt")
+            warnings.warn(f"{error}; moved it to {aside} and recomputing the shard", RuntimeWarning, stacklevel=2)
+            self._write_shard(shard)
+            tensors = load_safetensors(path, "an activation cache shard (safetensors)")
         image_index = tensors.pop(IMAGE_INDEX)
         return {name: tensors[name].to(self.device, self.cfg.torch_dtype) for name in self.cfg.hook_names}, image_index
 
@@ -394,10 +355,8 @@ class ActivationStore:
     def ordered_chunks(self) -> Iterator[tuple[dict[str, Float[Tensor, "n_rows _d_in"]], Int[Tensor, "n_rows"]]]:
         """Every activation once, in dataset order (image-major, token-minor), in chunks: a dict
         hook -> ``[n_rows, d_in]`` and the dataset position of each row's image ``[n_rows]``."""
-        source = self.source
+        source = self._ready_source()
         if source == "disk":
-            if not self._cache_checked:
-                self.build_cache()
             for shard in range(self.n_shards):
                 yield self._load_shard(shard)
         elif source == "memory":
@@ -430,12 +389,10 @@ class ActivationStore:
             yield from self._one_epoch(generator)
 
     def _one_epoch(self, generator: torch.Generator) -> Iterator[Activations]:
-        source = self.source
+        source = self._ready_source()
         if source == "memory":
             yield self._materialise()[0]
         elif source == "disk":
-            if not self._cache_checked:
-                self.build_cache()
             order = torch.randperm(self.n_shards, generator=generator) if self.cfg.shuffle else range(self.n_shards)
             for shard in order:
                 yield self._load_shard(int(shard))[0]
@@ -519,7 +476,7 @@ class ActivationStore:
 
         differing = [k for k in stream_fields if k in saved and plain(saved[k]) != plain(mine[k])]
         if differing:
-            raise ValueError(f"store state was saved with a different {', '.join(sorted(differing))}")
+            raise InvalidArgumentError(f"store state was saved with a different {', '.join(sorted(differing))}")
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self._stream = None

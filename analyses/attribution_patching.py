@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from analyses.ablation import ActivationMeans, ablate, resolve_site, site_reference
+from hooked_vit.errors import InvalidArgumentError
 from hooked_vit.sites import Site
 
 Metric = Callable[[Tensor], Tensor]  # logits [batch n_classes] -> per-image metric [batch]
@@ -80,9 +81,9 @@ def _references(
 ) -> dict[str, Tensor]:
     if reference == "corrupted":
         if corrupted_images is None:
-            raise ValueError("reference='corrupted' needs corrupted_images= (same shape as images)")
+            raise InvalidArgumentError("reference='corrupted' needs corrupted_images= (same shape as images)")
         if corrupted_images.shape[0] != batch:
-            raise ValueError(f"corrupted_images has {corrupted_images.shape[0]} images, the clean batch {batch}")
+            raise InvalidArgumentError(f"corrupted_images has {corrupted_images.shape[0]} images, the clean batch {batch}")
         refs: dict[str, Tensor] = {}
 
         def save(act: Tensor, hook) -> None:
@@ -92,7 +93,7 @@ def _references(
             model.run_with_hooks(corrupted_images, fwd_hooks=[(s.hook_name, save) for s in sites])
         return refs
     if reference not in ("mean", "zero"):
-        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        raise InvalidArgumentError(f"reference must be one of {REFERENCES}, got {reference!r}")
     return {s.hook_name: site_reference(s, reference, means, pooled=pooled) for s in sites}
 
 
@@ -117,11 +118,11 @@ def attribution_patching(
     """
     if metric is None:
         if targets is None:
-            raise ValueError("attribution_patching needs targets= (class per image, or one class) or metric=")
+            raise InvalidArgumentError("attribution_patching needs targets= (class per image, or one class) or metric=")
         metric = logit_metric(targets)
     resolved = [resolve_site(model, s) for s in sites]
     if not resolved:
-        raise ValueError("attribution_patching needs at least one site")
+        raise InvalidArgumentError("attribution_patching needs at least one site")
     refs = _references(model, resolved, reference, means, corrupted_images, images.shape[0], pooled)
     acts: dict[str, Tensor] = {}
 
@@ -132,8 +133,8 @@ def attribution_patching(
         logits = model(images.detach().requires_grad_(True))
         values = metric(logits)
         if values.shape != (images.shape[0],):
-            raise ValueError(f"metric must map logits to one value per image, shape [{images.shape[0]}]; "
-                             f"got {list(values.shape)}")
+            raise InvalidArgumentError(f"metric must map logits to one value per image, shape [{images.shape[0]}]; "
+                                       f"got {list(values.shape)}")
         names = list(dict.fromkeys(s.hook_name for s in resolved))
         grads = dict(zip(names, torch.autograd.grad(values.sum(), [acts[n] for n in names])))
     with torch.no_grad():
@@ -165,7 +166,7 @@ def exact_patching(
     batched: up to ``batch_size // batch`` units (each a copy of the images) share a forward pass."""
     if metric is None:
         if targets is None:
-            raise ValueError("exact_patching needs targets= or metric=")
+            raise InvalidArgumentError("exact_patching needs targets= or metric=")
         metric = logit_metric(targets)
     site = resolve_site(model, site)
     batch = images.shape[0]

@@ -36,15 +36,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from analyses.activation_store import TOKEN_CHOICES, hook_layout, select_tokens
+from analyses.activation_store import hook_layout, select_tokens
 from analyses.ablation import model_key
 from analyses.attribution_patching import attribution_patching
+from analyses.layer_level_cli import add_eval_arguments, add_train_arguments
 from analyses.neuron_level import METRIC_LABELS, METRICS, resolve_classes, top_units
 from analyses.neuron_metrics import NEGATIVE_RULES, class_variance, label_entropy, normalized_logit_change, selectivity
-from analyses.models import load_variant, sparsity_dir
+from analyses.models import load_variant, sparsity_dir, variant_settings
 from analyses.results import AnalysisResult, config_from_dict, config_to_dict, markdown_table, read_json, write_json
 from analyses.sae import (
-    LR_SCHEDULERS,
     SAE,
     SAETrainConfig,
     SAETrainingRun,
@@ -57,8 +57,10 @@ from analyses.sae import (
     zero_ablate_features,
 )
 from analyses.sae_quality import QualityAccumulator, SAEQuality, SweepConfig, SweepResult, sae_label, sweep_row
+from hooked_vit import atomic
 from hooked_vit.data import LabelledImages, default_batch_size, load_dataset, make_loader, progress
-from hooked_vit.cli import add_model_family_arguments, parse_classes, parse_numbers
+from hooked_vit.cli_args import parse_classes, parse_numbers
+from hooked_vit.errors import InvalidArgumentError, MissingFileError
 from hooked_vit.sites import Site
 
 DEFAULT_MODEL = "deit3_tiny_digits"
@@ -75,7 +77,9 @@ def _as_train_config(value: Any) -> SAETrainConfig:
 class LayerLevelConfig:
     """Settings of a layer-level run.
 
-    ``model`` pruned with ``method`` (``finetune_epochs`` of masked fine-tuning) at each of
+    ``model`` pruned with ``method`` (Wanda calibrated on ``n_calib`` train images of ``dataset``
+    drawn by ``calib_sampling``, then ``finetune_epochs`` of masked fine-tuning on that train split;
+    ``None``: the model preset's protocol, :func:`analyses.models.variant_settings`) at each of
     ``sparsities`` (0 = dense). ``dataset``: source for :func:`hooked_vit.data.load_dataset`
     (``"builtin"``: the model's own); SAEs train on ``train_split`` and are evaluated on ``split``.
     ``sae``: the SAE and its training (hook, tokens, k, expansion factor, ...), identical for every
@@ -90,7 +94,9 @@ class LayerLevelConfig:
     split: str = "val"
     sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
     method: str = "wanda"
-    finetune_epochs: int = 0
+    finetune_epochs: int | None = None
+    n_calib: int | None = None
+    calib_sampling: str | None = None
     sae: SAETrainConfig | dict[str, Any] = field(default_factory=SAETrainConfig)  # a dict (JSON) is converted
     classes: tuple[int | str, ...] | None = None
     top_k: int = 50
@@ -99,16 +105,18 @@ class LayerLevelConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        self.__dict__.update(variant_settings(self.model, finetune_epochs=self.finetune_epochs, n_calib=self.n_calib,
+                                              calib_sampling=self.calib_sampling))
         self.sae = _as_train_config(self.sae)
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise InvalidArgumentError(f"top_k must be >= 1, got {self.top_k}")
         if self.negatives not in NEGATIVE_RULES:
-            raise ValueError(f"negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
+            raise InvalidArgumentError(f"negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
         if not self.sparsities:
-            raise ValueError("sparsities must hold at least one value (0 for the dense model)")
+            raise InvalidArgumentError("sparsities must hold at least one value (0 for the dense model)")
         for s in self.sparsities:
             if not 0.0 <= float(s) < 1.0:
-                raise ValueError(f"sparsities must lie in [0, 1), got {s}")
+                raise InvalidArgumentError(f"sparsities must lie in [0, 1), got {s}")
 
 
 def sparsity_label(sparsity: float) -> str:
@@ -130,9 +138,10 @@ def model_sae_config(config: LayerLevelConfig, sparsity: float, sae: SAETrainCon
 
 
 def load_model(config: LayerLevelConfig, sparsity: float) -> nn.Module:
-    """``config.model`` at ``sparsity`` (dense at 0), pruned with ``config.method`` (cached on disk by
-    :meth:`HookedViT.from_pretrained`), on ``config.device`` (default CUDA when available)."""
+    """``config.model`` at ``sparsity`` (dense at 0), pruned and fine-tuned from ``config.dataset``'s
+    train split (:func:`analyses.models.load_variant`, cached on disk), on ``config.device``."""
     return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
+                        data=config.dataset, n_calib=config.n_calib, calib_sampling=config.calib_sampling,
                         device=config.device)
 
 
@@ -237,7 +246,7 @@ def latent_metrics(
     param = next(model.parameters())
     batch_size = config.batch_size or default_batch_size(param.device)
     if config.top_k > sae.cfg.d_sae:
-        raise ValueError(f"top_k={config.top_k} exceeds the SAE's {sae.cfg.d_sae} latents")
+        raise InvalidArgumentError(f"top_k={config.top_k} exceeds the SAE's {sae.cfg.d_sae} latents")
     labels = tables.labels
     entropy = label_entropy(tables.max, labels, dataset.num_classes, config.negatives)
     records = []
@@ -287,7 +296,7 @@ class LayerLevelResult(AnalysisResult):
     def values(self, metric: str, sparsity: float) -> list[float]:
         """Per-class values of ``metric`` at ``sparsity``."""
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; metrics are {METRICS}")
+            raise InvalidArgumentError(f"unknown metric {metric!r}; metrics are {METRICS}")
         return [r[metric] for r in self.rows if r["sparsity"] == sparsity]
 
     def summary(self) -> list[dict[str, Any]]:
@@ -307,9 +316,10 @@ class LayerLevelResult(AnalysisResult):
         return {"quality": self.quality, "per_class": self.rows, "summary": self.summary()}
 
     def table2(self) -> str:
-        """Table 2 analogue (markdown): NMSE, dead latents, explained variance (%) per sparsity."""
+        """Table 2 analogue (markdown): NMSE, dead latents (count / d_sae and fraction; the paper reports
+        the fraction), explained variance (%) per sparsity."""
         rows = [{"Sparsity": sparsity_label(q["sparsity"]), "NMSE ↓": f"{q['nmse']:.4f}",
-                 "Dead ↓": f"{q['dead_latents']} / {q['d_sae']}",
+                 "Dead ↓": f"{q['dead_latents']} / {q['d_sae']} ({q['dead_latents'] / q['d_sae']:.3f})",
                  "Expl. Var. (%) ↑": f"{100 * q['explained_variance']:.2f}",
                  "L0": f"{q['l0']:.1f}"} for q in self.quality]
         return markdown_table(rows)
@@ -328,7 +338,7 @@ class LayerLevelResult(AnalysisResult):
         """``result.json``, ``quality.csv``, ``per_class.csv``, ``summary.csv``, ``summary.md`` and,
         with latent metrics, ``figure.png``."""
         directory = super().save(directory)
-        (directory / "summary.md").write_text(f"<!-- {self.config_comment()} -->\n\n{self.markdown()}\n")
+        atomic.write_text(directory / "summary.md", f"<!-- {self.config_comment()} -->\n\n{self.markdown()}\n")
         if self.rows:
             self.plot(directory / "figure.png")
         return directory
@@ -367,7 +377,7 @@ class LayerLevelResult(AnalysisResult):
                      f"({sae.tokens}, k={sae.k:g}, x{sae.expansion_factor}), top-{c.top_k} latents per class")
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=120, metadata={"Description": self.config_comment()})
+            atomic.save_figure(fig, path, dpi=120, metadata={"Description": self.config_comment()})
             plt.close(fig)
         return fig
 
@@ -417,7 +427,7 @@ def layer_level(
     ``features``) the latent metrics, rows labelled with ``sparsity``."""
     start = time.perf_counter()
     if features and config.top_k > sae.cfg.d_sae:
-        raise ValueError(f"top_k={config.top_k} exceeds the SAE's {sae.cfg.d_sae} latents")
+        raise InvalidArgumentError(f"top_k={config.top_k} exceeds the SAE's {sae.cfg.d_sae} latents")
     quality, tables = held_out_pass(model, sae, dataset, batch_size=config.batch_size, show_progress=show_progress)
     quality_row = {"sparsity": float(sparsity), "model": config.model, "hook_name": sae_hook_name(sae),
                    "tokens": sae_tokens(sae), "k": config.sae.k, "expansion": config.sae.expansion_factor,
@@ -451,14 +461,14 @@ def run_layer_level(
         try:
             sae = load_sae(directory)
         except FileNotFoundError:
-            raise FileNotFoundError(f"no trained SAE in {directory}: run `hooked-vit sae-train` with the same settings "
+            raise MissingFileError(f"no trained SAE in {directory}: run `hooked-vit sae-train` with the same settings "
                                     "first (or train_layer_level)") from None
         model = model_loader(config, float(sparsity))
         key = model_key(model)
         trained_on = sae.cfg.metadata.model_key
         if trained_on is not None and trained_on != key:
-            raise ValueError(f"the SAE in {directory} was trained on other weights ({trained_on}) than "
-                             f"{config.model} at sparsity {sparsity:g} ({key}); retrain it")
+            raise InvalidArgumentError(f"the SAE in {directory} was trained on other weights ({trained_on}) than "
+                                       f"{config.model} at sparsity {sparsity:g} ({key}); retrain it")
         sae.to(device=next(model.parameters()).device)
         held_out = dataset if dataset is not None else load_dataset(config.dataset, split=config.split, model=model)
         part = layer_level(model, sae, held_out, config, sparsity=float(sparsity), features=features,
@@ -497,52 +507,11 @@ def run_sae_sweep(
         del model
     result = SweepResult(sweep, rows)
     result.save(Path(out) / "sweep")
-    (Path(out) / "sweep" / "sweep.md").write_text(result.markdown() + "\n")
+    atomic.write_text(Path(out) / "sweep" / "sweep.md", result.markdown() + "\n")
     return result
 
 
 # ----------------------------------------------------------------------------- command line
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``hooked-vit sae-train`` options (defaults: the paper's probe)."""
-    d = SAETrainConfig()
-    add_model_family_arguments(parser, DEFAULT_MODEL, DEFAULT_SPARSITIES)
-    parser.add_argument("--train-split", default="train", help="split the SAEs train on (default train)")
-    parser.add_argument("--split", default="val", help="held-out split for quality (default val)")
-    parser.add_argument("--hook", default=None, help="hook name (default blocks.{n_layers-1}.hook_resid_post)")
-    parser.add_argument("--tokens", default=d.tokens, choices=TOKEN_CHOICES, help="tokens (default cls)")
-    parser.add_argument("--k", type=float, default=d.k, help=f"BatchTopK k, mean active latents (default {d.k:g})")
-    parser.add_argument("--expansion", type=int, default=d.expansion_factor,
-                        help=f"expansion factor, d_sae = expansion * d_in (default {d.expansion_factor})")
-    parser.add_argument("--samples", type=int, default=d.training_samples,
-                        help=f"training activations (default {d.training_samples})")
-    parser.add_argument("--train-batch-size", type=int, default=d.train_batch_size,
-                        help=f"activations per training step (default {d.train_batch_size})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
-    parser.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=LR_SCHEDULERS)
-    parser.add_argument("--lr-warm-up-steps", type=int, default=0)
-    parser.add_argument("--lr-decay-steps", type=int, default=0)
-    parser.add_argument("--aux-coefficient", type=float, default=d.aux_loss_coefficient,
-                        help="weight of the dead-latent auxiliary loss (default 1/32)")
-    parser.add_argument("--dead-window", type=int, default=d.dead_feature_window,
-                        help="steps without firing before a latent counts as dead in training")
-    parser.add_argument("--threshold-lr", type=float, default=d.topk_threshold_lr,
-                        help="EMA rate of the inference threshold (default 0.01)")
-    parser.add_argument("--normalize", default=d.normalize_activations, choices=("none", "expected_average_only_in"))
-    parser.add_argument("--buffer-size", type=int, default=d.buffer_size, help="activations in the shuffling buffer")
-    parser.add_argument("--cache-dir", default=None, help="on-disk activation cache (per model: <dir>/sparsity_<s>)")
-    parser.add_argument("--checkpoints", type=int, default=4, help="training checkpoints per SAE (default 4)")
-    parser.add_argument("--log-every", type=int, default=d.log_every, help="steps between logged metrics")
-    parser.add_argument("--seed", type=int, default=0, help="SAE init and activation stream seed")
-    parser.add_argument("--sweep-k", default=None, help="also sweep k (comma-separated), as Tables 5/6")
-    parser.add_argument("--sweep-expansion", default=None, help="also sweep expansion factors (comma-separated)")
-    parser.add_argument("--sweep-tokens", default=None, help="also sweep token choices (comma-separated)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per forward pass (default 64 CPU / 256 GPU)")
-    parser.add_argument("--device", default=None, help="torch device (default CUDA if available, else CPU)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/layer-level-<model>)")
-    parser.add_argument("--no-resume", action="store_true", help="retrain from scratch instead of resuming")
-
-
 def config_from_args(args: argparse.Namespace) -> tuple[LayerLevelConfig, Path]:
     """A :class:`LayerLevelConfig` and output folder from parsed ``sae-train`` arguments."""
     sae = SAETrainConfig(
@@ -556,7 +525,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[LayerLevelConfig, Path]:
     )
     config = LayerLevelConfig(model=args.model, dataset=args.data, train_split=args.train_split, split=args.split,
                               sparsities=parse_numbers(args.sparsities, "--sparsities"), method=args.method,
-                              finetune_epochs=args.finetune_epochs, sae=sae, batch_size=args.batch_size,
+                              finetune_epochs=args.finetune_epochs, n_calib=args.n_calib,
+        calib_sampling=args.calib_sampling, sae=sae, batch_size=args.batch_size,
                               device=args.device)
     return config, Path(args.out) if args.out else Path("runs") / f"layer-level-{config.model}"
 
@@ -587,26 +557,13 @@ def train_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``hooked-vit sae-eval`` options."""
-    parser.add_argument("--out", default=None,
-                        help=f"folder written by sae-train (default runs/layer-level-{DEFAULT_MODEL})")
-    parser.add_argument("--top-k", type=int, default=None, help="latents per class (default: the run's, 50; at most d_sae)")
-    parser.add_argument("--classes", default=None, help="comma-separated class indices, ids or names (default all)")
-    parser.add_argument("--negatives", default="clamp", choices=NEGATIVE_RULES)
-    parser.add_argument("--quality-only", action="store_true", help="only Table 2 (no latent metrics)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
-    parser.add_argument("--device", default=None, help="torch device (default: as trained)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def eval_main(args: argparse.Namespace) -> int:
     """Entry point of ``hooked-vit sae-eval``: Table 2 and the latent metrics of the SAEs under
     ``--out``; prints the tables and writes them with the figure."""
     out = Path(args.out) if args.out else Path("runs") / f"layer-level-{DEFAULT_MODEL}"
     path = out / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{out} holds no layer-level run ({CONFIG_FILE} missing): "
+        raise MissingFileError(f"{out} holds no layer-level run ({CONFIG_FILE} missing): "
                                 "run hooked-vit sae-train first")
     config = config_from_dict(LayerLevelConfig, read_json(path))
     changes: dict[str, Any] = {"negatives": args.negatives, "classes": parse_classes(args.classes)}

@@ -4,21 +4,48 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from hooked_vit.data import resolve_device
 
 
-def load_variant(model: str, sparsity: float, *, method: str = "wanda", finetune_epochs: int = 0,
-                 device: str | None = None) -> nn.Module:
-    """``model`` at ``sparsity`` (dense at 0), pruned with ``method`` and fine-tuned for
-    ``finetune_epochs`` (cached on disk by :meth:`HookedViT.from_pretrained`), on ``device``
-    (default CUDA when available)."""
-    from hooked_vit import HookedViT
+def variant_settings(model: str, *, finetune_epochs: int | None = None, n_calib: int | None = None,
+                     calib_sampling: str | None = None) -> dict[str, Any]:
+    """``finetune_epochs``, ``n_calib`` and ``calib_sampling`` with every ``None`` replaced by the
+    model preset's protocol (:func:`hooked_vit.pruning.recipe.variant_protocol`: the paper's 2
+    epochs everywhere, Wanda's 4,096 augmented draws for ImageNet models and 128 images for the
+    embedded digits model)."""
+    from hooked_vit.pruning.recipe import variant_protocol
 
-    return HookedViT.from_pretrained(model, device=resolve_device(device), sparsity=float(sparsity) or None,
-                                     method=method, finetune=finetune_epochs or None)
+    given = {"finetune_epochs": finetune_epochs, "n_calib": n_calib, "calib_sampling": calib_sampling}
+    protocol = variant_protocol(model)
+    return {key: protocol[key] if value is None else value for key, value in given.items()}
+
+
+def load_variant(model: str, sparsity: float, *, method: str = "wanda", finetune_epochs: int | None = None,
+                 data: str | os.PathLike = "builtin", n_calib: int | None = None, calib_sampling: str | None = None,
+                 calib_seed: int = 0, device: str | None = None) -> nn.Module:
+    """``model`` at ``sparsity`` (dense at 0), pruned with ``method`` on calibration images from the
+    train split of ``data`` (the dataset the analysis reads: ``"builtin"`` or an ImageNet-style
+    root), then fine-tuned with the masks for ``finetune_epochs`` on that same train split; ``None``
+    settings come from the model's preset (:func:`variant_settings`); ``finetune_epochs=0`` skips
+    fine-tuning. Variants are cached on disk (:func:`hooked_vit.pruning.recipe.pruned_model`); the
+    model lands on ``device`` (default CUDA when available)."""
+    from hooked_vit import HookedViT
+    from hooked_vit.data import load_dataset
+    from hooked_vit.pruning.recipe import pruned_model
+
+    dense = HookedViT.from_pretrained(model, device=resolve_device(device))
+    if not float(sparsity):
+        return dense
+    settings = variant_settings(model, finetune_epochs=finetune_epochs, n_calib=n_calib, calib_sampling=calib_sampling)
+    train = load_dataset(data, split="train", model=dense)
+    epochs = settings["finetune_epochs"]
+    return pruned_model(dense, sparsity=float(sparsity), method=method, calibration=data,
+                        n_calib=settings["n_calib"], calib_seed=calib_seed, calib_sampling=settings["calib_sampling"],
+                        finetune={"epochs": epochs, "data": train} if epochs else None)
 
 
 def sparsity_dir(out: str | os.PathLike, sparsity: float) -> Path:

@@ -57,8 +57,10 @@ from analyses.neuron_metrics import (
     normalized_logit_change,
     selectivity_from_ranks,
 )
-from analyses.models import load_variant, sparsity_dir
-from analyses.results import AnalysisResult, config_to_dict, markdown_table, read_json, write_json
+from analyses.neuron_level_cli import add_arguments
+from analyses.models import load_variant, sparsity_dir, variant_settings
+from analyses.results import AnalysisResult, config_to_dict, markdown_table, write_json
+from hooked_vit import atomic
 from hooked_vit.data import (
     LabelledImages,
     calibration_sample,
@@ -67,7 +69,9 @@ from hooked_vit.data import (
     make_loader,
     progress,
 )
-from hooked_vit.cli import add_model_family_arguments, parse_classes, parse_numbers
+from hooked_vit.cli_args import parse_classes, parse_numbers
+from hooked_vit.errors import InvalidArgumentError
+from hooked_vit.reading import read_resumable_json
 from hooked_vit.sites import Site
 
 NEURON_SITES: tuple[str, ...] = ("mlp_act", HEAD_SITE)
@@ -86,7 +90,9 @@ class NeuronLevelConfig:
     """Settings of a neuron-level run.
 
     ``model``: alias for :meth:`HookedViT.from_pretrained`, pruned with ``method`` at each of
-    ``sparsities`` (0 = dense; ``finetune_epochs`` of masked fine-tuning after pruning).
+    ``sparsities`` (0 = dense; ``finetune_epochs`` of masked fine-tuning after pruning, Wanda
+    calibrated on ``n_calib`` train images of ``dataset`` drawn by ``calib_sampling``; ``None``: the
+    model preset's protocol, see :func:`analyses.models.variant_settings`).
     ``dataset``: source for :func:`hooked_vit.data.load_dataset` (``"builtin"``: the model's own);
     ``split`` holds the analysed images, ``means_split`` those the ablation means are taken over.
     ``classes``: indices, ids or names (default: every class present in ``split``). ``blocks``:
@@ -104,7 +110,9 @@ class NeuronLevelConfig:
     means_split: str = "train"
     sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
     method: str = "wanda"
-    finetune_epochs: int = 0
+    finetune_epochs: int | None = None
+    n_calib: int | None = None
+    calib_sampling: str | None = None
     classes: tuple[int | str, ...] | None = None
     blocks: tuple[int, ...] | None = None
     top_k: int = 50
@@ -118,18 +126,20 @@ class NeuronLevelConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        self.__dict__.update(variant_settings(self.model, finetune_epochs=self.finetune_epochs, n_calib=self.n_calib,
+                                              calib_sampling=self.calib_sampling))
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise InvalidArgumentError(f"top_k must be >= 1, got {self.top_k}")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise InvalidArgumentError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.negatives not in NEGATIVE_RULES:
-            raise ValueError(f"negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
+            raise InvalidArgumentError(f"negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
         unknown = [s for s in self.sites if s not in ALL_SITE_NAMES]
         if unknown or not self.sites:
-            raise ValueError(f"sites must be a non-empty subset of {list(ALL_SITE_NAMES)}, got {list(self.sites)}")
+            raise InvalidArgumentError(f"sites must be a non-empty subset of {list(ALL_SITE_NAMES)}, got {list(self.sites)}")
         for s in self.sparsities:
             if not 0.0 <= float(s) < 1.0:
-                raise ValueError(f"sparsities must lie in [0, 1), got {s}")
+                raise InvalidArgumentError(f"sparsities must lie in [0, 1), got {s}")
 
     def class_settings(self) -> dict[str, Any]:
         """What one class's numbers depend on (besides the model's weights and the class)."""
@@ -144,7 +154,7 @@ def default_blocks(n_layers: int) -> tuple[int, ...]:
     (halves rounded up), the paper's blocks 2, 7 and 11 of 12 at ``d = 12``; duplicates dropped for
     very shallow models (``d = 4``: 1, 2, 3)."""
     if n_layers < 1:
-        raise ValueError(f"a model needs at least one block, got {n_layers}")
+        raise InvalidArgumentError(f"a model needs at least one block, got {n_layers}")
     picks = [math.floor((n_layers - 1) * f / 11 + 0.5) for f in (2, 7)] + [n_layers - 1]
     return tuple(dict.fromkeys(picks))
 
@@ -157,10 +167,10 @@ def resolve_blocks(model: nn.Module, blocks: Sequence[int] | None) -> tuple[int,
     out = []
     for block in blocks:
         if not -n <= int(block) < n:
-            raise ValueError(f"block {block} out of range for a model with {n} blocks (0..{n - 1})")
+            raise InvalidArgumentError(f"block {block} out of range for a model with {n} blocks (0..{n - 1})")
         out.append(int(block) % n)
     if not out:
-        raise ValueError("blocks must name at least one block")
+        raise InvalidArgumentError("blocks must name at least one block")
     return tuple(dict.fromkeys(out))
 
 
@@ -223,7 +233,7 @@ def activation_tables(
 def top_units(scores: Float[Tensor, "n_units"], k: int) -> Int[Tensor, "k"]:
     """Indices of the ``k`` largest ``scores``, largest first (ties: lower index first)."""
     if not 1 <= k <= scores.shape[0]:
-        raise ValueError(f"top_k={k} but the block has {scores.shape[0]} units; choose 1 <= top_k <= {scores.shape[0]}")
+        raise InvalidArgumentError(f"top_k={k} but the block has {scores.shape[0]} units; choose 1 <= top_k <= {scores.shape[0]}")
     order = torch.sort(scores.double(), descending=True, stable=True).indices
     return order[:k]
 
@@ -280,14 +290,26 @@ class _ModelAnalysis:
         return torch.cat([average_ranks(table[:, i:i + chunk].to(self.device)).cpu()
                           for i in range(0, table.shape[1], chunk)], dim=1)
 
+    def _ablation(self, images: Float[Tensor, "n channel height width"], clean_logits: Float[Tensor, "n n_classes"],
+                  units: dict[Site, list[int]], target: int) -> Float[Tensor, "n"]:
+        """Eq. 2 per image: the normalised class-logit change when ``units`` are mean-ablated together."""
+        hooks = mean_ablation_hooks(self.model, units, self.means, pooled=self.config.pooled_means)
+        with torch.no_grad():
+            ablated = torch.cat([
+                self.model.run_with_hooks(images[i:i + self.batch_size], fwd_hooks=hooks).float().cpu()
+                for i in range(0, images.shape[0], self.batch_size)
+            ])
+        return normalized_logit_change(clean_logits, ablated, target)
+
     def class_record(self, target: int) -> dict[str, Any]:
         """All numbers of class ``target``: per block the four metrics (averaged over the top-K
-        units), the units, their scores and their per-unit metric values."""
+        units), the units, their scores, their per-unit metric values and ``by_type``: the same
+        metrics over the top-K's members of each site (unit type: MLP neurons, heads)."""
         config, labels = self.config, self.tables.labels
         is_target = labels == target
         n_images = int(is_target.sum())
         if n_images == 0:
-            raise ValueError(f"class {target} has no images in {self.dataset!r}")
+            raise InvalidArgumentError(f"class {target} has no images in {self.dataset!r}")
         images = self.dataset.subset(torch.nonzero(is_target).reshape(-1)).tensors(show_progress=False)[0]
         images = images.to(device=self.device, dtype=self.dtype)
         all_sites = [s for b in self.blocks for s in self.sites[b]]
@@ -310,17 +332,27 @@ class _ModelAnalysis:
                 if in_site.numel():
                     units[site] = in_site.tolist()
                 start += site.width
-            hooks = mean_ablation_hooks(self.model, units, self.means, pooled=config.pooled_means)
-            with torch.no_grad():
-                ablated = torch.cat([
-                    self.model.run_with_hooks(images[i:i + self.batch_size], fwd_hooks=hooks).float().cpu()
-                    for i in range(0, n_images, self.batch_size)
-                ])
-            ablation = normalized_logit_change(clean_logits, ablated, target)
+            ablation = self._ablation(images, clean_logits, units, target)
             sel = selectivity_from_ranks(self.ranks[b][:, chosen], labels, target)
             cv = class_variance(self.tables.max[b][:, chosen], labels, target, config.negatives)
             entropy = self.entropy[b][chosen]
             names = unit_labels(sites)
+            # The joint top-K split by unit type (the paper compares heads with MLP neurons): per-unit
+            # metrics averaged over that type's members; ablation impact of ablating only them.
+            by_type: dict[str, Any] = {}
+            start = 0
+            for site in sites:
+                member = (chosen >= start) & (chosen < start + site.width)
+                start += site.width
+                n_units = int(member.sum())
+                alone = ablation if n_units == chosen.numel() else (
+                    self._ablation(images, clean_logits, {site: units[site]}, target) if n_units else None)
+                by_type[site.name] = {
+                    "n_units": n_units,
+                    "ablation": None if alone is None else float(alone.mean()),
+                    **{metric: float(values[member].mean()) if n_units else None for metric, values in
+                       (("selectivity", sel), ("class_variance", cv), ("label_entropy", entropy))},
+                }
             blocks[str(b)] = {
                 "ablation": float(ablation.mean()),
                 "selectivity": float(sel.mean()),
@@ -331,6 +363,7 @@ class _ModelAnalysis:
                 "unit_selectivity": sel.tolist(),
                 "unit_class_variance": cv.tolist(),
                 "unit_label_entropy": entropy.tolist(),
+                "by_type": by_type,
             }
         return {"class": target, "class_name": self.dataset.class_names[target], "n_images": n_images,
                 "blocks": blocks}
@@ -344,7 +377,7 @@ def resolve_classes(dataset: LabelledImages, classes: Sequence[int | str] | None
     """Class indices to analyse: ``classes`` (indices, ids or names; each needs images in
     ``dataset``), default every class present."""
     if len(dataset) == 0:
-        raise ValueError(f"{dataset!r} has no images to analyse")
+        raise InvalidArgumentError(f"{dataset!r} has no images to analyse")
     if classes is None:
         return dataset.present_classes()
     present = set(dataset.present_classes())
@@ -352,10 +385,10 @@ def resolve_classes(dataset: LabelledImages, classes: Sequence[int | str] | None
     for c in classes:
         index = dataset.class_index(c)
         if index not in present:
-            raise ValueError(f"class {c!r} ({dataset.class_names[index]}) has no images in {dataset!r}")
+            raise InvalidArgumentError(f"class {c!r} ({dataset.class_names[index]}) has no images in {dataset!r}")
         out.append(index)
     if not out:
-        raise ValueError("classes must name at least one class")
+        raise InvalidArgumentError("classes must name at least one class")
     return list(dict.fromkeys(out))
 
 
@@ -381,11 +414,9 @@ def model_records(
     records: dict[int, dict[str, Any]] = {}
     if directory is not None:
         for c in classes:
-            path = _class_path(Path(directory), c)
-            if path.is_file():
-                saved = read_json(path)
-                if saved.get("settings") == settings:
-                    records[c] = saved["record"]
+            saved = read_resumable_json(_class_path(Path(directory), c), "a per-class neuron-level record (JSON)")
+            if isinstance(saved, dict) and saved.get("settings") == settings and "record" in saved:
+                records[c] = saved["record"]
     pending = [c for c in classes if c not in records]
     if pending:
         means = load_or_compute_means(model, means_dataset, directory=means_directory,
@@ -406,17 +437,30 @@ def flatten_records(sparsity: float, records: Sequence[dict[str, Any]]) -> list[
             for r in records for b, values in r["blocks"].items()]
 
 
+def flatten_type_records(sparsity: float, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (class, block, unit type) of the joint top-K: ``n_units`` of that type and the
+    metrics over them (``None`` when the type has no unit in the top-K)."""
+    return [{"sparsity": float(sparsity), "block": int(b), "class": r["class"], "unit_type": site,
+             **{key: values[key] for key in ("n_units", *METRICS)}}
+            for r in records for b, block in r["blocks"].items() for site, values in block.get("by_type", {}).items()]
+
+
+UNIT_TYPE_LABELS = {"mlp_act": "MLP neurons", "attn_head": "heads"}
+
+
 @dataclass
 class NeuronLevelResult(AnalysisResult):
     """Neuron-level metrics: ``rows`` has one entry per (sparsity, class, block) with the four
     metrics averaged over that class and block's top-K units (see :func:`flatten_records`);
-    ``model_keys`` maps each sparsity (as a string) to the weights it was measured on."""
+    ``model_keys`` maps each sparsity (as a string) to the weights it was measured on;
+    ``type_rows`` the same metrics per unit type of the joint top-K (:func:`flatten_type_records`)."""
 
     CONFIG_CLASS: ClassVar[type] = NeuronLevelConfig
     config: NeuronLevelConfig
     rows: list[dict[str, Any]] = field(default_factory=list)
     model_keys: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    type_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def blocks(self) -> list[int]:
@@ -429,7 +473,7 @@ class NeuronLevelResult(AnalysisResult):
     def values(self, metric: str, block: int, sparsity: float) -> list[float]:
         """Per-class values of ``metric`` at ``block`` and ``sparsity``."""
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; metrics are {METRICS}")
+            raise InvalidArgumentError(f"unknown metric {metric!r}; metrics are {METRICS}")
         return [r[metric] for r in self.rows if r["block"] == block and r["sparsity"] == sparsity]
 
     def summary(self) -> list[dict[str, Any]]:
@@ -446,21 +490,49 @@ class NeuronLevelResult(AnalysisResult):
                 out.append(row)
         return out
 
+    def summary_by_type(self) -> list[dict[str, Any]]:
+        """Per block, sparsity and unit type: the classes whose top-K holds units of that type, their
+        mean number of such units, and mean/std (population, over those classes) of each metric."""
+        out = []
+        keys = dict.fromkeys((r["block"], r["sparsity"], r["unit_type"]) for r in self.type_rows)
+        for block, sparsity, unit_type in sorted(keys):
+            rows = [r for r in self.type_rows if (r["block"], r["sparsity"], r["unit_type"]) == (block, sparsity, unit_type)]
+            present = [r for r in rows if r["n_units"]]
+            row: dict[str, Any] = {"block": block, "sparsity": sparsity, "unit_type": unit_type,
+                                   "n_classes": len(present),
+                                   "n_units_mean": sum(r["n_units"] for r in rows) / len(rows)}
+            for metric in METRICS:
+                values = torch.tensor([r[metric] for r in present], dtype=torch.float64)
+                row[f"{metric}_mean"] = float(values.mean()) if present else float("nan")
+                row[f"{metric}_std"] = float(values.std(correction=0)) if present else float("nan")
+            out.append(row)
+        return out
+
     def tables(self) -> dict[str, list[dict[str, Any]]]:
-        return {"per_class": self.rows, "summary": self.summary()}
+        return {"per_class": self.rows, "summary": self.summary(), "per_type": self.type_rows,
+                "summary_by_type": self.summary_by_type()}
 
     def markdown(self) -> str:
-        """The summary as a markdown table (mean ± std over classes)."""
+        """The summary as a markdown table (mean ± std over classes), then the same per unit type."""
         rows = [{"block": r["block"], "sparsity": "dense" if r["sparsity"] == 0 else f"{r['sparsity']:g}",
                  "classes": r["n_classes"],
                  **{METRIC_LABELS[m]: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS}}
                 for r in self.summary()]
-        return markdown_table(rows)
+        text = markdown_table(rows)
+        if self.type_rows:
+            rows = [{"block": r["block"], "sparsity": "dense" if r["sparsity"] == 0 else f"{r['sparsity']:g}",
+                     "units": UNIT_TYPE_LABELS.get(r["unit_type"], r["unit_type"]),
+                     "of top-K (mean)": f"{r['n_units_mean']:.1f}", "classes": r["n_classes"],
+                     **{METRIC_LABELS[m]: f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS}}
+                    for r in self.summary_by_type()]
+            text += "\n\nThe same top-K split by unit type (ablation impact: only that type's units ablated):\n\n"
+            text += markdown_table(rows)
+        return text
 
     def save(self, directory: str | os.PathLike) -> Path:
         """``result.json``, ``per_class.csv``, ``summary.csv``, ``summary.md`` and ``figure.png``."""
         directory = super().save(directory)
-        (directory / "summary.md").write_text(f"<!-- {self.config_comment()} -->\n\n{self.markdown()}\n")
+        atomic.write_text(directory / "summary.md", f"<!-- {self.config_comment()} -->\n\n{self.markdown()}\n")
         self.plot(directory / "figure.png")
         return directory
 
@@ -504,7 +576,7 @@ class NeuronLevelResult(AnalysisResult):
                      f"{'+'.join(config.sites)} units per class ({config.split} split)")
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=120, metadata={"Description": self.config_comment()})
+            atomic.save_figure(fig, path, dpi=120, metadata={"Description": self.config_comment()})
             plt.close(fig)
         return fig
 
@@ -547,13 +619,14 @@ def neuron_level(
     records = model_records(model, data, means_data, config, directory=directory,
                             means_directory=means_directory, show_progress=show_progress)
     return NeuronLevelResult(config, flatten_records(sparsity, records), {f"{float(sparsity):g}": model_key(model)},
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, type_rows=flatten_type_records(sparsity, records))
 
 
 def load_model(config: NeuronLevelConfig, sparsity: float) -> nn.Module:
-    """``config.model`` at ``sparsity`` (dense at 0), pruned with ``config.method`` (cached on disk
-    by :meth:`HookedViT.from_pretrained`), on ``config.device`` (default CUDA when available)."""
+    """``config.model`` at ``sparsity`` (dense at 0), pruned and fine-tuned from ``config.dataset``'s
+    train split (:func:`analyses.models.load_variant`, cached on disk), on ``config.device``."""
     return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
+                        data=config.dataset, n_calib=config.n_calib, calib_sampling=config.calib_sampling,
                         device=config.device)
 
 
@@ -574,6 +647,7 @@ def run_neuron_metrics(
     ``<out>/means``) holds the mean activations."""
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    type_rows: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
     for sparsity in config.sparsities:
         model = model_loader(config, float(sparsity))
@@ -581,46 +655,24 @@ def run_neuron_metrics(
                               means_dataset=means_dataset, out=out, sparsity=float(sparsity),
                               means_directory=means_directory, show_progress=show_progress)
         rows += result.rows
+        type_rows += result.type_rows
         keys.update(result.model_keys)
         del model
-    result = NeuronLevelResult(config, rows, keys, time.perf_counter() - start)
+    result = NeuronLevelResult(config, rows, keys, time.perf_counter() - start, type_rows=type_rows)
     if out is not None:
         result.save(out)
     return result
 
 
 # ----------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``hooked-vit neuron-metrics`` options."""
-    add_model_family_arguments(parser, DEFAULT_MODEL, DEFAULT_SPARSITIES)
-    parser.add_argument("--split", default="val", help="split analysed (default val)")
-    parser.add_argument("--means-split", default="train", help="split the ablation means are taken over")
-    parser.add_argument("--classes", default=None, help="comma-separated class indices, ids or names (default all)")
-    parser.add_argument("--blocks", default=None, help="comma-separated blocks (default early, middle, late)")
-    parser.add_argument("--top-k", type=int, default=50, help="units per class and block (default 50)")
-    parser.add_argument("--sites", default=",".join(NEURON_SITES),
-                        help=f"unit sites, comma-separated from {','.join(ALL_SITE_NAMES)}")
-    parser.add_argument("--selection", default="drop", choices=SELECTIONS,
-                        help="rank units by estimated logit drop (default) or absolute change")
-    parser.add_argument("--negatives", default="clamp", choices=NEGATIVE_RULES,
-                        help="rule for negative activations in class variance / label entropy")
-    parser.add_argument("--pooled-means", action="store_true", help="ablate with means pooled over positions")
-    parser.add_argument("--n-means-images", type=int, default=None,
-                        help="take the means over a class-balanced sample of this many images (default all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of that sample")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64 CPU / 256 GPU)")
-    parser.add_argument("--device", default=None, help="torch device (default CUDA if available, else CPU)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/neuron-metrics-<model>)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def config_from_args(args: argparse.Namespace) -> tuple[NeuronLevelConfig, Path]:
     """A :class:`NeuronLevelConfig` and output folder from parsed ``neuron-metrics`` arguments."""
     blocks = None if args.blocks is None else parse_numbers(args.blocks, "--blocks", int)
     config = NeuronLevelConfig(
         model=args.model, dataset=args.data, split=args.split, means_split=args.means_split,
         sparsities=parse_numbers(args.sparsities, "--sparsities"), method=args.method,
-        finetune_epochs=args.finetune_epochs, classes=parse_classes(args.classes), blocks=blocks, top_k=args.top_k,
+        finetune_epochs=args.finetune_epochs, n_calib=args.n_calib,
+        calib_sampling=args.calib_sampling, classes=parse_classes(args.classes), blocks=blocks, top_k=args.top_k,
         sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()), selection=args.selection,
         negatives=args.negatives, pooled_means=args.pooled_means,
         n_means_images=args.n_means_images, seed=args.seed, batch_size=args.batch_size, device=args.device,
@@ -640,7 +692,7 @@ def main(args: argparse.Namespace) -> int:
 
 __all__ = [
     "METRICS", "NEURON_SITES", "ActivationTables", "NeuronLevelConfig", "NeuronLevelResult", "activation_tables",
-    "add_arguments", "config_from_args", "default_blocks", "flatten_records", "load_model", "main", "model_records",
+    "add_arguments", "config_from_args", "default_blocks", "flatten_records", "flatten_type_records", "load_model", "main", "model_records",
     "neuron_level", "neuron_sites", "resolve_blocks", "resolve_classes", "run_neuron_metrics", "selection_scores",
     "sparsity_dir", "top_units", "unit_labels",
 ]

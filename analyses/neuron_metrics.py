@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
+from hooked_vit.errors import InvalidArgumentError
 
 NEGATIVE_RULES: tuple[str, ...] = ("clamp", "shift")
 NORM_FLOOR = 1e-12
@@ -44,17 +45,17 @@ NORM_FLOOR = 1e-12
 
 def _check_table(acts: Tensor, labels: Tensor, what: str) -> None:
     if acts.shape[0] == 0:
-        raise ValueError(f"{what}: no images given")
+        raise InvalidArgumentError(f"{what}: no images given")
     if not torch.isfinite(acts).all():
-        raise ValueError(f"{what}: activations contain NaN or inf")
+        raise InvalidArgumentError(f"{what}: activations contain NaN or inf")
     if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"{what}: labels must be non-negative class indices")
+        raise InvalidArgumentError(f"{what}: labels must be non-negative class indices")
 
 
 def _target_mask(labels: Int[Tensor, "n"], target: int, what: str) -> Bool[Tensor, "n"]:
     is_target = labels == target
     if not bool(is_target.any()):
-        raise ValueError(f"{what}: class {target} has no images among the {labels.shape[0]} given")
+        raise InvalidArgumentError(f"{what}: class {target} has no images among the {labels.shape[0]} given")
     return is_target
 
 
@@ -67,7 +68,7 @@ def response(
         return acts.clamp_min(0.0)
     if negatives == "shift":
         return acts - acts.min(dim=0, keepdim=True).values.clamp_max(0.0)
-    raise ValueError(f"negatives must be one of {NEGATIVE_RULES}, got {negatives!r}")
+    raise InvalidArgumentError(f"negatives must be one of {NEGATIVE_RULES}, got {negatives!r}")
 
 
 def normalized_logit_change(
@@ -80,7 +81,7 @@ def normalized_logit_change(
     ablation lowers the target logit; unitless."""
     n_classes = clean_logits.shape[1]
     if not 0 <= target < n_classes:
-        raise ValueError(f"target class {target} out of range for {n_classes} logits")
+        raise InvalidArgumentError(f"target class {target} out of range for {n_classes} logits")
     norm = torch.linalg.vector_norm(clean_logits, dim=1).clamp_min(NORM_FLOOR)
     return (clean_logits[:, target] - ablated_logits[:, target]) / norm
 
@@ -97,7 +98,7 @@ def selectivity(
     _check_table(cls_acts, labels, "selectivity")
     is_target = _target_mask(labels, target, "selectivity")
     if bool(is_target.all()):
-        raise ValueError(f"selectivity: every image is of class {target}; AUROC needs images of other classes")
+        raise InvalidArgumentError(f"selectivity: every image is of class {target}; AUROC needs images of other classes")
     scores = cls_acts.detach().double().cpu().numpy()
     y_true = is_target.cpu().numpy().astype(np.int64)
     auc = [roc_auc_score(y_true, scores[:, unit]) for unit in range(scores.shape[1])]
@@ -126,7 +127,7 @@ def selectivity_from_ranks(
     n_pos = int(is_target.sum())
     n_neg = labels.shape[0] - n_pos
     if n_neg == 0:
-        raise ValueError(f"selectivity: every image is of class {target}; AUROC needs images of other classes")
+        raise InvalidArgumentError(f"selectivity: every image is of class {target}; AUROC needs images of other classes")
     rank_sum = ranks[is_target.to(ranks.device)].double().sum(dim=0)
     return ((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).to(ranks.dtype)
 
@@ -160,7 +161,7 @@ def class_distribution(
     images of class ``c`` (columns sum to 1; uniform for a unit with zero total response)."""
     _check_table(max_acts, labels, "label_entropy")
     if int(labels.max()) >= n_classes:
-        raise ValueError(f"label_entropy: label {int(labels.max())} out of range for n_classes={n_classes}")
+        raise InvalidArgumentError(f"label_entropy: label {int(labels.max())} out of range for n_classes={n_classes}")
     values = response(max_acts, negatives).double()
     mass = torch.zeros(n_classes, values.shape[1], dtype=torch.float64, device=values.device)
     mass.index_add_(0, labels.to(values.device), values)

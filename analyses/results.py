@@ -19,12 +19,14 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+from hooked_vit import atomic, reading
+from hooked_vit.errors import CorruptFileError, InvalidArgumentError, InvalidTypeError, MissingFileError
 
 RESULT_FILE = "result.json"
 
@@ -50,7 +52,7 @@ def _jsonable(value: Any) -> Any:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as a JSON-able dict (tuples become lists, paths strings)."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise TypeError(f"a config must be a dataclass instance, got {type(config).__name__}")
+        raise InvalidTypeError(f"a config must be a dataclass instance, got {type(config).__name__}")
     return _jsonable(config)
 
 
@@ -69,7 +71,7 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+        raise InvalidArgumentError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -83,38 +85,21 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically (a temporary file renamed over ``path``), so an
     interrupted run never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_jsonable(data), handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_json(path, _jsonable(data))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike, what: str = "a result file (JSON)",
+              fix: str = "delete it and rerun the analysis (finished parts are kept)") -> Any:
+    """The JSON in ``path``; :class:`~hooked_vit.errors.CorruptFileError` naming the path if it is
+    empty or not JSON."""
+    return reading.read_json(path, what, fix)
 
 
 def write_csv(
     path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, comments: Sequence[str] = ()
 ) -> Path:
-    """Write ``rows`` (dicts with the same keys) as CSV, preceded by ``# comment`` lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as handle:
-        for line in comments:
-            for part in str(line).splitlines():
-                handle.write(f"# {part}\n")
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """Write ``rows`` (dicts with the same keys) as CSV, preceded by ``# comment`` lines, atomically."""
+    return atomic.write_csv(path, rows, comments=comments)
 
 
 def _parse_cell(text: str) -> Any:
@@ -185,8 +170,11 @@ class AnalysisResult:
         """The result saved in ``directory`` by :meth:`save`."""
         path = Path(directory) / RESULT_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{directory} holds no saved result ({RESULT_FILE} is missing)")
+            raise MissingFileError(f"{directory} holds no saved result ({RESULT_FILE} is missing)")
         payload = read_json(path)
+        if not isinstance(payload, dict) or not {"kind", "config", "data"} <= set(payload):
+            raise CorruptFileError(path, f"a saved {cls.__name__} (JSON with kind, config and data)",
+                                   "delete it and rerun the analysis (finished parts are kept)")
         if payload.get("kind") != cls.__name__:
-            raise ValueError(f"{path} holds a {payload.get('kind')!r}, not a {cls.__name__}")
+            raise InvalidArgumentError(f"{path} holds a {payload.get('kind')!r}, not a {cls.__name__}")
         return cls(config_from_dict(cls.CONFIG_CLASS, payload["config"]), **payload["data"])

@@ -22,21 +22,20 @@ as one edits neurons.
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from transformer_lens.hook_points import HookPoint
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # sae-lens imports wandb; never log to it from here
 
@@ -45,15 +44,26 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 
+from hooked_vit import atomic  # noqa: E402
+from hooked_vit.errors import CorruptFileError, InvalidArgumentError, MissingFileError, short_exception  # noqa: E402
+from hooked_vit.reading import read_json  # noqa: E402
+from hooked_vit.saes import (  # noqa: E402, F401  (the splice lives in hooked_vit, for HookedViT.run_with_saes)
+    SAE_HOOK_SUFFIXES,
+    SAESplice,
+    attach_sae,
+    detach_sae,
+    sae_hook,
+    sae_hook_name,
+    sae_tokens,
+    spliced,
+)
+
 from analyses.activation_store import (  # noqa: E402
     ActivationStore,
     ActivationStoreConfig,
-    HookLayout,
     check_tokens,
     default_hook_name,
     hook_layout,
-    select_tokens,
-    token_positions,
 )
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -61,12 +71,26 @@ TRAINING_FILE = "training.json"
 LOG_FILE = "training_log.jsonl"
 STORE_STATE_FILE = "store_state.json"
 CHECKPOINT_DIR = "checkpoints"
-SAE_HOOK_SUFFIXES: tuple[str, ...] = ("input", "acts_post", "recons", "error", "output")
 LR_SCHEDULERS: tuple[str, ...] = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
 NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
 # Config fields that do not change what is learned (may differ when resuming).
 _OPERATIONAL_FIELDS = frozenset({"n_checkpoints", "keep_checkpoints", "log_every", "device", "image_batch_size",
                                  "memory_limit_bytes", "cache_dir", "progress"})
+
+
+# ----------------------------------------------------------------------------- config
+# BatchTopK's reference (bartbussmann/BatchTopK) counts a latent dead after 5 batches of 4,096
+# activations without firing.
+DEAD_AFTER_BATCHES, REFERENCE_BATCH = 5, 4096
+
+
+def dead_window_steps(train_batch_size: int, training_samples: int) -> int:
+    """sae-lens's ``dead_feature_window`` (a latent is dead after MORE than that many steps without
+    firing) matching BatchTopK's reference: dead after ``5 * 4096`` activations without firing, i.e.
+    ``ceil(20480 / train_batch_size) - 1`` steps; at most a tenth of the run's steps (so latents can
+    be counted dead, and revived, during a short run), at least 1."""
+    reference = max(1, math.ceil(DEAD_AFTER_BATCHES * REFERENCE_BATCH / train_batch_size) - 1)
+    return max(1, min(reference, (training_samples // train_batch_size) // 10))
 
 
 # ----------------------------------------------------------------------------- config
@@ -83,7 +107,9 @@ class SAETrainConfig:
     ``constant``, ``cosineannealing``, ``cosineannealingwarmrestarts``, with ``lr_warm_up_steps``
     / ``lr_decay_steps`` / ``lr_end``. ``aux_loss_coefficient``: weight of the auxiliary loss that
     revives dead latents (1/32 as in the BatchTopK paper); a latent counts as dead for it after
-    ``dead_feature_window`` steps without firing. ``topk_threshold_lr``: EMA rate of the
+    more than ``dead_feature_window`` steps without firing (default: :func:`dead_window_steps`,
+    BatchTopK's rule of 5 batches of 4,096 activations, scaled to ``train_batch_size`` and capped
+    at a tenth of the run, so the auxiliary loss can act). ``topk_threshold_lr``: EMA rate of the
     threshold used at inference. ``normalize_activations``: ``none`` or
     ``expected_average_only_in`` (scale inputs to norm ``sqrt(d_in)``, folded in at the end).
     Store: ``buffer_size``, ``image_batch_size``, ``memory_limit_bytes``, ``cache_dir`` (see
@@ -104,7 +130,7 @@ class SAETrainConfig:
     lr_end: float | int | None = None
     aux_loss_coefficient: float | int = 1 / 32
     topk_threshold_lr: float | int = 0.01
-    dead_feature_window: int = 1000
+    dead_feature_window: int | None = None
     feature_sampling_window: int = 2000
     decoder_init_norm: float | int | None = 0.1
     rescale_acts_by_decoder_norm: bool = True
@@ -123,23 +149,25 @@ class SAETrainConfig:
 
     def __post_init__(self) -> None:
         check_tokens(self.tokens)
+        if self.dead_feature_window is None and self.train_batch_size >= 1:
+            self.dead_feature_window = dead_window_steps(self.train_batch_size, self.training_samples)
         if not self.k > 0:
-            raise ValueError(f"k must be positive, got {self.k}")
+            raise InvalidArgumentError(f"k must be positive, got {self.k}")
         if self.expansion_factor < 1:
-            raise ValueError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
+            raise InvalidArgumentError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
         if self.train_batch_size < 1 or self.training_samples < self.train_batch_size:
-            raise ValueError(f"training_samples ({self.training_samples}) must be at least one batch "
-                             f"(train_batch_size {self.train_batch_size} >= 1)")
+            raise InvalidArgumentError(f"training_samples ({self.training_samples}) must be at least one batch "
+                                       f"(train_batch_size {self.train_batch_size} >= 1)")
         if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+            raise InvalidArgumentError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.normalize_activations not in NORMALIZATIONS:
-            raise ValueError(f"normalize_activations must be one of {', '.join(NORMALIZATIONS)}, "
-                             f"got {self.normalize_activations!r}")
+            raise InvalidArgumentError(f"normalize_activations must be one of {', '.join(NORMALIZATIONS)}, "
+                                       f"got {self.normalize_activations!r}")
         for name in ("log_every", "dead_feature_window", "feature_sampling_window", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_checkpoints < 0:
-            raise ValueError(f"n_checkpoints must be >= 0, got {self.n_checkpoints}")
+            raise InvalidArgumentError(f"n_checkpoints must be >= 0, got {self.n_checkpoints}")
 
     @property
     def training_steps(self) -> int:
@@ -162,7 +190,7 @@ class SAETrainConfig:
         """sae-lens's BatchTopK training config for activations of width ``d_in``."""
         d_sae = self.expansion_factor * d_in
         if self.k > d_sae:
-            raise ValueError(f"k={self.k} exceeds the dictionary size d_sae={d_sae} ({self.expansion_factor} x {d_in})")
+            raise InvalidArgumentError(f"k={self.k} exceeds the dictionary size d_sae={d_sae} ({self.expansion_factor} x {d_in})")
         return BatchTopKTrainingSAEConfig(
             d_in=d_in, d_sae=d_sae, k=self.k, topk_threshold_lr=self.topk_threshold_lr,
             aux_loss_coefficient=self.aux_loss_coefficient, decoder_init_norm=self.decoder_init_norm,
@@ -227,7 +255,13 @@ class _LoggingTrainer(SAETrainer):
         super()._update_pbar(step_output, pbar, update_interval=self.log_every)
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
-        super().load_trainer_state(checkpoint_path)
+        # sae-lens calls torch.load without weights_only: torch >= 2.6 (our floor) defaults it to True.
+        try:
+            super().load_trainer_state(checkpoint_path)
+        except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as error:
+            raise CorruptFileError(checkpoint_path, "a complete sae-lens training checkpoint",
+                                   "delete this checkpoint folder; training resumes from the one before (or anew)",
+                                   found=short_exception(error)) from None
         # sae-lens saves the step counter before fit() increments it; every batch is full, so the
         # number of completed steps is exact from the samples seen.
         self.n_training_steps = self.n_training_samples // self.cfg.train_batch_size_samples
@@ -270,21 +304,8 @@ def load_sae(path: str | os.PathLike, device: str = "cpu") -> SAE:
     """An SAE saved by :func:`train_sae` (or any sae-lens SAE directory), via ``SAE.load_from_disk``."""
     path = Path(path)
     if not (path / SAE_CFG_FILENAME).is_file() or not (path / SAE_WEIGHTS_FILENAME).is_file():
-        raise FileNotFoundError(f"{path} holds no saved SAE ({SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} expected)")
+        raise MissingFileError(f"{path} holds no saved SAE ({SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} expected)")
     return SAE.load_from_disk(str(path), device=device).eval()
-
-
-def sae_hook_name(sae: SAE) -> str:
-    """The HookedViT hook an SAE was trained on (from its metadata)."""
-    name = sae.cfg.metadata.hook_name
-    if not name:
-        raise ValueError("this SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name")
-    return str(name)
-
-
-def sae_tokens(sae: SAE) -> str:
-    """The token choice an SAE was trained on (from its metadata; ``cls`` if absent)."""
-    return check_tokens(str(sae.cfg.metadata.tokens or "cls"))
 
 
 # ----------------------------------------------------------------------------- training
@@ -299,8 +320,16 @@ def _latest_checkpoint(directory: Path) -> Path | None:
 def _read_log(path: Path, up_to_samples: int | None) -> list[dict[str, float | int]]:
     if not path.is_file():
         return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in lines if up_to_samples is None or r["samples"] <= up_to_samples]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # only the last line can be torn (a kill while appending)
+                raise CorruptFileError(path, "a training log (JSON lines)", "delete it (only the log is lost)",
+                                       found=f"line {number} is not JSON") from None
+    return [r for r in records if up_to_samples is None or r["samples"] <= up_to_samples]
 
 
 def _identity(cfg: SAETrainConfig, hook_name: str, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
@@ -363,7 +392,7 @@ def train_sae(
     def save_store_state(checkpoint_path: Path | None) -> None:
         if checkpoint_path is None:
             return
-        (checkpoint_path / STORE_STATE_FILE).write_text(json.dumps(store.state_dict()))
+        atomic.write_json(checkpoint_path / STORE_STATE_FILE, store.state_dict(), indent=None)
         older = sorted((p for p in checkpoint_path.parent.iterdir() if p.name.isdigit() and p != checkpoint_path),
                        key=lambda p: int(p.name))
         for stale in older[: max(0, len(older) - (cfg.keep_checkpoints - 1))]:
@@ -374,23 +403,25 @@ def train_sae(
     if resume_from is not None:
         trainer.load_trainer_state(resume_from)
         training_sae.load_weights_from_checkpoint(resume_from)
-        store.load_state_dict(json.loads((resume_from / STORE_STATE_FILE).read_text()))
+        store.load_state_dict(read_json(resume_from / STORE_STATE_FILE, "the activation store's position (JSON)",
+                                        "delete this checkpoint folder; training resumes from the one before"))
         log[:] = _read_log(log_path, trainer.n_training_samples)
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+        atomic.write_text(log_path, "".join(json.dumps(r) + "\n" for r in log))
     elif log_path is not None:
-        log_path.write_text("")
+        atomic.write_text(log_path, "")
     trainer.fit()
     training_sae.eval()
     sae = to_inference_sae(training_sae)
     run = SAETrainingRun(sae=sae, config=cfg, hook_name=hook_name, log=log, training_sae=training_sae,
                          seconds=time.perf_counter() - started, out_dir=out, resumed_from=resume_from)
     if out is not None:
-        training_sae.save_inference_model(out)
-        save_file({"sparsity": trainer.log_feature_sparsity.contiguous()}, out / SPARSITY_FILENAME)
+        with atomic.files_into(out) as tmp:  # sae-lens writes in place: write aside, rename each file
+            training_sae.save_inference_model(tmp)
+        atomic.save_safetensors({"sparsity": trainer.log_feature_sparsity.contiguous()}, out / SPARSITY_FILENAME)
         summary = {"hook_name": hook_name, "steps": trainer.n_training_steps,
                    "samples": trainer.n_training_samples, "seconds_this_call": run.seconds,
                    "resumed_from": str(resume_from) if resume_from else None, "final": log[-1] if log else None}
-        (out / TRAINING_FILE).write_text(json.dumps(summary, indent=2))
+        atomic.write_json(out / TRAINING_FILE, summary)
     return run
 
 
@@ -399,7 +430,8 @@ def _check_out_dir(out: Path, identity: dict[str, Any], resume: bool) -> SAETrai
     ``None`` (after clearing it when not resuming). A different run there is an error."""
     config_path = out / TRAIN_CONFIG_FILE
     if config_path.is_file() and resume:
-        saved = json.loads(config_path.read_text())
+        saved = read_json(config_path, "an SAE run's configuration (JSON)",
+                          "delete the folder, or rerun with --no-resume (resume=False) to start it over")
         current = json.loads(json.dumps(identity))
         differing = sorted(k for k in current if saved.get(k) != current[k])
         if differing:
@@ -407,8 +439,8 @@ def _check_out_dir(out: Path, identity: dict[str, Any], resume: bool) -> SAETrai
             if "config" in differing:
                 saved_config = saved.get("config", {})
                 detail = [f"config.{k}" for k, v in current["config"].items() if saved_config.get(k) != v]
-            raise ValueError(f"{out} holds an SAE run with a different {', '.join(detail)}; use another output "
-                             "directory or resume=False (--no-resume) to overwrite it")
+            raise InvalidArgumentError(f"{out} holds an SAE run with a different {', '.join(detail)}; use another output "
+                                       "directory or resume=False (--no-resume) to overwrite it")
         if (out / TRAINING_FILE).is_file() and (out / SAE_WEIGHTS_FILENAME).is_file():
             cfg = SAETrainConfig(**saved["config"])
             sae = load_sae(out)
@@ -421,112 +453,11 @@ def _check_out_dir(out: Path, identity: dict[str, Any], resume: bool) -> SAETrai
         for name in (TRAINING_FILE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME, LOG_FILE):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(identity, indent=2))
+    atomic.write_json(config_path, identity)
     return None
 
 
 # ----------------------------------------------------------------------------- splicing
-def sae_hook(hook_name: str, which: str = "acts_post") -> str:
-    """Name of an attached SAE's hook: ``f"{hook_name}.hook_sae_{which}"`` with ``which`` one of
-    ``input`` / ``recons`` / ``error`` / ``output`` (``[batch n_tok d_in]``) or ``acts_post``
-    (feature activations ``[batch n_tok d_sae]``)."""
-    if which not in SAE_HOOK_SUFFIXES:
-        raise ValueError(f"which must be one of {', '.join(SAE_HOOK_SUFFIXES)}, got {which!r}")
-    return f"{hook_name}.hook_sae_{which}"
-
-
-class SAESplice(HookPoint):
-    """Takes the place of the HookPoint at an SAE's hook: at the SAE's tokens the hook's value
-    becomes the SAE reconstruction (plus the error ``x - x_hat`` of the unedited input, computed
-    without gradient, when ``use_error_term``); other tokens pass through. Hooks added at the
-    hook's own name see the spliced value (the one used downstream). The SAE is not registered as
-    a submodule, so the model's parameters and state dict are unchanged."""
-
-    def __init__(self, sae: SAE, layout: HookLayout, tokens: str, n_ctx: int, use_error_term: bool,
-                 original: HookPoint):
-        super().__init__()
-        self.__dict__["sae"] = sae
-        self.__dict__["original"] = original
-        self.layout = layout
-        self.tokens = tokens
-        self.n_ctx = n_ctx
-        self.use_error_term = use_error_term
-        self.hook_sae_input = HookPoint()  # [batch, n_tok, d_in]: the hook's value at the SAE's tokens
-        self.hook_sae_acts_post = HookPoint()  # [batch, n_tok, d_sae]: feature activations
-        self.hook_sae_recons = HookPoint()  # [batch, n_tok, d_in]: reconstruction from (edited) features
-        self.hook_sae_error = HookPoint()  # [batch, n_tok, d_in]: x - x_hat of the unedited input
-        self.hook_sae_output = HookPoint()  # [batch, n_tok, d_in]: what replaces the input
-
-    def forward(self, x: Tensor) -> Tensor:
-        sae: SAE = self.__dict__["sae"]
-        selected = select_tokens(x, self.layout, self.tokens, self.n_ctx)
-        sae_in = self.hook_sae_input(selected)
-        acts = self.hook_sae_acts_post(sae.encode(sae_in))
-        out = self.hook_sae_recons(sae.decode(acts))
-        if self.use_error_term:
-            with torch.no_grad():
-                error = sae_in - sae.decode(sae.encode(sae_in))
-            out = out + self.hook_sae_error(error)
-        out = self.hook_sae_output(out).to(x.dtype)
-        if not self.layout.has_positions or self.tokens == "all":
-            return out.reshape(x.shape)
-        index = token_positions(self.tokens, self.n_ctx).to(x.device)
-        return x.index_copy(1, index, out.reshape(x.shape[0], index.numel(), *x.shape[2:]))
-
-
-def _module_at(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent = model
-    *parents, last = path.split(".")
-    for part in parents:
-        parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
-    return parent, last
-
-
-def attach_sae(model: nn.Module, sae: SAE, *, use_error_term: bool = False) -> SAESplice:
-    """Splice ``sae`` into ``model`` at its hook (``sae.cfg.metadata.hook_name``), at its tokens
-    (``metadata.tokens``), until :func:`detach_sae`. The SAE moves to the model's device and dtype.
-    New hooks ``{hook}.hook_sae_{input,acts_post,recons,error,output}`` appear in ``model.hook_dict``."""
-    hook_name = sae_hook_name(sae)
-    tokens = sae_tokens(sae)
-    current = model.hook_dict.get(hook_name)
-    if isinstance(current, SAESplice):
-        raise ValueError(f"an SAE is already attached at {hook_name}; detach_sae(model, {hook_name!r}) first")
-    layout = hook_layout(model, hook_name)
-    if layout.d_in != sae.cfg.d_in:
-        raise ValueError(f"the SAE reads {sae.cfg.d_in}-wide activations but {hook_name} gives {layout.d_in}")
-    if current.has_hooks():
-        raise ValueError(f"{hook_name} has hooks attached; remove them (model.reset_hooks()) before splicing an SAE")
-    param = next(model.parameters())
-    sae.to(device=param.device, dtype=param.dtype)
-    splice = SAESplice(sae, layout, tokens, model.cfg.n_ctx, use_error_term, current)
-    parent, attr = _module_at(model, hook_name)
-    setattr(parent, attr, splice)
-    model.setup()
-    return splice
-
-
-def detach_sae(model: nn.Module, hook_name: str) -> SAE:
-    """Remove the SAE spliced at ``hook_name`` (restoring the original HookPoint); returns it."""
-    splice = model.hook_dict.get(hook_name)
-    if not isinstance(splice, SAESplice):
-        raise ValueError(f"no SAE is attached at {hook_name!r}")
-    parent, attr = _module_at(model, hook_name)
-    setattr(parent, attr, splice.__dict__["original"])
-    model.setup()
-    return splice.__dict__["sae"]
-
-
-@contextmanager
-def spliced(model: nn.Module, sae: SAE, *, use_error_term: bool = False) -> Iterator[SAESplice]:
-    """``with spliced(model, sae, use_error_term=True): ...`` attaches ``sae`` for the block."""
-    splice = attach_sae(model, sae, use_error_term=use_error_term)
-    try:
-        yield splice
-    finally:
-        model.reset_hooks()
-        detach_sae(model, splice.layout.hook_name)
-
-
 def zero_ablate_features(features: Sequence[int] | Int[Tensor, "k"]) -> Callable[..., Tensor]:
     """A forward hook for ``sae_hook(hook_name, "acts_post")`` setting ``features`` to 0."""
     index = torch.as_tensor(features, dtype=torch.long).reshape(-1)

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from analyses.activation_store import ActivationStore, ActivationStoreConfig, check_tokens
 from analyses.results import AnalysisResult, markdown_table
 from analyses.sae import SAE, SAETrainConfig, SAETrainingRun, sae_hook_name, sae_tokens, train_sae
+from hooked_vit.errors import InvalidArgumentError
 
 SAE_BATCH_ROWS = 8192
 
@@ -41,7 +42,7 @@ def nmse(x: Float[Tensor, "n d_in"], x_hat: Float[Tensor, "n d_in"]) -> float:
     x, x_hat = x.double(), x_hat.double()
     total = (x - x.mean(dim=0)).pow(2).sum()
     if not total > 0:
-        raise ValueError("NMSE is undefined for activations without variance (fewer than 2 distinct rows)")
+        raise InvalidArgumentError("NMSE is undefined for activations without variance (fewer than 2 distinct rows)")
     return float((x - x_hat).pow(2).sum() / total)
 
 
@@ -112,10 +113,10 @@ class QualityAccumulator:
 
     def result(self) -> SAEQuality:
         if self.n < 2:
-            raise ValueError(f"quality needs at least 2 activations, got {self.n}")
+            raise InvalidArgumentError(f"quality needs at least 2 activations, got {self.n}")
         total = self.sum_sq - float(self.sum_x.pow(2).sum()) / self.n
         if not total > 0:
-            raise ValueError("NMSE is undefined: the held-out activations have no variance")
+            raise InvalidArgumentError("NMSE is undefined: the held-out activations have no variance")
         value = self.sum_err / total
         return SAEQuality(nmse=value, explained_variance=1.0 - value, mse=self.sum_err / (self.n * self.d_in),
                           l0=self.active / self.n, dead_latents=int((~self.fired).sum()), d_sae=self.d_sae,
@@ -204,10 +205,11 @@ class SweepResult(AnalysisResult):
         return {"sweep": self.rows}
 
     def markdown(self) -> str:
-        """Tables 5/6 layout: model, tokens, k, expansion factor, FVE, NMSE, dead latents (of d_sae), L0."""
+        """Tables 5/6 layout: model, tokens, k, expansion factor, FVE, NMSE, dead latents (count of
+        d_sae and fraction), L0."""
         rows = [{"Model": r["model"], "Tokens": r["tokens"], "k": f"{r['k']:g}", "Expansion": r["expansion"],
                  "FVE ↑": f"{r['fve']:.4f}", "NMSE ↓": f"{r['nmse']:.4f}",
-                 "Dead": f"{r['dead_latents']} / {r['d_sae']}", "L0": f"{r['l0']:.1f}"} for r in self.rows]
+                 "Dead": f"{r['dead_latents']} / {r['d_sae']} ({r['dead_latents'] / r['d_sae']:.3f})", "L0": f"{r['l0']:.1f}"} for r in self.rows]
         return markdown_table(rows)
 
 

@@ -1,5 +1,13 @@
 """TransformerLens's ``ActivationCache`` with ViT conveniences: circuit-site keys, the CLS token and
-patch tokens laid out on the image grid."""
+patch tokens laid out on the image grid.
+
+TL's analysis methods (``decompose_resid``, ``accumulated_resid``, ``apply_ln_to_stack``,
+``logit_attrs``, ``stack_head_results``, ``get_full_resid_decomposition``, ...) are TL's own and
+run on a HookedViT's cache with TL's semantics: positions are CLS then the patches, the
+"unembed" is the classifier head, tokens are classes (indices or names). The head reads only CLS,
+so logit attributions are meaningful at ``pos_slice=0``. ``hook_pooled`` (``[batch, d_model]``)
+has no position axis: ``pos_slice`` leaves it whole.
+"""
 
 from __future__ import annotations
 
@@ -41,3 +49,9 @@ class ViTActivationCache(ActivationCache):
             act = act[None]
         grid = self.model.cfg.grid_size
         return act[:, 1:].reshape(act.shape[0], grid, grid, *act.shape[2:])
+
+    def apply_slice_to_batch_dim(self, batch_slice: Any) -> "ViTActivationCache":
+        """TL's batch slicing (``batch_slice``: a ``transformer_lens.utilities.Slice`` or its input),
+        keeping this class (and its ViT methods)."""
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return ViTActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)

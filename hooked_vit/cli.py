@@ -1,36 +1,64 @@
-"""``hooked-vit`` command line: ``info``, ``train-default``, ``evaluate``.
+"""``hooked-vit`` command line: ``info``, ``train-default``, ``evaluate``, ``sweep-sparsity``,
+``neuron-metrics``, ``sae-train``, ``sae-eval``.
 
-Subcommands live in a registry: a function ``run(args) -> exit code`` decorated with
-:func:`subcommand`, which names it, gives its help line and a function adding its arguments.
-A new subcommand is one decorated function here (or in a module imported here)::
+Subcommands live in a lazy registry, :data:`SUBCOMMANDS`: each entry names the subcommand, gives its
+help line, and says where its argument definitions and its ``run(args) -> exit code`` function live,
+as ``"module:function"`` strings (or the functions themselves). Only the chosen subcommand's
+argument module is imported (standard library only, e.g. :mod:`hooked_vit.cli_args`), and its run
+module only after the arguments are parsed and checked, so ``--help`` and argument errors answer
+without importing torch. ``hooked_vit`` never imports ``analyses``: analyses are named by strings.
+A new subcommand is one line::
 
-    @subcommand("prune-sweep", "accuracy against sparsity", configure=_prune_sweep_arguments)
-    def prune_sweep(args: argparse.Namespace) -> int: ...
+    register("circuits", "circuit discovery ...", "analyses.circuits.cli:add_arguments", "analyses.circuits.cli:main")
+
+(or the :func:`subcommand` decorator on a ``run`` function defined in an imported module).
+
+Errors: a :class:`~hooked_vit.errors.HookedViTError` (or ``ValueError`` / ``FileNotFoundError``
+from an input check) prints ``hooked-vit CMD: error: <message>`` on one line and exits 2;
+``--debug`` shows the traceback instead. Any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hooked_vit.training import DEFAULT_ALIAS, DEFAULT_SEED
+from hooked_vit.cli_args import (  # noqa: F401  (parse_* and add_model_family_arguments: public API here too)
+    DEFAULT_ALIAS,
+    add_model_family_arguments,
+    parse_classes,
+    parse_numbers,
+)
+from hooked_vit.errors import HookedViTError
 
-Configure = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
+Target = str | Callable  # "module:function", or the function itself
+
+
+def resolve(target: Target) -> Callable:
+    """The function a registry entry names: ``"package.module:function"`` is imported now."""
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Subcommand:
-    """A registered subcommand: its name, one-line help, argument setup and entry function."""
+    """A registered subcommand: its name, one-line help, argument setup and entry function (each a
+    function or a ``"module:function"`` string resolved only when this subcommand runs)."""
 
     name: str
     help: str
-    configure: Configure
-    run: Run
+    configure: Target
+    run: Target
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
@@ -40,44 +68,21 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
     """Configure function of a subcommand without arguments."""
 
 
-def subcommand(name: str, help: str, *, configure: Configure = _no_arguments) -> Callable[[Run], Run]:
+def register(name: str, help: str, configure: Target, run: Target) -> None:
+    """Register subcommand ``name``; ``configure`` adds its options, ``run(args)`` returns the exit code."""
+    if name in SUBCOMMANDS:
+        raise ValueError(f"subcommand {name!r} is already registered")
+    SUBCOMMANDS[name] = Subcommand(name, help, configure, run)
+
+
+def subcommand(name: str, help: str, *, configure: Target = _no_arguments) -> Callable[[Run], Run]:
     """Register the decorated ``run(args) -> exit code`` as subcommand ``name``."""
 
-    def register(run: Run) -> Run:
-        if name in SUBCOMMANDS:
-            raise ValueError(f"subcommand {name!r} is already registered")
-        SUBCOMMANDS[name] = Subcommand(name, help, configure, run)
+    def decorate(run: Run) -> Run:
+        register(name, help, configure, run)
         return run
 
-    return register
-
-
-def parse_numbers(text: str, what: str, kind: type = float) -> tuple:
-    """Comma-separated numbers such as ``"0,0.5,0.7"`` (``kind`` each); ``ValueError`` naming
-    the option ``what`` otherwise."""
-    try:
-        return tuple(kind(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers such as 0,0.5,0.7; got {text!r}") from None
-
-
-def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
-    """Comma-separated class indices or names (``"0,3,cat"``); ``None`` stays ``None`` (all classes)."""
-    if text is None:
-        return None
-    return tuple(int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in text.split(",") if v.strip())
-
-
-def add_model_family_arguments(parser: argparse.ArgumentParser, default_model: str,
-                               default_sparsities: Sequence[float]) -> None:
-    """The options naming a dense model and its pruned variants, shared by the IMPACT analyses:
-    ``--model --sparsities --method --finetune-epochs --data``."""
-    parser.add_argument("--model", default=default_model, help=f"model alias (default {default_model})")
-    parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in default_sparsities),
-                        help="comma-separated fractions in [0, 1); 0 is the dense model")
-    parser.add_argument("--method", default="wanda", help="pruning method (wanda or magnitude)")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="masked fine-tuning epochs after pruning")
-    parser.add_argument("--data", default="builtin", help="'builtin', 'digits' or an ImageNet-style folder root")
+    return decorate
 
 
 def _load_model(name: str, device: str | None) -> Any:
@@ -86,56 +91,26 @@ def _load_model(name: str, device: str | None) -> Any:
     return HookedViT.from_pretrained(name, device=device)
 
 
-# ---------------------------------------------------------------------------------------- info
-def _info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_ALIAS,
-                        help=f"alias, timm name or saved directory (default {DEFAULT_ALIAS})")
-    parser.add_argument("--device", default=None, help="torch device (default cpu)")
-
-
-@subcommand("info", "print a model's architecture and hook table", configure=_info_arguments)
+# ------------------------------------------------------------------------------ run functions
 def info(args: argparse.Namespace) -> int:
+    """``hooked-vit info``: the model's summary and hook table."""
     model = _load_model(args.model, args.device)
     print(model.summary())
     return 0
 
 
-# ------------------------------------------------------------------------------- train-default
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="initialisation, shuffling and augmentation seed")
-    parser.add_argument("--epochs", type=int, default=None, help="number of epochs (default: the recipe's 60)")
-    parser.add_argument("--out", default=f"runs/{DEFAULT_ALIAS}",
-                        help=f"output directory for {DEFAULT_ALIAS}.safetensors/.json (pretrained_configs to "
-                             f"replace the shipped model; default runs/{DEFAULT_ALIAS})")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu, as the shipped weights)")
-
-
-@subcommand("train-default", f"train the embedded default model {DEFAULT_ALIAS} on the builtin digits",
-            configure=_train_arguments)
 def train_default_command(args: argparse.Namespace) -> int:
+    """``hooked-vit train-default``: train and save the embedded default model."""
     from hooked_vit.training import save_default, train_default, training_command
 
-    result = train_default(seed=args.seed, epochs=args.epochs, device=args.device, log=print)
-    command = training_command(args.seed, args.epochs, args.out)
+    result = train_default(seed=args.seed, epochs=args.epochs, device=args.device, log=print,
+                           n_train=args.n_train, n_val=args.n_val)
+    command = training_command(args.seed, args.epochs, args.out, n_train=args.n_train, n_val=args.n_val)
     weights, config = save_default(result, args.out, command=command)
     print(f"trained in {result.seconds:.0f} s: val top-1 {result.val['top1']:.4f}, top-5 {result.val['top5']:.4f} "
           f"on {result.val['n']} images")
     print(f"wrote {weights} and {config}")
     return 0
-
-
-# ------------------------------------------------------------------------------------ evaluate
-def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_ALIAS,
-                        help=f"alias, timm name or saved directory (default {DEFAULT_ALIAS})")
-    parser.add_argument("--data", default="builtin",
-                        help="'builtin' (the model's own dataset), 'digits', or an ImageNet-style folder root")
-    parser.add_argument("--split", default="val", help="split (default val)")
-    parser.add_argument("--subset", default=None, help="named class subset, e.g. impact100 (ImageNet folders)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64 CPU / 256 GPU)")
-    parser.add_argument("--device", default=None, help="torch device (default cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def format_table(rows: Sequence[tuple[str, str]]) -> str:
@@ -144,8 +119,8 @@ def format_table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
-@subcommand("evaluate", "top-1/top-5 accuracy of a model on a dataset", configure=_evaluate_arguments)
 def evaluate_command(args: argparse.Namespace) -> int:
+    """``hooked-vit evaluate``: top-1/top-5 accuracy as a table and a JSON line."""
     from hooked_vit.data import load_dataset
     from hooked_vit.evaluation import evaluate
 
@@ -166,86 +141,102 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ sweep-sparsity
-def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from hooked_vit.pruning.sweep import add_arguments
-
-    add_arguments(parser)
-
-
-@subcommand("sweep-sparsity", "top-1/top-5 vs sparsity for Wanda and magnitude pruning (IMPACT Table 1)",
-            configure=_sweep_arguments)
-def sweep_sparsity_command(args: argparse.Namespace) -> int:
-    from hooked_vit.pruning.sweep import main as sweep_main
-
-    return sweep_main(args)
-
-
-# ------------------------------------------------------------------------------ neuron-metrics
-def _neuron_metrics_arguments(parser: argparse.ArgumentParser) -> None:
-    from analyses.neuron_level import add_arguments
-
-    add_arguments(parser)
-
-
-@subcommand("neuron-metrics", "neuron-level metrics (ablation impact, selectivity, class variance, label entropy) "
-            "vs sparsity (IMPACT Fig. 2)", configure=_neuron_metrics_arguments)
-def neuron_metrics_command(args: argparse.Namespace) -> int:
-    from analyses.neuron_level import main as neuron_metrics_main
-
-    return neuron_metrics_main(args)
-
-
-# ---------------------------------------------------------------------------- sae-train, sae-eval
-def _sae_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from analyses.layer_level import add_train_arguments
-
-    add_train_arguments(parser)
-
-
-@subcommand("sae-train", "train BatchTopK SAEs (sae-lens) on a hook of the dense and pruned models, resumable; "
-            "with --sweep-* the SAE sweep (IMPACT Tables 5/6)", configure=_sae_train_arguments)
-def sae_train_command(args: argparse.Namespace) -> int:
-    from analyses.layer_level import train_main
-
-    return train_main(args)
-
-
-def _sae_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from analyses.layer_level import add_eval_arguments
-
-    add_eval_arguments(parser)
-
-
-@subcommand("sae-eval", "SAE quality (NMSE, explained variance, dead latents; IMPACT Table 2) and latent metrics "
-            "vs sparsity (IMPACT Fig. 3) of the SAEs trained by sae-train", configure=_sae_eval_arguments)
-def sae_eval_command(args: argparse.Namespace) -> int:
-    from analyses.layer_level import eval_main
-
-    return eval_main(args)
+# ------------------------------------------------------------------------------ the registry
+register("info", "print a model's architecture and hook table",
+         "hooked_vit.cli_args:info_arguments", "hooked_vit.cli:info")
+register("train-default", f"train the embedded default model {DEFAULT_ALIAS} on the builtin digits",
+         "hooked_vit.cli_args:train_default_arguments", "hooked_vit.cli:train_default_command")
+register("evaluate", "top-1/top-5 accuracy of a model on a dataset",
+         "hooked_vit.cli_args:evaluate_arguments", "hooked_vit.cli:evaluate_command")
+register("sweep-sparsity", "top-1/top-5 vs sparsity for Wanda and magnitude pruning (IMPACT Table 1)",
+         "hooked_vit.cli_args:sweep_sparsity_arguments", "hooked_vit.pruning.sweep:main")
+register("neuron-metrics", "neuron-level metrics (ablation impact, selectivity, class variance, label entropy) "
+         "vs sparsity (IMPACT Fig. 2)", "analyses.neuron_level_cli:add_arguments", "analyses.neuron_level:main")
+register("sae-train", "train BatchTopK SAEs (sae-lens) on a hook of the dense and pruned models, resumable; "
+         "with --sweep-* the SAE sweep (IMPACT Tables 5/6)",
+         "analyses.layer_level_cli:add_train_arguments", "analyses.layer_level:train_main")
+register("sae-eval", "SAE quality (NMSE, explained variance, dead latents; IMPACT Table 2) and latent metrics "
+         "vs sparsity (IMPACT Fig. 3) of the SAEs trained by sae-train",
+         "analyses.layer_level_cli:add_eval_arguments", "analyses.layer_level:eval_main")
+register("circuits", "node-mask circuits (node and edge fractions, accuracy, NCQ; IMPACT Table 3, Table 7 with "
+         "--sweep-k) of the dense and pruned models, resumable", "analyses.circuits.cli:add_arguments",
+         "analyses.circuits.cli:main")
+register("attribution", "model-level attribution maps (Chefer, AttnLRP, rollout, random) and their insertion/deletion "
+         "AUCs (IMPACT Table 4, Figure 4) of the dense and pruned models, resumable",
+         "analyses.model_level_cli:add_arguments", "analyses.model_level_cli:main")
 
 
 # ---------------------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per registered subcommand."""
-    parser = argparse.ArgumentParser(prog="hooked-vit", description="Hooked DeiT-III Vision Transformers.")
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``PROG: error: MESSAGE (see PROG --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _debug_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the full traceback of an error instead of one line")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per registered subcommand; with ``only``, only that
+    subcommand's options are defined (the others' argument modules are not imported)."""
+    parser = _Parser(prog="hooked-vit", description="Hooked DeiT-III Vision Transformers.")
+    _debug_option(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in SUBCOMMANDS.values():
-        sub = commands.add_parser(command.name, help=command.help, description=command.help)
-        command.configure(sub)
+        # argparse %-formats help texts: a literal "%" (e.g. "Node %") must not break --help.
+        sub = commands.add_parser(command.name, help=command.help.replace("%", "%%"), description=command.help)
+        if only is None or command.name == only:
+            resolve(command.configure)(sub)
+            _debug_option(sub, argparse.SUPPRESS)
         sub.set_defaults(run=command.run)
     return parser
 
 
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), if registered."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in SUBCOMMANDS else None
+    return None
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    return f"hooked-vit: warning: {one_line(message)}\n"
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's (or warning's) message on one line."""
+    return " ".join(str(error).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code; errors
-    in the user's input (missing files, unknown names) print one line to stderr and return 2."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code. A bad
+    option is reported while parsing, before anything runs; errors in the user's input found later
+    (missing files, unknown names, corrupt files) also print one line to stderr; both return 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.run(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"hooked-vit {args.command}: error: {error}", file=sys.stderr)
+        args = build_parser(only=_chosen_command(argv)).parse_args(argv)
+    except SystemExit as exit:  # --help (0) or a bad option (2, one line already printed)
+        return exit.code if isinstance(exit.code, int) else 2
+    previous_format = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
+    try:
+        return resolve(args.run)(args)
+    except BrokenPipeError:  # stdout piped into a reader that stopped early, e.g. `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    except (HookedViTError, ValueError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"hooked-vit {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

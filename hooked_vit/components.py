@@ -2,7 +2,13 @@
 
 Parameter names follow timm (``qkv``, ``proj``, ``fc1``, ``fc2``, ``ls1.gamma``) so that a state dict
 converts by renaming the norms only; hook names follow TransformerLens. Every hook's value is the
-tensor used downstream, so a hook that returns a new tensor replaces it.
+tensor used downstream, so a hook that returns a new tensor replaces it and a hook that edits its
+value in place edits the computation (as in TransformerLens).
+
+Weight views in TransformerLens's names and shapes (``attn.W_Q`` ``[head, d_model, d_head]``,
+``attn.W_O`` ``[head, d_head, d_model]``, ``mlp.W_in`` ``[d_model, d_mlp]``, ...) are read off the
+timm parameters. ``W_O``/``b_O`` and ``W_out``/``b_out`` include the block's LayerScale, because the
+sub-block output that reaches the residual stream (``hook_attn_out``, ``hook_mlp_out``) does.
 """
 
 from __future__ import annotations
@@ -36,65 +42,25 @@ class LayerNorm(nn.Module):
             out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         else:
             x = x - x.mean(-1, keepdim=True)
-            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            # sqrt's backward reads its output: a copy leaves it intact under in-place hook edits
+            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt().clone())
             out = x / scale * self.weight + self.bias
         return self.hook_normalized(out)
 
+    @property
+    def w(self) -> Float[Tensor, "d_model"]:
+        """TransformerLens's name for the scale (all ones after ``fold_ln``)."""
+        return self.weight
 
-class Attention(nn.Module):
-    """Multi-head self-attention on timm's fused ``qkv`` weight, with per-head hooks.
-
-    Uses ``F.scaled_dot_product_attention`` unless ``hook_attn_scores`` or ``hook_pattern`` is
-    hooked; then materialises scores and pattern explicitly.
-    """
-
-    def __init__(self, cfg: HookedViTConfig):
-        super().__init__()
-        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
-        self.scale = self.d_head**-0.5
-        self.use_attn_result = cfg.use_attn_result
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]: q.k / sqrt(d_head)
-        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]: softmax of the scores
-        self.hook_z = HookPoint()  # [batch, pos, head, d_head]: pattern-weighted values
-        self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output (use_attn_result)
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        batch, pos, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, pos, 3, self.n_heads, self.d_head).unbind(2)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        # [batch, head, pos, d_head] views, laid out in memory as timm's are.
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
-            scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = pattern @ v
-        else:
-            z = F.scaled_dot_product_attention(q, k, v)
-        z = self.hook_z(z.transpose(1, 2))
-        if not self.use_attn_result:
-            return self.proj(z.reshape(batch, pos, self.n_heads * self.d_head))
-        w_o = self.proj.weight.view(-1, self.n_heads, self.d_head)  # [d_model, head, d_head]
-        result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w_o))
-        return result.sum(dim=2) + self.proj.bias
+    @property
+    def b(self) -> Float[Tensor, "d_model"]:
+        """TransformerLens's name for the bias (zero after ``fold_ln``)."""
+        return self.bias
 
 
-class MLP(nn.Module):
-    """fc1 -> exact GELU -> fc2, with pre- and post-activation hooks."""
-
-    def __init__(self, cfg: HookedViTConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model)
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]: fc1 output
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]: GELU output (the mlp_act site)
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.fc2(self.hook_post(F.gelu(self.hook_pre(self.fc1(x)))))
+def _layer_scale_gamma(layer_scale: nn.Module) -> Tensor | None:
+    """The LayerScale's ``gamma`` ``[d_model]``, or ``None`` for a model without LayerScale."""
+    return layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
 
 
 class LayerScale(nn.Module):
@@ -108,28 +74,165 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention on timm's fused ``qkv`` weight, with per-head hooks; returns the
+    output after the block's LayerScale (``layer_scale``, held but registered by the block, so its
+    parameter stays ``blocks.{L}.ls1.gamma``).
+
+    Uses ``F.scaled_dot_product_attention`` unless ``hook_attn_scores`` or ``hook_pattern`` is
+    hooked; then materialises scores and pattern explicitly. With ``use_attn_result`` each head's
+    LayerScaled output is ``hook_result``; the heads' results plus ``b_O`` sum to ``hook_attn_out``.
+    """
+
+    def __init__(self, cfg: HookedViTConfig, layer_scale: nn.Module):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        self.scale = self.d_head**-0.5
+        self.use_attn_result = cfg.use_attn_result
+        self.__dict__["layer_scale"] = layer_scale  # not a submodule: the block owns it
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]: q.k / sqrt(d_head)
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]: softmax of the scores
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]: pattern-weighted values
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output after LayerScale
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        batch, pos, _ = x.shape
+        qkv = self.qkv(x).view(batch, pos, 3, self.n_heads, self.d_head)
+        # Single-view selects (not unbind's multi-views), so a hook may edit q, k or v in place.
+        q, k, v = self.hook_q(qkv[:, :, 0]), self.hook_k(qkv[:, :, 1]), self.hook_v(qkv[:, :, 2])
+        # [batch, head, pos, d_head] views, laid out in memory as timm's are.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+            scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
+            # softmax's backward reads its output: a copy leaves it intact under in-place hook edits
+            pattern = self.hook_pattern(scores.softmax(dim=-1).clone())
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v)
+        z = z.transpose(1, 2)
+        # sdpa's backward reads its output too; copy (same strides) only when a hook may edit z
+        z = self.hook_z(z.clone() if self.hook_z.has_hooks() else z)
+        if not self.use_attn_result:
+            return self.layer_scale(self.proj(z.reshape(batch, pos, self.n_heads * self.d_head)))
+        result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+        return result.sum(dim=2) + self.b_O
+
+    # ---------------------------------------------------------------- TransformerLens weight views
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._w_qkv(0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._w_qkv(1)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._w_qkv(2)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head d_head"]:
+        return self._b_qkv(0)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"]:
+        return self._b_qkv(1)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"]:
+        return self._b_qkv(2)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        """``proj`` per head, LayerScale folded in: ``z[h] @ W_O[h]`` is head ``h``'s ``hook_result``."""
+        weight = self.proj.weight  # [d_model, head * d_head]
+        gamma = _layer_scale_gamma(self.layer_scale)
+        if gamma is not None:
+            weight = weight * gamma[:, None]
+        return weight.view(-1, self.n_heads, self.d_head).permute(1, 2, 0)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        """``proj`` bias, LayerScale folded in."""
+        gamma = _layer_scale_gamma(self.layer_scale)
+        return self.proj.bias if gamma is None else self.proj.bias * gamma
+
+    def _w_qkv(self, which: int) -> Float[Tensor, "head d_model d_head"]:
+        weight = self.qkv.weight.view(3, self.n_heads, self.d_head, -1)[which]  # [head, d_head, d_model]
+        return weight.transpose(1, 2)
+
+    def _b_qkv(self, which: int) -> Float[Tensor, "head d_head"]:
+        if self.qkv.bias is None:
+            return self.qkv.weight.new_zeros(self.n_heads, self.d_head)
+        return self.qkv.bias.view(3, self.n_heads, self.d_head)[which]
+
+
+class MLP(nn.Module):
+    """fc1 -> exact GELU -> fc2 -> the block's LayerScale (``layer_scale``, registered by the
+    block), with pre- and post-activation hooks."""
+
+    def __init__(self, cfg: HookedViTConfig, layer_scale: nn.Module):
+        super().__init__()
+        self.__dict__["layer_scale"] = layer_scale  # not a submodule: the block owns it
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]: fc1 output
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]: GELU output (the mlp_act site)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.layer_scale(self.fc2(self.hook_post(F.gelu(self.hook_pre(self.fc1(x))))))
+
+    # ---------------------------------------------------------------- TransformerLens weight views
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.fc1.weight.T
+
+    @property
+    def b_in(self) -> Float[Tensor, "d_mlp"]:
+        return self.fc1.bias
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        """``fc2`` weight, LayerScale folded in: ``post @ W_out + b_out`` is ``hook_mlp_out``."""
+        gamma = _layer_scale_gamma(self.layer_scale)
+        return (self.fc2.weight if gamma is None else self.fc2.weight * gamma[:, None]).T
+
+    @property
+    def b_out(self) -> Float[Tensor, "d_model"]:
+        gamma = _layer_scale_gamma(self.layer_scale)
+        return self.fc2.bias if gamma is None else self.fc2.bias * gamma
+
+
 class TransformerBlock(nn.Module):
-    """Pre-norm block: ``x + ls1(attn(ln1(x)))`` then ``x + ls2(mlp(ln2(x)))``."""
+    """Pre-norm block: ``x + ls1(attn(ln1(x)))`` then ``x + ls2(mlp(ln2(x)))`` (the LayerScales
+    are applied inside ``attn`` and ``mlp``)."""
 
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
         # Registered in execution order, so model.hook_dict lists hooks in the order they fire.
+        # (and parameters in timm's order: ln1, attn, ls1, ln2, mlp, ls2).
+        ls1, ls2 = (LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity() for _ in range(2))
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.attn = Attention(cfg)
-        self.ls1 = LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity()
+        self.attn = Attention(cfg, ls1)
+        self.ls1 = ls1
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]: after LayerScale, before the add
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.mlp = MLP(cfg)
-        self.ls2 = LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity()
+        self.mlp = MLP(cfg, ls2)
+        self.ls2 = ls2
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]: after LayerScale, before the add
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.ls1(self.attn(self.ln1(x)))))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.ls2(self.mlp(self.ln2(x)))))
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x))))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
 
 
 class PatchEmbed(nn.Module):

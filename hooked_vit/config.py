@@ -1,14 +1,19 @@
 """Architecture of a hooked Vision Transformer, as a plain dataclass.
 
 The numbers mirror timm's ``VisionTransformer`` arguments; ``timm_kwargs`` rebuilds the exact timm
-model (``to_timm``), ``preprocessing`` its eval transform.
+model (``to_timm``), ``preprocessing`` its eval transform. The fields and constants TransformerLens
+reads from a ``HookedTransformerConfig`` (``normalization_type``, ``attn_only``, ``device``,
+``positional_embedding_type``, ``d_vocab``, ...) are here too, so its ``ActivationCache`` methods,
+weight processing and patching run on a HookedViT.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+NORMALIZATION_TYPES = ("LN", "LNPre")
 
 
 @dataclass
@@ -36,8 +41,25 @@ class HookedViTConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
+    # "LN" (LayerNorm with weight and bias), "LNPre" once fold_ln has folded them into the next weights.
+    normalization_type: str = "LN"
+    # Where the model's parameters live; kept current by HookedViT (not saved by to_dict).
+    device: str | None = field(default=None, compare=False)
+
+    # TransformerLens config constants that are fixed for a ViT.
+    attn_only: ClassVar[bool] = False
+    positional_embedding_type: ClassVar[str] = "standard"
+    act_fn: ClassVar[str] = "gelu"
+    gated_mlp: ClassVar[bool] = False
+    n_key_value_heads: ClassVar[int | None] = None
+    num_experts: ClassVar[int | None] = None
+    final_rms: ClassVar[bool] = False
+    parallel_attn_mlp: ClassVar[bool] = False
+    original_architecture: ClassVar[str] = "VisionTransformer"
 
     def __post_init__(self) -> None:
+        if self.normalization_type not in NORMALIZATION_TYPES:
+            raise ValueError(f"normalization_type must be one of {NORMALIZATION_TYPES}, got {self.normalization_type!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.img_size % self.patch_size:
@@ -61,8 +83,19 @@ class HookedViTConfig:
         """Tokens per image: the CLS token then the patch tokens."""
         return self.n_patches + 1
 
+    @property
+    def d_vocab(self) -> int:
+        """TransformerLens's vocabulary: the classes (the rows of ``W_U``'s transpose)."""
+        return self.n_classes
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.n_classes
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        del data["device"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HookedViTConfig":

@@ -21,7 +21,7 @@ BLOCK_HOOKS = [
     ("attn.hook_attn_scores", "batch head query_pos key_pos", "q.k / sqrt(d_head), before softmax"),
     ("attn.hook_pattern", "batch head query_pos key_pos", "attention probabilities"),
     ("attn.hook_z", "batch pos head d_head", "pattern-weighted values, before the output projection"),
-    ("attn.hook_result", "batch pos head d_model", "per-head output (only with use_attn_result)"),
+    ("attn.hook_result", "batch pos head d_model", "per-head output after LayerScale (only with use_attn_result): heads + b_O sum to hook_attn_out"),
     ("hook_attn_out", "batch pos d_model", "attention output after LayerScale, before the add (site attn_out)"),
     ("hook_resid_mid", "batch pos d_model", "residual stream after attention"),
     ("ln2.hook_scale", "batch pos 1", "LayerNorm 2 scale"),
@@ -36,6 +36,9 @@ FINAL_HOOKS = [
     ("ln_final.hook_normalized", "batch pos d_model", "final LayerNorm output"),
     ("hook_pooled", "batch d_model", "final-norm CLS token: the classifier head's input"),
 ]
+
+# Hooks without a token-position axis.
+POOLED_HOOKS = tuple(name for name, shape, _ in FINAL_HOOKS if "pos" not in shape.split())
 
 
 def hook_names(n_layers: int) -> list[str]:

@@ -17,19 +17,17 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.errors import (
+    CheckpointMismatchError,
+    CorruptFileError,
+    MissingFileError,
+    OfflineWeightsError,
+    UnsupportedModelError,
+    short_exception,
+)
 from hooked_vit.pretrained import PretrainedSpec
 
 
-class UnsupportedModelError(ValueError):
-    """The timm model uses a feature HookedViT does not implement."""
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's keys or shapes do not fit the architecture."""
-
-
-class OfflineWeightsError(RuntimeError):
-    """Pretrained weights were asked for, but the hub cannot be reached and nothing is cached."""
 
 
 # Hooked names differ from timm's only in the norms (TransformerLens names them ln1/ln2/ln_final).
@@ -179,10 +177,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Checkpoint {str(path)!r} does not exist (checkpoint_path must be a .pth/.bin/.safetensors file)"
         )
-    state_dict = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
+    expected = "a model checkpoint (.pth/.bin with a state dict, or .safetensors)"
+    fix = "check the path, or download the checkpoint again (a partial download is truncated)"
+    if path.stat().st_size == 0:
+        raise CorruptFileError(path, expected, fix, found="an empty file")
+    try:
+        state_dict = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as error:  # the unpicklers raise anything (IndexError, KeyError 101, ...) on a foreign file
+        raise CorruptFileError(path, expected, fix, found=f"unreadable: {short_exception(error)}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CorruptFileError(path, expected, fix, found="no dict of tensors inside")
     # Original DeiT-III checkpoints name LayerScale blocks.N.gamma_1 / gamma_2.
     return {re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k): v for k, v in state_dict.items()}
 

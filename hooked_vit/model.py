@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
@@ -20,6 +18,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 from hooked_vit.cache import ViTActivationCache
 from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.errors import InvalidArgumentError
 from hooked_vit.hook_table import hook_table
 from hooked_vit.loading import (
     build_timm_model,
@@ -31,14 +30,16 @@ from hooked_vit.loading import (
     load_pretrained_timm,
     timm_to_hooked_state_dict,
 )
-from hooked_vit.pretrained import get_spec
+from hooked_vit.pretrained import get_spec, resolve_model_name
+from hooked_vit.saes import SAEMixin
 from hooked_vit.sites import SiteRegistry
-from hooked_vit.validation import check_hook_names, check_images
+from hooked_vit.tl_compat import TransformerLensMixin
+from hooked_vit.validation import check_hook_names, check_images, check_stop_at_layer, shape_checked_hook
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
     """A Vision Transformer whose every intermediate activation is a named HookPoint.
 
     ``model(images)`` returns logits ``[batch, n_classes]``, equal to the timm model's; the hook
@@ -72,10 +73,14 @@ class HookedViT(HookedRootModule):
         """Logits ``[batch, n_classes]``; with ``stop_at_layer=L``, the residual stream
         ``[batch, pos, d_model]`` entering block ``L`` (blocks ``L`` and later do not run)."""
         check_images(images, self.cfg, self.cls_token)
+        check_stop_at_layer(stop_at_layer, self.cfg.n_layers)
         batch = images.shape[0]
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), self.patch_embed(images)], dim=1)
         pos_embed = F.pad(self.pos_embed, (0, 0, 1, 0)) if self.cfg.no_embed_class else self.pos_embed
-        x = self.hook_full_embed(self.hook_embed(tokens) + self.hook_pos_embed(pos_embed.expand(batch, -1, -1)))
+        pos_embed = pos_embed.expand(batch, -1, -1)
+        if self.hook_pos_embed.has_hooks():  # a hook may edit it in place: give it its own memory
+            pos_embed = pos_embed.clone()
+        x = self.hook_full_embed(self.hook_embed(tokens) + self.hook_pos_embed(pos_embed))
         for block in self.blocks[:stop_at_layer]:
             x = block(x)
         if stop_at_layer is not None:
@@ -86,16 +91,21 @@ class HookedViT(HookedRootModule):
     def _check_hook_name(self, name: str) -> None:
         check_hook_names([name], self.hook_dict)
         if name.endswith("attn.hook_result") and not self.cfg.use_attn_result:
-            raise ValueError(f"{name} only fires with per-head results on: call model.set_use_attn_result(True) first")
+            raise InvalidArgumentError(f"{name} only fires with per-head results on: call "
+                                       "model.set_use_attn_result(True) first")
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
         if isinstance(name, str):
             self._check_hook_name(name)
+        hook = shape_checked_hook(hook, name, dir)
         super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: str) -> None:
         self._check_hook_name(name)
-        super()._enable_hook_with_name(name, hook, dir)
+        super()._enable_hook_with_name(name, shape_checked_hook(hook, name, dir), dir)
+
+    def _enable_hooks_for_points(self, hook_points, enabled: Callable, hook: Callable, dir: str) -> None:
+        super()._enable_hooks_for_points(hook_points, enabled, shape_checked_hook(hook, "a hook point", dir), dir)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute (and hook) each head's output ``attn.hook_result`` ``[batch, pos, head, d_model]``."""
@@ -116,8 +126,10 @@ class HookedViT(HookedRootModule):
         clear_contexts: bool = False,
         pos_slice: Any = None,
         stop_at_layer: int | None = None,
-    ) -> tuple[Tensor, ViTActivationCache]:
-        """Run and cache activations (TransformerLens semantics).
+        return_cache_object: bool = True,
+    ) -> tuple[Tensor, ViTActivationCache | dict[str, Tensor]]:
+        """Run and cache activations (TransformerLens semantics; ``return_cache_object=False`` gives
+        the plain ``{hook name: tensor}`` dict).
 
         With ``incl_bwd=True``, ``metric(output)`` (a scalar; default: the output itself, which must
         then be a scalar) is backpropagated and gradients are cached as ``<hook name>_grad``.
@@ -140,11 +152,13 @@ class HookedViT(HookedRootModule):
             if incl_bwd:
                 target = metric(out) if metric is not None else out
                 if target.numel() != 1:
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"incl_bwd=True needs a scalar to differentiate, got shape {list(target.shape)}: pass "
                         "metric=, e.g. metric=lambda logits: logits[:, label].sum()"
                     )
                 target.backward()
+        if not return_cache_object:
+            return out, cache_dict
         return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
     # ------------------------------------------------------------------ conversion
@@ -188,9 +202,18 @@ class HookedViT(HookedRootModule):
         calib_seed: int | None = None,
         finetune: int | dict[str, Any] | None = None,
         cache: bool = True,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+        refactor_factored_attn_matrices: bool = False,
+        fold_layer_scale: bool | None = None,
     ) -> "HookedViT":
         """Load a model by alias (``"deit3_base"``, see ``pretrained_configs/``), timm name, or a
-        directory written by :meth:`save_pretrained`.
+        directory written by :meth:`save_pretrained`. A bare name is an alias when one is known
+        (a same-named directory in the current directory is then ignored, with a warning); a
+        ``pathlib.Path`` or a name with a path separator (``./deit3_base``) is a directory;
+        ``"alias:deit3_base"`` is always the alias.
 
         Weights come from ``checkpoint_path`` (timm or original DeiT-III file) if given, else from
         the package (embedded models) or timm's hub; ``pretrained=False`` gives a random
@@ -199,21 +222,37 @@ class HookedViT(HookedRootModule):
         With ``sparsity`` (fraction of each row's weights zeroed, in ``[0, 1)``) or ``nm=(N, M)``,
         the model is pruned with ``method`` (``"wanda"`` or ``"magnitude"``, see
         :func:`hooked_vit.pruning.prune`). Wanda's ``calibration`` is an image tensor, a dataset (or
-        builtin dataset name) or an image folder, sampled to ``n_calib`` images (default 128) with
-        ``calib_seed`` (default 0); by default the train split of the model's builtin dataset.
+        builtin dataset name) or an image folder, sampled to ``n_calib`` images with ``calib_seed``
+        (default 0); by default the train split of the model's builtin dataset. Without ``n_calib``
+        the model preset's protocol applies (``"protocol"`` in ``pretrained_configs/*.json``: 128
+        eval-transform images for the embedded model; for ImageNet models Wanda's reference, 4,096
+        train images drawn with replacement through the training augmentation).
         ``finetune`` (epochs, or a dict of :func:`hooked_vit.pruning.finetune` settings plus
         ``batch_size`` and ``data``) fine-tunes with the masks held. The result is cached on disk
         (``$HOOKED_VIT_CACHE``, else ``$XDG_CACHE_HOME/hooked_vit``, else ``~/.cache/hooked_vit``)
         unless ``cache=False``; ``sparsity=0`` returns the dense model.
+
+        ``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``,
+        ``refactor_factored_attn_matrices``: TransformerLens's weight processing (off by default
+        here, so the model stays equal to timm's), with LayerScale folded first
+        (``fold_layer_scale``; see :mod:`hooked_vit.weight_processing`).
         """
+        from hooked_vit.weight_processing import check_processing_flags
+
+        processing = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                          center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                          refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+        fold_layer_scale = check_processing_flags(**processing, fold_layer_scale=fold_layer_scale,
+                                                  pruned=bool(sparsity) or nm is not None)
         if sparsity is not None or nm is not None:  # fail on bad pruning arguments before loading
             from hooked_vit.pruning.recipe import check_request
 
             check_request(sparsity=sparsity, method=method, nm=nm, finetune=finetune)
-        if Path(name).is_dir():
-            model = cls._from_directory(Path(name))
+        directory, alias = resolve_model_name(name)
+        if directory is not None:
+            model = cls._from_directory(directory)
         else:
-            spec = get_spec(str(name))
+            spec = get_spec(alias)
             if pretrained and checkpoint_path is None:
                 timm_model = load_pretrained_timm(spec)
             else:
@@ -230,15 +269,17 @@ class HookedViT(HookedRootModule):
             )
         model = model.to(device=device, dtype=dtype).eval()
         if sparsity is not None or nm is not None:
-            from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB
+            from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED
             from hooked_vit.pruning.recipe import pruned_model
 
             model = pruned_model(
                 model, sparsity=sparsity, method=method, nm=nm, calibration=calibration,
-                n_calib=DEFAULT_N_CALIB if n_calib is None else n_calib,
+                n_calib=n_calib,  # None: the model preset's calibration protocol
                 calib_seed=DEFAULT_CALIB_SEED if calib_seed is None else calib_seed,
                 finetune=finetune, cache=cache,
             )
+        if fold_layer_scale or any(processing.values()):
+            model.process_weights_(**processing, fold_layer_scale=fold_layer_scale)
         model.set_use_attn_result(use_attn_result)
         return model.eval()
 
@@ -246,36 +287,46 @@ class HookedViT(HookedRootModule):
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (created if needed); a
         pruned model's weights include its ``weight_mask`` buffers, and its metadata goes to
         ``pruning.json``."""
+        from hooked_vit import atomic
         from hooked_vit.pruning.metadata import PRUNING_FILE, get_info, write_info
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         info = get_info(self)
-        if info is not None:
-            write_info(info, directory)
-        elif (directory / PRUNING_FILE).exists():  # stale metadata of a model saved here before
-            (directory / PRUNING_FILE).unlink()
-        (directory / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  directory / WEIGHTS_FILE)
+        with atomic.files_into(directory) as tmp:  # all written first, then each renamed into place
+            if info is not None:
+                write_info(info, tmp)
+            atomic.write_json(tmp / CONFIG_FILE, self.cfg.to_dict())
+            atomic.save_safetensors({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                                    tmp / WEIGHTS_FILE)
+        if info is None:  # stale metadata of a pruned model saved here before
+            (directory / PRUNING_FILE).unlink(missing_ok=True)
         return directory
 
     @classmethod
     def _from_directory(cls, directory: Path) -> "HookedViT":
+        from hooked_vit.errors import CorruptFileError, MissingFileError
+        from hooked_vit.pruning.masks import prepare_for_state_dict, rezero_masked_weights
+        from hooked_vit.pruning.metadata import INFO_ATTR, read_info
+        from hooked_vit.reading import load_safetensors, read_json
+
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"{directory} is not a saved HookedViT: {path.name} is missing "
-                                        "(save_pretrained writes config.json and model.safetensors)")
+                raise MissingFileError(f"{directory} is not a saved HookedViT: {path.name} is missing "
+                                       "(save_pretrained writes config.json and model.safetensors)")
+        fix = "save the model again with save_pretrained (a cached pruned model is rebuilt automatically)"
+        data = read_json(config_path, "a HookedViT config (JSON)", fix)
+        try:
+            cfg = HookedViTConfig.from_dict(data)
+        except (TypeError, ValueError, KeyError) as error:
+            raise CorruptFileError(config_path, "a HookedViT config", fix, found=str(error)) from None
         with torch.device("meta"):  # parameters are assigned from the file below
-            model = cls(HookedViTConfig.from_dict(json.loads(config_path.read_text())))
-        state_dict = load_file(weights_path)
-        from hooked_vit.pruning.masks import prepare_for_state_dict
-        from hooked_vit.pruning.metadata import INFO_ATTR, read_info
-
+            model = cls(cfg)
+        state_dict = load_safetensors(weights_path, "HookedViT weights (safetensors)", fix)
         prepare_for_state_dict(model, state_dict)  # weight_mask buffers of a pruned model
         check_state_dict(state_dict, model, str(weights_path))
         model.load_state_dict(state_dict, assign=True)
+        rezero_masked_weights(model, str(weights_path))
         info = read_info(directory)
         if info is not None:
             setattr(model, INFO_ATTR, info)

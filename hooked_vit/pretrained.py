@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from hooked_vit.errors import InvalidArgumentError, MissingFileError, UnknownNameError
+
+
+class UnknownModelError(UnknownNameError, ValueError):
+    """No registered model has this alias or timm name (a ``ValueError`` too, as before)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,47 @@ def get_spec(name: str) -> PretrainedSpec:
     known = sorted(specs)
     close = difflib.get_close_matches(name, known + [s.hub_name for s in specs.values() if s.hub_name], n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
+    raise UnknownModelError(
         f"Unknown model {name!r}.{hint} Known aliases: {', '.join(known)}. "
         "A directory saved with save_pretrained() or a timm model via HookedViT.from_timm() also work."
     )
+
+
+ALIAS_PREFIX = "alias:"
+
+
+def resolve_model_name(name: str | os.PathLike) -> tuple[Path | None, str | None]:
+    """``(directory, None)`` for a saved model directory, ``(None, alias)`` for a registered model.
+
+    ``"alias:NAME"`` is always the alias; a ``Path`` or a name with a path separator (``./NAME``,
+    ``runs/NAME``, ``~/NAME``) is always a directory (which must exist); a bare name is the alias
+    when one is known, warning if a same-named directory exists (pass ``./NAME`` to load that), else
+    an existing directory, else :class:`~hooked_vit.errors.UnknownModelError`."""
+    if isinstance(name, os.PathLike):
+        return _existing_directory(Path(name)), None
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgumentError(f"model name must be a non-empty alias, timm name or directory; got {name!r}")
+    if name.startswith(ALIAS_PREFIX):
+        alias = name[len(ALIAS_PREFIX):]
+        get_spec(alias)
+        return None, alias
+    if os.sep in name or (os.altsep and os.altsep in name) or name.startswith(("~", ".")):
+        return _existing_directory(Path(name).expanduser()), None
+    try:
+        get_spec(name)
+    except UnknownModelError:
+        if Path(name).is_dir():
+            return Path(name), None
+        raise
+    if Path(name).is_dir():
+        warnings.warn(f"{name!r} is both a model alias and a directory in {Path.cwd()}; loading the alias. "
+                      f"Pass './{name}' to load the directory, or 'alias:{name}' to silence this warning",
+                      UserWarning, stacklevel=3)
+    return None, name
+
+
+def _existing_directory(path: Path) -> Path:
+    if not path.is_dir():
+        raise MissingFileError(f"model directory {path} does not exist (expected a directory written by "
+                               "HookedViT.save_pretrained; for a registered model pass its alias, e.g. 'alias:NAME')")
+    return path

@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.errors import UnknownNameError
 
 SITE_NAMES: tuple[str, ...] = ("norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out")
 
@@ -84,11 +85,11 @@ class SiteRegistry:
     def __getitem__(self, key: tuple[int, str]) -> Site:
         layer, name = key
         if name not in SITE_NAMES:
-            raise KeyError(f"Unknown site {name!r}; sites are {list(SITE_NAMES)}")
+            raise UnknownNameError(f"Unknown site {name!r}; sites are {list(SITE_NAMES)}")
         if layer < 0:
             layer += self.n_layers
         if not 0 <= layer < self.n_layers:
-            raise KeyError(f"Layer {key[0]} out of range for a model with {self.n_layers} blocks")
+            raise UnknownNameError(f"Layer {key[0]} out of range for a model with {self.n_layers} blocks")
         return self._by_key[(layer, name)]
 
     def __contains__(self, hook_name: object) -> bool:
@@ -99,7 +100,7 @@ class SiteRegistry:
         try:
             return self._by_hook[hook_name]
         except KeyError:
-            raise KeyError(f"{hook_name!r} is not a circuit site hook") from None
+            raise UnknownNameError(f"{hook_name!r} is not a circuit site hook") from None
 
     def at_layer(self, layer: int) -> list[Site]:
         return [self[layer, name] for name in SITE_NAMES]

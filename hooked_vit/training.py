@@ -11,7 +11,6 @@ regenerates the shipped files (3-5 minutes on 2 idle CPU cores).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -25,11 +24,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
+from hooked_vit import atomic
 from hooked_vit.data.dataset import LabelledImages
 from hooked_vit.data.digits import DIGITS_PREPROCESSING, load_digits_dataset
 from hooked_vit.data.loaders import make_loader, resolve_device
@@ -236,10 +235,12 @@ def _slice(dataset: LabelledImages, n: int | None, what: str, seed: int) -> Labe
     return dataset.subset(positions.sort().values)
 
 
-def training_command(seed: int, epochs: int | None, out: str) -> str:
+def training_command(seed: int, epochs: int | None, out: str, *, n_train: int | None = None,
+                     n_val: int | None = None) -> str:
     """The ``hooked-vit`` command line that reproduces a run."""
-    return f"hooked-vit train-default --seed {seed}" + (f" --epochs {epochs}" if epochs is not None else "") + \
-        f" --out {out}"
+    options = {"--epochs": epochs, "--n-train": n_train, "--n-val": n_val}
+    return f"hooked-vit train-default --seed {seed}" + \
+        "".join(f" {flag} {value}" for flag, value in options.items() if value is not None) + f" --out {out}"
 
 
 def save_default(result: TrainResult, out_dir: str | os.PathLike, *, command: str) -> tuple[Path, Path]:
@@ -249,7 +250,7 @@ def save_default(result: TrainResult, out_dir: str | os.PathLike, *, command: st
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{DEFAULT_ALIAS}.safetensors"
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in result.model.state_dict().items()}
-    save_file(state, weights, metadata={"alias": DEFAULT_ALIAS, "seed": str(result.seed), "format": "timm"})
+    atomic.save_safetensors(state, weights, metadata={"alias": DEFAULT_ALIAS, "seed": str(result.seed), "format": "timm"})
     spec = {
         "alias": DEFAULT_ALIAS,
         "timm_name": None,
@@ -277,6 +278,6 @@ def save_default(result: TrainResult, out_dir: str | os.PathLike, *, command: st
         },
     }
     config_path = out_dir / f"{DEFAULT_ALIAS}.json"
-    config_path.write_text(json.dumps(spec, indent=2) + "\n")
+    atomic.write_json(config_path, spec)
     return weights, config_path
 

@@ -3,9 +3,18 @@ jaxtyping's import hook (pytest --jaxtyping-packages, set in pyproject.toml) ins
 
 from __future__ import annotations
 
-import pytest
-import timm
-import torch
+import os
+
+# One torch thread per test process (and its subprocesses) unless the caller sets OMP_NUM_THREADS:
+# the suite's tensors are small, and on a shared machine two spinning OpenMP threads per process
+# made single steps 10-20x slower. Numbers are compared within one process, so this changes no result.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def randomize_layer_scale(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

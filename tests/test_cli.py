@@ -28,7 +28,8 @@ def test_evaluate_prints_a_table_and_json(cli, capsys):
 def test_evaluate_reports_bad_data_as_an_error(cli, capsys):
     assert cli.main(["evaluate", "--data", "/no/such/folder", "--batch-size", "8"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("hooked-vit evaluate: error: unknown dataset source '/no/such/folder'")
+    assert error.startswith("hooked-vit evaluate: error: argument --data: unknown dataset source '/no/such/folder'")
+    assert len(error.strip().splitlines()) == 1
 
 
 def test_info_prints_the_model_summary(cli, capsys):
@@ -41,10 +42,13 @@ def test_train_default_writes_loadable_files(cli, capsys, tmp_path):
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer
 
-    assert cli.main(["train-default", "--seed", "1", "--epochs", "1", "--out", str(tmp_path)]) == 0
-    assert "epoch   1/1" in capsys.readouterr().out
+    assert cli.main(["train-default", "--seed", "1", "--epochs", "1", "--n-train", "64", "--n-val", "20",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch   1/1" in out and "on 20 images" in out
     spec = json.loads((tmp_path / "deit3_tiny_digits.json").read_text())
-    assert spec["training"]["command"] == f"hooked-vit train-default --seed 1 --epochs 1 --out {tmp_path}"
+    assert spec["training"]["command"] == \
+        f"hooked-vit train-default --seed 1 --epochs 1 --n-train 64 --n-val 20 --out {tmp_path}"
     assert spec["training"]["epochs"] == 1 and 0.0 <= spec["training"]["val_top1"] <= 1.0
     VisionTransformer(**spec["timm_kwargs"]).load_state_dict(load_file(tmp_path / spec["weights_file"]))
 

@@ -112,7 +112,8 @@ def test_per_head_results_sum_to_attention_output(small_hooked, images_64):
         small_hooked.set_use_attn_result(False)
     torch.testing.assert_close(logits, small_hooked(images_64), rtol=0, atol=1e-5)
     attn = small_hooked.blocks[0]
-    out = (cache["blocks.0.attn.hook_result"].sum(2) + attn.attn.proj.bias) * attn.ls1.gamma
+    # hook_result includes LayerScale: heads + LayerScaled bias = hook_attn_out (TL's identity)
+    out = cache["blocks.0.attn.hook_result"].sum(2) + attn.attn.proj.bias * attn.ls1.gamma
     torch.testing.assert_close(out, cache["blocks.0.hook_attn_out"], rtol=0, atol=1e-5)
 
 

@@ -198,7 +198,7 @@ def test_sae_train_and_eval_commands(tmp_path, capsys):
     assert main(args) == 0 and "dense: loaded (already trained)" in capsys.readouterr().out
     assert main(["sae-eval", "--out", str(out), "--top-k", "3", "--classes", "0,1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "| dense |" in printed and "/ 192 |" in printed
+    assert "| dense |" in printed and "/ 192 (0." in printed  # dead latents: count of d_sae and fraction
     rows = (out / "quality.csv").read_text()
     assert "n_tokens" in rows and ",360," in rows  # the 360 held-out CLS tokens are the dead-latent window
     assert main(["sae-eval", "--out", str(tmp_path / "missing")]) == 2

@@ -218,3 +218,73 @@ def test_errors_are_clear(digits_model, digits_val, digits_train):
         NeuronLevelConfig(sites=("mlp",))
     with pytest.raises(ValueError, match="selection"):
         NeuronLevelConfig(selection="largest")
+
+
+def test_metrics_per_unit_type_split_the_joint_top_k(run, digits_model, digits_val, digits_train, means_dir):
+    """The joint top-K of heads and MLP neurons is kept; ``by_type`` re-averages its per-unit
+    metrics over each type's members, and ablates only that type's units (re-derived here)."""
+    from analyses.ablation import load_or_compute_means, mean_ablation_hooks
+    from analyses.neuron_level import NeuronLevelResult
+    from analyses.results import read_json
+
+    config, out, result = run
+    record = read_json(out / "sparsity_0" / "classes" / "3.json")["record"]
+    for block in record["blocks"].values():
+        kinds = [u.split(":")[0] for u in block["units"]]
+        assert sum(t["n_units"] for t in block["by_type"].values()) == config.top_k
+        for site, values in block["by_type"].items():
+            members = [i for i, kind in enumerate(kinds) if kind == site]
+            assert values["n_units"] == len(members)
+            if not members:
+                assert values["selectivity"] is None and values["ablation"] is None
+                continue
+            for metric in ("selectivity", "class_variance", "label_entropy"):
+                expected = sum(block[f"unit_{metric}"][i] for i in members) / len(members)
+                assert values[metric] == pytest.approx(expected, rel=1e-6)
+    # ablation impact of block 2's MLP neurons alone, recomputed with hooks written here
+    block = record["blocks"]["2"]
+    mlp = [int(u.split(":")[1]) for u in block["units"] if u.startswith("mlp_act:")]
+    assert mlp, "premise: the top-K holds MLP neurons"
+    means = load_or_compute_means(digits_model, digits_train, directory=means_dir, show_progress=False)
+    images, labels = digits_val.tensors(show_progress=False)
+    own = images[labels == 3]
+    with torch.no_grad():
+        clean = digits_model(own)
+        ablated = digits_model.run_with_hooks(own, fwd_hooks=mean_ablation_hooks(
+            digits_model, {"blocks.2.mlp.hook_post": mlp}, means))
+    impact = ((clean[:, 3] - ablated[:, 3]) / clean.norm(dim=1)).mean()
+    assert block["by_type"]["mlp_act"]["ablation"] == pytest.approx(float(impact), rel=1e-4, abs=1e-6)
+    # tables and markdown carry the split, and it survives a reload
+    assert {r["unit_type"] for r in result.type_rows} == set(config.sites)
+    assert "MLP neurons" in result.markdown() and "heads" in result.markdown()
+    assert NeuronLevelResult.load(out).type_rows == result.type_rows
+    assert (out / "summary_by_type.csv").is_file()
+
+
+def test_analyses_build_fine_tuned_variants_from_an_imagenet_style_folder(tmp_path, monkeypatch):
+    """``--data`` an ImageNet-style folder: the analyses' variants are calibrated and fine-tuned on
+    its train split, for the preset's epochs (2, as the paper), with no other argument."""
+    from PIL import Image
+
+    from analyses import layer_level, neuron_level
+    from hooked_vit.data.digits import digits_arrays
+
+    monkeypatch.setenv("HOOKED_VIT_CACHE", str(tmp_path / "cache"))
+    images = digits_arrays()[0]
+    root = tmp_path / "folder"
+    for split, offset in (("train", 0), ("val", 500)):
+        for c in range(10):
+            (root / split / str(c)).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(images[offset + 10 * i + c]).save(root / split / str(c) / f"{i}.png")
+    config = neuron_level.NeuronLevelConfig(dataset=str(root))
+    assert (config.finetune_epochs, config.n_calib, config.calib_sampling) == (2, 128, "quick")
+    model = neuron_level.load_model(config, 0.5)
+    info = model.pruning_info
+    assert info.calibration["path"] == str(root.resolve()) and info.calibration["n"] == 30  # its 30 train images
+    assert len(info.finetune) == 1 and info.finetune[0]["epochs"] == 2
+    assert info.finetune[0]["data"] == {"name": "folder", "split": "train", "len": 30}
+    again = layer_level.load_model(layer_level.LayerLevelConfig(dataset=str(root)), 0.5)  # the same cached variant
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    assert neuron_level.NeuronLevelConfig(model="deit3_base").finetune_epochs == 2  # the paper's, for DeiT-III
+    assert neuron_level.NeuronLevelConfig(dataset=str(root), finetune_epochs=0).finetune_epochs == 0

@@ -109,7 +109,7 @@ def test_wanda_matches_brute_force_definition():
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.33, 0.5, 0.9])
-@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude_row"])
 def test_exact_per_row_zero_counts(method, sparsity):
     from hooked_vit.pruning import measured_sparsity, prune
 
@@ -125,7 +125,7 @@ def test_exact_per_row_zero_counts(method, sparsity):
     assert info.overall_sparsity == zeros / total == measured_sparsity(model)[1]
 
 
-def test_magnitude_is_brute_force_and_differs_from_wanda_on_nonuniform_norms():
+def test_magnitude_row_is_brute_force_and_differs_from_wanda_on_nonuniform_norms():
     from hooked_vit.pruning import prune
 
     images = tiny_images()
@@ -134,7 +134,7 @@ def test_magnitude_is_brute_force_and_differs_from_wanda_on_nonuniform_norms():
     norms = captured_input_norms(wanda, images)
     assert min(float(n.max() / n.min()) for n in norms.values()) > 2  # the premise: non-uniform norms
     prune(wanda, "wanda", 0.5, calibration=images)
-    info = prune(magnitude, "magnitude", 0.5)
+    info = prune(magnitude, "magnitude_row", 0.5)
     assert info.calibration is None and info.n_calibration_tokens is None
     for name, lin in linears(magnitude).items():
         assert torch.equal(lin.weight_mask, reference_mask(dense[name].abs().double(), 0.5)), name
@@ -142,7 +142,30 @@ def test_magnitude_is_brute_force_and_differs_from_wanda_on_nonuniform_norms():
         assert disagreement > 0.05, name
 
 
-@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.7])
+def test_magnitude_is_per_layer_as_han_et_al(sparsity):
+    """``magnitude`` ranks |W| over the whole layer (Han et al. 2015): re-derived here with a
+    threshold loop over the sorted magnitudes; rows end up with different sparsities."""
+    from hooked_vit.pruning import prune
+
+    model = tiny_model()
+    with torch.no_grad():  # rows of very different scale, so a per-layer and a per-row rule disagree
+        for lin in linears(model).values():
+            lin.weight.mul_(torch.linspace(0.2, 3.0, lin.out_features)[:, None])
+    dense = {name: lin.weight.detach().clone() for name, lin in linears(model).items()}
+    info = prune(model, "magnitude", sparsity)
+    for name, lin in linears(model).items():
+        flat = sorted(dense[name].abs().reshape(-1).tolist())
+        n_pruned = int(len(flat) * sparsity)
+        threshold = flat[n_pruned]  # smallest kept magnitude (no ties in random weights)
+        expected = dense[name].abs() >= threshold
+        assert torch.equal(lin.weight_mask, expected), name
+        assert int((~lin.weight_mask).sum()) == n_pruned and info.layer_sparsity[name] == n_pruned / len(flat)
+        per_row = (~lin.weight_mask).sum(1)
+        assert per_row.max() > per_row.min(), name  # not the per-row rule
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "magnitude_row"])
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 8)])
 def test_nm_keeps_top_n_of_every_group_of_m(method, nm):
     from hooked_vit.pruning import prune
@@ -192,7 +215,7 @@ def test_masks_are_buffers_and_sparsity_is_measured_from_weights():
     from hooked_vit.pruning import measured_sparsity, prune
 
     model = tiny_model()
-    prune(model, "magnitude", 0.25)
+    prune(model, "magnitude_row", 0.25)
     mask_keys = sorted(k for k in model.state_dict() if k.endswith("weight_mask"))
     assert mask_keys == sorted(f"{name}.weight_mask" for name in linears(model))  # not head, not patch_embed
     assert all(model.state_dict()[k].dtype == torch.bool for k in mask_keys)
@@ -463,3 +486,45 @@ def test_calibration_from_folder_and_identity(digits_model_dir, tmp_path):
     assert resolve_calibration(model, tmp_path, n=3, seed=1).identity["sha256"] != first.identity["sha256"]
     info = prune(model, "wanda", 0.5, calibration=tmp_path, n_calib=3)
     assert info.calibration == first.identity and info.n_calibration_tokens == 3 * model.cfg.n_ctx
+
+
+def test_reference_calibration_draws_with_replacement_and_training_augmentation(digits_model_dir, tmp_path):
+    """Wanda's ViT calibration: n draws WITH replacement (more than the split holds), each through
+    the training augmentation; deterministic given the seed, different from the eval-transform images."""
+    from hooked_vit import HookedViT
+    from hooked_vit.data import load_dataset
+    from hooked_vit.pruning import resolve_calibration
+
+    model = HookedViT.from_pretrained(digits_model_dir)
+    train = load_dataset("digits", split="train", model=model)
+    n = len(train) + 100  # impossible without replacement
+    calib = resolve_calibration(model, "digits", n=n, seed=3, sampling="reference")
+    assert calib.images.shape == (n, 3, 32, 32) and calib.identity["sampling"] == "reference"
+    again = resolve_calibration(model, train, n=n, seed=3, sampling="reference")
+    assert torch.equal(again.images, calib.images)
+    positions = torch.randint(len(train), (n,), generator=torch.Generator().manual_seed(3))
+    plain = train.subset(positions).tensors(show_progress=False)[0]
+    assert (calib.images - plain).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.9  # augmented
+    assert resolve_calibration(model, "digits", n=8, seed=4, sampling="reference").identity["sha256"] != \
+        resolve_calibration(model, "digits", n=8, seed=5, sampling="reference").identity["sha256"]
+    with pytest.raises(ValueError, match="calibration sampling must be one of quick, reference"):
+        resolve_calibration(model, "digits", n=8, sampling="balanced")
+
+    # an ImageNet-style root: the files are re-read through timm's (DeiT) training transform
+    write_digit_folder(tmp_path, "train", {"n01440764": [0, 1, 2], "n01443537": [10, 11]})
+    first = resolve_calibration(model, tmp_path, n=7, seed=0, sampling="reference")
+    assert first.images.shape == (7, 3, 32, 32) and first.identity["path"] == str(tmp_path.resolve())
+    assert torch.equal(resolve_calibration(model, tmp_path, n=7, seed=0, sampling="reference").images, first.images)
+
+
+def write_digit_folder(root, split: str, classes: dict[str, list[int]]) -> None:
+    """Digits (indices into sklearn's 1,797) as 8x8 greyscale PNGs in ``root/split/<class>/``."""
+    from PIL import Image
+
+    from hooked_vit.data.digits import digits_arrays
+
+    images = digits_arrays()[0]
+    for cls, indices in classes.items():
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            Image.fromarray(images[i]).save(root / split / cls / f"{i:04d}.png")

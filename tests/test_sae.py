@@ -204,3 +204,48 @@ def test_attach_errors(tiny, sae_module, random_sae):
         small_config(sae_module, k=999).sae_config(32, "cpu")
     with pytest.raises(ValueError, match="tokens must be one of"):
         small_config(sae_module, tokens="CLS")
+
+
+def test_dead_window_default_follows_batchtopk_reference(sae_module):
+    """BatchTopK's reference counts a latent dead after 5 batches of 4,096 activations without
+    firing; sae-lens's window counts steps beyond which a latent is dead (``>``), so 4 steps of
+    4,096, scaled to the batch size and capped at a tenth of the run."""
+    assert sae_module.dead_window_steps(4096, 2**22) == 4 == sae_module.SAETrainConfig().dead_feature_window
+    assert sae_module.dead_window_steps(256, 150_000) == min(20480 // 256 - 1, 585 // 10) == 58
+    assert sae_module.dead_window_steps(1024, 2**22) == 19
+    assert sae_module.dead_window_steps(8192, 8192 * 5) == 1  # at least one step
+    assert sae_module.SAETrainConfig(dead_feature_window=7).dead_feature_window == 7
+
+
+def test_aux_loss_is_nonzero_on_dead_latents_and_trains_only_them(sae_module):
+    from sae_lens.saes.sae import TrainStepInput
+
+    cfg = small_config(sae_module, k=2, expansion_factor=4)
+    torch.manual_seed(0)
+    sae = sae_module.BatchTopKTrainingSAE(cfg.sae_config(16, "cpu"))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+
+    def aux(mask):
+        sae.zero_grad()
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=mask,
+                                                       n_training_steps=0, is_logging_step=False))
+        return out.losses["auxiliary_reconstruction_loss"]
+
+    assert float(aux(torch.zeros_like(dead))) == 0.0  # nothing dead: no auxiliary loss
+    loss = aux(dead)
+    assert float(loss.detach()) > 0
+    loss.backward()
+    column_grad = sae.W_enc.grad.abs().sum(0)  # [d_sae]
+    assert (column_grad[dead] > 0).any() and (column_grad[~dead] == 0).all()  # it moves dead latents only
+
+
+def test_default_window_lets_the_aux_loss_act_during_a_short_run(tiny, dataset, sae_module, tmp_path):
+    """With the run-scaled window, latents are counted dead within the run and the logged
+    auxiliary loss is nonzero (with the old 1,000-step window on a 30-step run it stayed 0)."""
+    cfg = small_config(sae_module, k=2, expansion_factor=8, training_samples=128 * 30, log_every=3,
+                       dead_feature_window=None)
+    assert cfg.dead_feature_window == 3
+    run = sae_module.train_sae(tiny, dataset, cfg, out_dir=tmp_path / "run", resume=False)
+    assert max(r["aux_loss"] for r in run.log) > 0 and max(r["dead_latents"] for r in run.log) > 0

@@ -49,7 +49,7 @@ def test_sweep_results_settings_and_resume(digits_model_dir, small_splits, tmp_p
     from hooked_vit.pruning import sweep
 
     config = sweep.SweepConfig(model=str(digits_model_dir), methods=("magnitude", "wanda"),
-                               sparsities=(0.0, 0.5, 0.9), n_calib=32)
+                               sparsities=(0.0, 0.5, 0.9), n_calib=32, finetune_epochs=0, calib_sampling="quick")
     calls = []
 
     def counting_prune(model, method, sparsity, **kwargs):
@@ -75,7 +75,7 @@ def test_sweep_results_settings_and_resume(digits_model_dir, small_splits, tmp_p
             assert abs(float(by_key[(method, s)]["overall_sparsity"]) - s) < 0.01
     markdown = (tmp_path / "sweep.md").read_text()
     assert "| Method | Metric | 0.0 (Dense) | 0.5 | 0.9 |" in markdown
-    assert f"| Magnitude | Top-1 | {expected['top1']:.4f} |" in markdown and '"n_calib": 32' in markdown
+    assert f"| Magnitude (per layer) | Top-1 | {expected['top1']:.4f} |" in markdown and '"n_calib": 32' in markdown
     with Image.open(tmp_path / "sweep.png") as png:
         assert json.loads(png.text["Description"])["sweep"]["sparsities"] == [0.0, 0.5, 0.9]
     saved = json.loads((tmp_path / "results" / "wanda_0.9.json").read_text())
@@ -105,7 +105,7 @@ def test_markdown_table_has_the_paper_layout():
     assert markdown_table(rows, (0.0, 0.7)).splitlines() == [
         "| Method | Metric | 0.0 (Dense) | 0.7 |",
         "|---|---|---:|---:|",
-        "| Magnitude | Top-1 | 0.8371 | 0.8026 |",
+        "| Magnitude (per layer) | Top-1 | 0.8371 | 0.8026 |",
         "|  | Top-5 | 0.9655 | 0.9498 |",
         "| Wanda | Top-1 | 0.8371 | 0.8044 |",
         "|  | Top-5 | 0.9655 | 0.9510 |",
@@ -129,3 +129,16 @@ def test_cli_sweep_with_finetuning(digits_model_dir, small_splits, tmp_path, cap
 
     assert main(["sweep-sparsity", "--model", str(digits_model_dir), "--sparsities", "0,1.5", "--out", str(out)]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_sweep_defaults_come_from_the_model_preset():
+    """Table 1 is fine-tuned by default, for the preset's epochs (the paper's 2 for DeiT-III), and
+    calibrated as the preset says (Wanda's 4,096 augmented draws for ImageNet models)."""
+    from hooked_vit.pruning.sweep import SweepConfig, resolve_protocol
+
+    embedded = resolve_protocol(SweepConfig())
+    assert (embedded.finetune_epochs, embedded.n_calib, embedded.calib_sampling) == (2, 128, "quick")
+    paper = resolve_protocol(SweepConfig(model="deit3_base"))
+    assert (paper.finetune_epochs, paper.n_calib, paper.calib_sampling) == (2, 4096, "reference")
+    explicit = resolve_protocol(SweepConfig(model="deit3_base", finetune_epochs=0, n_calib=128))
+    assert (explicit.finetune_epochs, explicit.n_calib, explicit.calib_sampling) == (0, 128, "reference")

@@ -7,6 +7,13 @@ Location: ``$HOOKED_VIT_CACHE`` if set, else ``$XDG_CACHE_HOME/hooked_vit``, els
 the dense weights, the dtype, the pruning method, sparsity and N:M pattern, the calibration identity
 (content hash of the calibration images, with their source, count and seed) and the fine-tuning
 settings.
+
+Sharing: processes (or ranks on a shared filesystem) asking for the same entry at once take the file
+lock ``<root>/locks/<entry>.lock``: one builds, the others wait (up to ``$HOOKED_VIT_LOCK_TIMEOUT`` seconds,
+default 3600) and then load. An entry appears by renaming a complete directory into place, so a
+reader never sees a partial one. A corrupt entry is moved aside (``<entry>.corrupt-<id>``) with a
+warning and rebuilt. A cache that cannot be written (read-only, full disk) gives a warning and the
+model is built without caching.
 """
 
 from __future__ import annotations
@@ -15,14 +22,19 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from hooked_vit import atomic
+from hooked_vit.errors import CacheLockTimeoutError, HookedViTError
+
 KEY_FILE = "cache_key.json"
+LOCK_TIMEOUT_SECONDS = 3600.0
 
 
 def cache_root() -> Path:
@@ -58,22 +70,93 @@ def entry_dir(model_name: str, method: str, sparsity: float, nm: tuple[int, int]
 
 
 def is_cached(directory: Path, key: str) -> bool:
-    """Whether ``directory`` holds a complete entry written for ``key``."""
-    key_file = directory / KEY_FILE
-    return key_file.is_file() and json.loads(key_file.read_text()).get("key") == key
+    """Whether ``directory`` holds a complete entry written for ``key`` (an unreadable key file
+    counts as absent)."""
+    try:
+        return json.loads((directory / KEY_FILE).read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def store(model: nn.Module, directory: Path, key: str, payload: dict[str, Any]) -> Path:
-    """Save ``model`` into ``directory`` atomically (written aside, then renamed into place)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-    try:
+    """Save ``model`` into ``directory`` atomically (written aside, then renamed into place,
+    replacing an old entry). Call it holding :func:`acquire_lock`."""
+    with atomic.atomic_directory(directory, replace=True) as tmp:
         model.save_pretrained(tmp)
-        (tmp / KEY_FILE).write_text(json.dumps({"key": key, "payload": payload}, indent=2, default=str))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic.write_json(tmp / KEY_FILE, json.loads(json.dumps({"key": key, "payload": payload}, default=str)))
     return directory
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process building the same entry (``$HOOKED_VIT_LOCK_TIMEOUT``)."""
+    return float(os.environ.get("HOOKED_VIT_LOCK_TIMEOUT", LOCK_TIMEOUT_SECONDS))
+
+
+def lock_path(directory: Path) -> Path:
+    """The lock file of cache entry ``<root>/pruned/<entry>``: ``<root>/locks/<entry>.lock``."""
+    return directory.parent.parent / "locks" / f"{directory.name}.lock"
+
+
+def acquire_lock(directory: Path, timeout: float | None = None) -> Any:
+    """Take the file lock of cache entry ``directory`` (created with its parents) and return it
+    (``.release()`` it); :class:`~hooked_vit.errors.CacheLockTimeoutError` naming the lock file after
+    ``timeout`` seconds (default :func:`lock_timeout`), ``OSError`` if the cache cannot be written."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timeout = lock_timeout() if timeout is None else timeout
+    lock = FileLock(str(path), timeout=timeout, mode=0o666)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise CacheLockTimeoutError(
+            f"waited {timeout:g} s for the cache lock {path}: another process is building {directory.name}. "
+            "Wait for it, or raise $HOOKED_VIT_LOCK_TIMEOUT; the lock is freed when that process exits"
+        ) from None
+    return lock
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def cached_or_built(directory: Path, key: str, payload: dict[str, Any], build: Callable[[bool], nn.Module],
+                    load: Callable[[Path], nn.Module]) -> nn.Module:
+    """``load(directory)`` if it holds the entry for ``key``, else ``build(caching)``, stored there
+    (``caching`` says whether the cache is writable, e.g. for checkpoints beside the entry).
+
+    Concurrent callers for one entry: one builds under :func:`acquire_lock`, the others wait and load.
+    A corrupt entry (``load`` raises a hooked_vit error) is moved aside with a warning and rebuilt.
+    If the cache cannot be written, ``build(False)`` runs with a warning and nothing is stored."""
+    if is_cached(directory, key):
+        try:
+            return load(directory)
+        except HookedViTError:
+            pass  # corrupt: handled under the lock below
+    try:
+        lock = acquire_lock(directory)
+    except OSError as error:
+        _warn(f"cannot write the pruned-model cache at {directory.parent} ({error.strerror or error}); building "
+              "without caching. Set $HOOKED_VIT_CACHE to a writable folder to cache pruned models")
+        return build(False)
+    try:
+        if is_cached(directory, key):
+            try:
+                return load(directory)
+            except HookedViTError as error:
+                aside = atomic.move_aside(directory, "corrupt")
+                _warn(f"cached model {directory} is corrupt ({error}); moved it to {aside} and rebuilding")
+        elif directory.exists():
+            aside = atomic.move_aside(directory, "incomplete")
+            _warn(f"cache entry {directory} was incomplete or for another key; moved it to {aside} and rebuilding")
+        for stale in directory.parent.glob(f".{directory.name}.*{atomic.TMP_SUFFIX}"):  # of killed builders
+            shutil.rmtree(stale, ignore_errors=True)
+        model = build(True)
+        try:
+            store(model, directory, key, payload)
+        except OSError as error:
+            _warn(f"could not store the pruned model in the cache {directory} ({error}); continuing without caching")
+        return model
+    finally:
+        lock.release()

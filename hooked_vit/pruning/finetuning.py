@@ -26,8 +26,11 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hooked_vit import atomic
+from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.pruning.masks import apply_masks, mask_gradients, measured_sparsity
 from hooked_vit.pruning.metadata import get_info
+from hooked_vit.reading import torch_load
 
 CHECKPOINT_FILE = "finetune_last.pt"
 OPTIMIZERS = ("adamw", "sgd")
@@ -56,8 +59,8 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     else:
         images = labels = None
     if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError("train_loader must yield (images, labels) pairs or dicts with 'images' and 'labels' "
-                        f"tensors, got {type(batch).__name__}")
+        raise InvalidTypeError("train_loader must yield (images, labels) pairs or dicts with 'images' and 'labels' "
+                               f"tensors, got {type(batch).__name__}")
     return images, labels
 
 
@@ -84,7 +87,7 @@ def _make_optimizer(model: nn.Module, name: str | Callable, lr: float | int, wei
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable params -> Optimizer, got {name!r}")
+    raise InvalidArgumentError(f"optimizer must be one of {OPTIMIZERS} or a callable params -> Optimizer, got {name!r}")
 
 
 def _lr_lambda(schedule: str, total_steps: int | None, warmup_steps: int) -> Callable[[int], float]:
@@ -103,15 +106,12 @@ def _check_settings(saved: dict[str, Any], settings: dict[str, Any], path: Path)
     diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"checkpoint {path} was written by a fine-tuning run with other settings ({details}); "
-                         "pass the same settings, another checkpoint_dir, or resume=False to start over")
+        raise InvalidArgumentError(f"checkpoint {path} was written by a fine-tuning run with other settings ({details}); "
+                                   "pass the same settings, another checkpoint_dir, or resume=False to start over")
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic.torch_save(state, path)
 
 
 def finetune(
@@ -148,14 +148,14 @@ def finetune(
     ``model.pruning_info.finetune`` when the model was pruned.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+        raise InvalidArgumentError(f"epochs must be a whole number >= 0; got {epochs!r}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise InvalidArgumentError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be a positive int (optimizer steps) or None, got {checkpoint_every!r}")
+        raise InvalidArgumentError(f"checkpoint_every must be a positive int (optimizer steps) or None, got {checkpoint_every!r}")
     steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
     if schedule == "cosine" and steps_per_epoch is None:
-        raise ValueError("schedule='cosine' needs len(train_loader); use schedule='constant' for an unsized loader")
+        raise InvalidArgumentError("schedule='cosine' needs len(train_loader); use schedule='constant' for an unsized loader")
     total_steps = steps_per_epoch * epochs if steps_per_epoch is not None else None
     settings = dict(
         epochs=epochs, lr=lr, weight_decay=weight_decay,
@@ -170,7 +170,8 @@ def finetune(
     epoch, skip, global_step, epoch_losses, resumed_from = 0, 0, 0, [], None
     loss_sum, loss_count = 0.0, 0
     if path is not None and resume and path.is_file():
-        state = torch.load(path, map_location=param.device, weights_only=True)
+        state = torch_load(path, "a fine-tuning checkpoint", "delete it to restart fine-tuning, or pass resume=False",
+                           map_location=param.device)
         _check_settings(state["settings"], settings, path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from hooked_vit.errors import InvalidTypeError
+
 # Linear inside a block -> the hook (relative to the block) whose value that Linear multiplies.
 # attn.hook_z is [batch, pos, head, d_head]; heads flattened head-major give proj's d_model input.
 INPUT_HOOKS: dict[str, str] = {
@@ -36,12 +38,12 @@ class PrunableLayer:
 def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """The pruned Linears of ``model`` (a HookedViT), in block order then qkv, proj, fc1, fc2."""
     if not hasattr(model, "blocks"):
-        raise TypeError(f"pruning needs a HookedViT (with .blocks), got {type(model).__name__}")
+        raise InvalidTypeError(f"pruning needs a HookedViT (with .blocks), got {type(model).__name__}")
     layers = []
     for i, block in enumerate(model.blocks):
         for rel_name, hook in INPUT_HOOKS.items():
             module = block.get_submodule(rel_name)
             if not isinstance(module, nn.Linear):
-                raise TypeError(f"blocks.{i}.{rel_name} is {type(module).__name__}, expected nn.Linear")
+                raise InvalidTypeError(f"blocks.{i}.{rel_name} is {type(module).__name__}, expected nn.Linear")
             layers.append(PrunableLayer(f"blocks.{i}.{rel_name}", module, f"blocks.{i}.{hook}"))
     return layers

@@ -7,10 +7,13 @@ that changes weights keeps pruned weights exactly ``0.0``. Buffers travel with `
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from jaxtyping import Bool
 from torch import Tensor, nn
 
+from hooked_vit.errors import CheckpointMismatchError, InvalidArgumentError
 from hooked_vit.pruning.layers import prunable_layers
 
 MASK_NAME = "weight_mask"
@@ -20,8 +23,8 @@ MASK_SUFFIX = "." + MASK_NAME
 def set_mask(linear: nn.Linear, keep: Bool[Tensor, "out_features in_features"]) -> None:
     """Store ``keep`` as ``linear.weight_mask`` (created if absent) and zero the pruned weights."""
     if keep.shape != linear.weight.shape or keep.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of the weight's shape {list(linear.weight.shape)}, "
-                         f"got {keep.dtype} {list(keep.shape)}")
+        raise InvalidArgumentError(f"mask must be a bool tensor of the weight's shape {list(linear.weight.shape)}, "
+                                   f"got {keep.dtype} {list(keep.shape)}")
     keep = keep.to(linear.weight.device)
     if hasattr(linear, MASK_NAME):
         getattr(linear, MASK_NAME).copy_(keep)
@@ -62,6 +65,21 @@ def remove_masks(model: nn.Module) -> None:
         delattr(linear, MASK_NAME)
 
 
+@torch.no_grad()
+def rezero_masked_weights(model: nn.Module, source: str) -> int:
+    """Set masked weights that are not ``0.0`` back to zero (a checkpoint edited or fine-tuned
+    without the masks), warning with their count and ``source``; returns that count."""
+    count = 0
+    for linear in masked_linears(model).values():
+        stray = (linear.weight != 0) & ~getattr(linear, MASK_NAME)
+        count += int(stray.sum())
+        linear.weight.masked_fill_(~getattr(linear, MASK_NAME), 0.0)
+    if count:
+        warnings.warn(f"{source}: {count} pruned weights (weight_mask False) were not zero; set them to 0.0 "
+                      "as the masks say", RuntimeWarning, stacklevel=3)
+    return count
+
+
 def prepare_for_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
     """Create the ``weight_mask`` buffers that ``state_dict`` holds, so ``load_state_dict`` fits."""
     modules = dict(model.named_modules())
@@ -71,7 +89,7 @@ def prepare_for_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> N
         name = key[: -len(MASK_SUFFIX)]
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
-            raise KeyError(f"state dict has a pruning mask {key!r} but {name!r} is not a Linear of the model")
+            raise CheckpointMismatchError(f"state dict has a pruning mask {key!r} but {name!r} is not a Linear of the model")
         if not hasattr(linear, MASK_NAME):
             linear.register_buffer(MASK_NAME, torch.ones_like(linear.weight, dtype=torch.bool))
 

@@ -3,10 +3,13 @@ as ``model.pruning_info`` and saved beside its weights as ``pruning.json``."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from hooked_vit import atomic
+from hooked_vit.errors import CorruptFileError, InvalidArgumentError
+from hooked_vit.reading import read_json
 
 PRUNING_FILE = "pruning.json"
 INFO_ATTR = "pruning_info"
@@ -42,7 +45,7 @@ class PruningInfo:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown pruning metadata fields {unknown}; known: {sorted(known)}")
+            raise InvalidArgumentError(f"unknown pruning metadata fields {unknown}; known: {sorted(known)}")
         data = dict(data)
         data["nm"] = tuple(data["nm"]) if data.get("nm") else None
         return cls(**data)
@@ -63,9 +66,7 @@ def get_info(model: Any) -> PruningInfo | None:
 
 def write_info(info: PruningInfo, directory: str | Path) -> Path:
     """Write ``info`` to ``directory/pruning.json``."""
-    path = Path(directory) / PRUNING_FILE
-    path.write_text(json.dumps(info.to_dict(), indent=2))
-    return path
+    return atomic.write_json(Path(directory) / PRUNING_FILE, info.to_dict())
 
 
 def read_info(directory: str | Path) -> PruningInfo | None:
@@ -73,4 +74,9 @@ def read_info(directory: str | Path) -> PruningInfo | None:
     path = Path(directory) / PRUNING_FILE
     if not path.is_file():
         return None
-    return PruningInfo.from_dict(json.loads(path.read_text()))
+    fix = "delete it (the model loads unpruned-labelled) or save the model again"
+    data = read_json(path, "pruning metadata (JSON)", fix)
+    try:
+        return PruningInfo.from_dict(data)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CorruptFileError(path, "pruning metadata", fix, found=str(error)) from None

@@ -4,18 +4,28 @@ arguments, look up the on-disk cache, else prune (and optionally fine-tune) and 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from hooked_vit.data import BUILTIN_DATASETS, load_dataset, make_loader
+from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.pruning import cached
-from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB, resolve_calibration
+from hooked_vit.pruning.calibration import (
+    DEFAULT_CALIB_SEED,
+    REFERENCE_N_CALIB,
+    check_sampling,
+    resolve_calibration,
+)
 from hooked_vit.pruning.finetuning import finetune as run_finetune
 from hooked_vit.pruning.pruner import prune, resolve_sparsity
 from hooked_vit.pruning.validation import check_method
 
 DEFAULT_FINETUNE_BATCH_SIZE = 64
+# The paper's protocol, for models whose preset does not say otherwise: 2 epochs of masked fine-tuning
+# (Table 1), Wanda's ViT calibration (4,096 train images, with replacement, training augmentation).
+PAPER_PROTOCOL = {"finetune_epochs": 2, "n_calib": REFERENCE_N_CALIB, "calib_sampling": "reference"}
 FINETUNE_KEYS = ("epochs", "lr", "weight_decay", "optimizer", "momentum", "schedule", "warmup_steps",
                  "label_smoothing", "max_grad_norm", "seed", "batch_size", "data")
 
@@ -30,13 +40,30 @@ def finetune_settings(finetune: int | dict[str, Any] | None) -> dict[str, Any] |
     if isinstance(finetune, int) and not isinstance(finetune, bool):
         finetune = {"epochs": finetune}
     if not isinstance(finetune, dict):
-        raise TypeError(f"finetune must be None, a number of epochs, or a dict of settings {FINETUNE_KEYS}; "
-                        f"got {type(finetune).__name__}")
+        raise InvalidTypeError(f"finetune must be None, a number of epochs, or a dict of settings {FINETUNE_KEYS}; "
+                               f"got {type(finetune).__name__}")
     unknown = sorted(set(finetune) - set(FINETUNE_KEYS))
     if unknown:
-        raise ValueError(f"unknown finetune settings {unknown}; known: {', '.join(FINETUNE_KEYS)}")
+        raise InvalidArgumentError(f"unknown finetune settings {unknown}; known: {', '.join(FINETUNE_KEYS)}")
     settings = {"epochs": 2, "batch_size": DEFAULT_FINETUNE_BATCH_SIZE, **finetune}
+    for name in ("epochs", "batch_size"):
+        value, low = settings[name], 0 if name == "epochs" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidArgumentError(f"finetune {name} must be a whole number >= {low}; got {value!r}")
     return None if settings["epochs"] == 0 else settings
+
+
+def variant_protocol(model_name: str) -> dict[str, Any]:
+    """How the pruned variants of ``model_name`` are built by default: ``finetune_epochs``,
+    ``n_calib`` and ``calib_sampling`` from the ``"protocol"`` entry of its preset
+    (``pretrained_configs/<alias>.json``), else :data:`PAPER_PROTOCOL`."""
+    from hooked_vit.pretrained import registry
+
+    spec = registry().get(str(model_name).removeprefix("alias:"))
+    preset = spec.extra.get("protocol", {}) if spec is not None else {}
+    protocol = {key: preset.get(key, value) for key, value in PAPER_PROTOCOL.items()}
+    check_sampling(protocol["calib_sampling"])
+    return protocol
 
 
 def check_request(*, sparsity: float | int | None, method: str, nm: Any, finetune: Any) -> None:
@@ -50,7 +77,7 @@ def _training_data(model: nn.Module, data: Any) -> tuple[Any, dict[str, Any]]:
     if data is None or isinstance(data, str):
         name = data if data is not None else getattr(model.cfg, "dataset", None)
         if name not in BUILTIN_DATASETS:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"fine-tuning needs training data and {'dataset ' + repr(name) if name else 'this model'} is not "
                 f"builtin ({', '.join(sorted(BUILTIN_DATASETS))}); pass finetune={{'epochs': 2, 'data': dataset}} with "
                 "a dataset of (image, label) items, or fine-tune yourself with hooked_vit.pruning.finetune"
@@ -67,20 +94,29 @@ def pruned_model(
     method: str = "wanda",
     nm: Any = None,
     calibration: Any = None,
-    n_calib: int = DEFAULT_N_CALIB,
+    n_calib: int | None = None,
     calib_seed: int = DEFAULT_CALIB_SEED,
+    calib_sampling: str | None = None,
     finetune: int | dict[str, Any] | None = None,
     cache: bool = True,
     progress: bool = True,
 ) -> nn.Module:
     """``model`` (dense HookedViT) pruned as asked, from the cache when an entry exists, else
-    pruned in place (and fine-tuned) and stored. ``sparsity=0`` without ``nm`` returns ``model``."""
+    pruned in place (and fine-tuned) and stored. ``sparsity=0`` without ``nm`` returns ``model``.
+    ``calib_sampling``: ``"quick"`` (default when ``n_calib`` is given) or ``"reference"`` (see
+    :mod:`hooked_vit.pruning.calibration`); ``n_calib=None``: the model preset's calibration
+    (:func:`variant_protocol`)."""
     method = check_method(method)
     sparsity, nm = resolve_sparsity(sparsity, nm)
     if sparsity == 0.0 and nm is None:
         return model
     settings = finetune_settings(finetune)
-    calib = resolve_calibration(model, calibration, n=n_calib, seed=calib_seed) if method == "wanda" else None
+    if n_calib is None:  # the preset's calibration (its sampling unless one is given)
+        protocol = variant_protocol(model.cfg.model_name)
+        n_calib, calib_sampling = protocol["n_calib"], calib_sampling or protocol["calib_sampling"]
+    calib_sampling = calib_sampling or "quick"
+    calib = (resolve_calibration(model, calibration, n=n_calib, seed=calib_seed, sampling=calib_sampling)
+             if method == "wanda" else None)
     train_data, data_identity = (None, None) if settings is None else _training_data(model, settings.get("data"))
     payload = {
         "model": cached.state_digest(model), "model_name": model.cfg.model_name,
@@ -90,20 +126,25 @@ def pruned_model(
     }
     key = cached.cache_key(payload)
     directory = cached.entry_dir(model.cfg.model_name, method, sparsity, nm, key)
-    if cache and cached.is_cached(directory, key):
+
+    def build(caching: bool) -> nn.Module:
+        prune(model, method, sparsity, calibration=calib, nm=nm)
+        if settings is not None:
+            kwargs = {k: v for k, v in settings.items() if k not in ("batch_size", "data")}
+            loader = make_loader(train_data, batch_size=settings["batch_size"], shuffle=True,
+                                 seed=kwargs.get("seed", 0), device=next(model.parameters()).device)
+            checkpoint_dir = directory.with_name(directory.name + ".finetune") if caching else None
+            run_finetune(model, loader, checkpoint_dir=checkpoint_dir, progress=progress, **kwargs)
+            model.pruning_info.finetune[-1]["data"] = data_identity
+            model.pruning_info.finetune[-1]["batch_size"] = settings["batch_size"]
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return model
+
+    def load(path: Path) -> nn.Module:
         param = next(model.parameters())
-        return type(model)._from_directory(directory).to(device=param.device, dtype=param.dtype).eval()
-    prune(model, method, sparsity, calibration=calib, nm=nm)
-    if settings is not None:
-        kwargs = {k: v for k, v in settings.items() if k not in ("batch_size", "data")}
-        loader = make_loader(train_data, batch_size=settings["batch_size"], shuffle=True,
-                             seed=kwargs.get("seed", 0), device=next(model.parameters()).device)
-        checkpoint_dir = directory.with_name(directory.name + ".finetune") if cache else None
-        run_finetune(model, loader, checkpoint_dir=checkpoint_dir, progress=progress, **kwargs)
-        model.pruning_info.finetune[-1]["data"] = data_identity
-        model.pruning_info.finetune[-1]["batch_size"] = settings["batch_size"]
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if cache:
-        cached.store(model, directory, key, payload)
-    return model
+        return type(model)._from_directory(path).to(device=param.device, dtype=param.dtype).eval()
+
+    if not cache:
+        return build(False)
+    return cached.cached_or_built(directory, key, payload, build, load)

@@ -9,14 +9,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.pruning.layers import prunable_layers
 
 
 def _batches(images: Tensor | Iterable, batch_size: int) -> Iterable[Tensor]:
     if isinstance(images, Tensor):
         if images.ndim != 4 or images.shape[0] == 0:
-            raise ValueError(f"calibration images must be a non-empty [n, channel, height, width] tensor, "
-                             f"got shape {list(images.shape)}")
+            raise InvalidArgumentError(f"calibration images must be a non-empty [n, channel, height, width] tensor, "
+                                       f"got shape {list(images.shape)}")
         yield from images.split(batch_size)
         return
     for batch in images:
@@ -25,8 +26,8 @@ def _batches(images: Tensor | Iterable, batch_size: int) -> Iterable[Tensor]:
         elif isinstance(batch, dict):
             batch = batch.get("images", batch.get("image"))
         if not isinstance(batch, Tensor):
-            raise TypeError("calibration batches must be image tensors, (images, labels) pairs or dicts with "
-                            f"an 'image(s)' key; got {type(batch).__name__}")
+            raise InvalidTypeError("calibration batches must be image tensors, (images, labels) pairs or dicts with "
+                                   f"an 'image(s)' key; got {type(batch).__name__}")
         yield batch
 
 
@@ -46,7 +47,7 @@ def input_norms(
     float64 ``[in_features]`` in the activations' units, on the model's device.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     layers = prunable_layers(model)
     param = next(model.parameters())
     sums = {layer.name: torch.zeros(layer.in_features, dtype=torch.float64, device=param.device) for layer in layers}
@@ -74,5 +75,5 @@ def input_norms(
     finally:
         model.train(was_training)
     if n_tokens == 0:
-        raise ValueError("calibration data yielded no images; Wanda needs at least one calibration image")
+        raise InvalidArgumentError("calibration data yielded no images; Wanda needs at least one calibration image")
     return {name: s.sqrt() for name, s in sums.items()}, n_tokens

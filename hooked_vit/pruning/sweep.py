@@ -16,37 +16,45 @@ import copy
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hooked_vit.cli import parse_numbers
+from hooked_vit.cli_args import parse_numbers
+from hooked_vit.cli_args import sweep_sparsity_arguments as add_arguments  # noqa: F401  (the CLI options)
+from hooked_vit import atomic
 from hooked_vit.data import load_dataset, make_loader
+from hooked_vit.errors import check
 from hooked_vit.evaluation import evaluate
 from hooked_vit.pruning.cached import state_digest
-from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB, resolve_calibration
+from hooked_vit.pruning.calibration import DEFAULT_CALIB_SEED, check_sampling, resolve_calibration
 from hooked_vit.pruning.finetuning import finetune
 from hooked_vit.pruning.pruner import prune
 from hooked_vit.pruning.validation import check_method, check_sparsity
+from hooked_vit.reading import read_resumable_json
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9)
 DEFAULT_MODEL = "deit3_tiny_digits"
-METHOD_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda"}
+METHOD_LABELS = {"magnitude": "Magnitude (per layer)", "magnitude_row": "Magnitude (per row)", "wanda": "Wanda"}
 
 
 @dataclass
 class SweepConfig:
-    """Settings of a sweep. ``finetune_*`` apply when ``finetune_epochs > 0`` (AdamW, cosine
-    schedule, see :func:`~hooked_vit.pruning.finetune`); calibration is ``n_calib`` train images
-    drawn with ``seed``; accuracy is measured on ``eval_split``."""
+    """Settings of a sweep over ``data`` (``"builtin"``: the model's own dataset, or an
+    ImageNet-style root). ``finetune_*`` apply when ``finetune_epochs > 0`` (AdamW, cosine
+    schedule, see :func:`~hooked_vit.pruning.finetune`; on the train split); calibration is
+    ``n_calib`` train images drawn by ``calib_sampling`` with ``seed``; accuracy is measured on
+    ``eval_split``. ``None`` settings take the model preset's protocol (:func:`resolve_protocol`)."""
 
     model: str = DEFAULT_MODEL
     methods: tuple[str, ...] = ("magnitude", "wanda")
     sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
-    finetune_epochs: int = 0
+    data: str = "builtin"
+    finetune_epochs: int | None = None
     finetune_lr: float | int = 1e-4
     finetune_batch_size: int = 64
-    n_calib: int = DEFAULT_N_CALIB
+    n_calib: int | None = None
+    calib_sampling: str | None = None
     seed: int = DEFAULT_CALIB_SEED
     eval_split: str = "val"
     batch_size: int = 128
@@ -60,15 +68,42 @@ class SweepConfig:
         return {**data, "weights_sha256": weights}
 
 
+def resolve_protocol(config: SweepConfig) -> SweepConfig:
+    """``config`` with ``finetune_epochs``, ``n_calib`` and ``calib_sampling`` left ``None`` taken
+    from the model preset (:func:`~hooked_vit.pruning.recipe.variant_protocol`)."""
+    from hooked_vit.pruning.recipe import variant_protocol
+
+    protocol = variant_protocol(config.model)
+    return replace(config, **{key: protocol[key] for key in ("finetune_epochs", "n_calib", "calib_sampling")
+                              if getattr(config, key) is None})
+
+
+def check_config(config: SweepConfig) -> None:
+    """:class:`~hooked_vit.errors.InvalidArgumentError` naming the first invalid setting of ``config``."""
+    check(len(config.methods) > 0,
+          f"methods must name at least one of wanda, magnitude, magnitude_row; got {config.methods!r}")
+    check_sampling(config.calib_sampling)
+    check(len(config.sparsities) > 0, f"sparsities must list at least one fraction in [0, 1); got {config.sparsities!r}")
+    for s in config.sparsities:
+        check_sparsity(s)
+    for name, low in (("finetune_epochs", 0), ("finetune_batch_size", 1), ("n_calib", 1), ("batch_size", 1)):
+        value = getattr(config, name)
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+              f"{name} must be a whole number >= {low}; got {value!r}")
+    check(config.finetune_lr > 0, f"finetune_lr must be > 0; got {config.finetune_lr!r}")
+
+
 def _result_path(out: Path, method: str, sparsity: float) -> Path:
     return out / "results" / ("dense.json" if sparsity == 0 else f"{method}_{sparsity:g}.json")
 
 
 def _load_result(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.is_file():
+    """The finished result in ``path`` if it was made with ``settings``; a corrupt file is moved
+    aside with a warning (and the result recomputed)."""
+    data = read_resumable_json(path, "a sweep result (JSON)")
+    if not isinstance(data, dict) or data.get("settings") != settings or not isinstance(data.get("result"), dict):
         return None
-    data = json.loads(path.read_text())
-    return data["result"] if data.get("settings") == settings else None
+    return data["result"]
 
 
 def _accuracy(model, dataset, config: SweepConfig) -> dict[str, float]:
@@ -81,16 +116,17 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
     (method, sparsity): ``top1``, ``top5`` (fractions), measured ``overall_sparsity`` and seconds."""
     from hooked_vit import HookedViT
 
+    config = resolve_protocol(config)
+    check_config(config)
     methods = tuple(check_method(m) for m in config.methods)
     sparsities = tuple(sorted({check_sparsity(s) for s in config.sparsities}))
     out = Path(out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     dense = HookedViT.from_pretrained(config.model, device=config.device)
-    dataset_name = dense.cfg.dataset
-    eval_data = load_dataset(dataset_name, split=config.eval_split, model=dense)
-    train_data = load_dataset(dataset_name, split="train", model=dense)
-    calibration = resolve_calibration(dense, train_data, n=config.n_calib, seed=config.seed)
-    calibration.identity.update(name=dataset_name, split="train")
+    eval_data = load_dataset(config.data, split=config.eval_split, model=dense)
+    train_data = load_dataset(config.data, split="train", model=dense)
+    calibration = resolve_calibration(dense, train_data, n=config.n_calib, seed=config.seed,
+                                      sampling=config.calib_sampling) if "wanda" in methods else None
     settings = config.result_settings(state_digest(dense))
     rows: list[dict[str, Any]] = []
     todo = [("dense", 0.0)] if 0.0 in sparsities else []
@@ -118,7 +154,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
             start = time.perf_counter()
             result.update(_accuracy(model, eval_data, config))
             result["eval_seconds"] = time.perf_counter() - start
-            path.write_text(json.dumps({"settings": settings, "result": result}, indent=2))
+            atomic.write_json(path, {"settings": settings, "result": result})
         if method == "dense":
             rows += [{**result, "method": m} for m in methods]
         else:
@@ -153,18 +189,20 @@ def write_outputs(rows: list[dict[str, Any]], config: SweepConfig, out: Path, *,
     sparsities = tuple(sorted({check_sparsity(s) for s in config.sparsities}))
     columns = ["method", "sparsity", "top1", "top5", "overall_sparsity", "prune_seconds", "finetune_seconds",
                "eval_seconds"]
-    with open(out / "sweep.csv", "w", newline="") as f:
+    with atomic.open_atomic(out / "sweep.csv", "w", newline="") as f:
         f.write(f"# {header_json}\n")
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["method"], r["sparsity"])))
     ft = f", {config.finetune_epochs} epoch(s) of masked fine-tuning" if config.finetune_epochs else ", no fine-tuning"
-    (out / "sweep.md").write_text(
+    ft += f", {config.n_calib} {config.calib_sampling} calibration images"
+    atomic.write_text(
+        out / "sweep.md",
         f"Top-1 / top-5 accuracy of {config.model} on its {config.eval_split} split vs sparsity{ft}.\n\n"
         + markdown_table(rows, sparsities)
-        + f"\n\nSettings:\n\n```json\n{json.dumps(header, indent=2, sort_keys=True)}\n```\n"
+        + f"\n\nSettings:\n\n```json\n{json.dumps(header, indent=2, sort_keys=True)}\n```\n",
     )
-    (out / "sweep.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+    atomic.write_json(out / "sweep.json", {**header, "rows": rows})
     if plot:
         plot_sweep(rows, config, out / "sweep.png", header_json)
 
@@ -187,39 +225,25 @@ def plot_sweep(rows: list[dict[str, Any]], config: SweepConfig, path: Path, desc
         ax.legend()
     ft = f"{config.finetune_epochs} ep fine-tuning" if config.finetune_epochs else "no fine-tuning"
     fig.suptitle(f"{config.model} ({config.eval_split} split), {ft}, "
-                 f"{config.n_calib} calibration images, seed {config.seed}")
+                 f"{config.n_calib} calibration images ({config.calib_sampling}), seed {config.seed}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Description": description})
+    atomic.save_figure(fig, path, dpi=120, metadata={"Description": description})
     plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``hooked-vit sweep-sparsity`` options."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model alias (default {DEFAULT_MODEL})")
-    parser.add_argument("--methods", default="wanda,magnitude", help="comma-separated: wanda,magnitude")
-    parser.add_argument("--sparsities", default=",".join(f"{s:g}" for s in DEFAULT_SPARSITIES),
-                        help="comma-separated fractions in [0, 1); 0 is the dense model")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="masked fine-tuning epochs after pruning")
-    parser.add_argument("--finetune-lr", type=float, default=1e-4)
-    parser.add_argument("--finetune-batch-size", type=int, default=64)
-    parser.add_argument("--n-calib", type=int, default=DEFAULT_N_CALIB, help="Wanda calibration images (train split)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_CALIB_SEED, help="calibration sample and fine-tuning seed")
-    parser.add_argument("--eval-split", default="val", help="split to measure accuracy on (default val)")
-    parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None, help="output folder (default runs/sweep-<model>[-ft<N>])")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[SweepConfig, Path]:
     """A :class:`SweepConfig` and output folder from parsed ``sweep-sparsity`` arguments."""
     config = SweepConfig(
         model=args.model, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        sparsities=parse_numbers(args.sparsities, "--sparsities"), finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-        finetune_batch_size=args.finetune_batch_size, n_calib=args.n_calib, seed=args.seed,
+        sparsities=parse_numbers(args.sparsities, "--sparsities"), data=args.data,
+        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        finetune_batch_size=args.finetune_batch_size,
+        n_calib=args.n_calib, calib_sampling=args.calib_sampling, seed=args.seed,
         eval_split=args.eval_split, batch_size=args.batch_size, device=args.device,
     )
+    config = resolve_protocol(config)
     suffix = f"-ft{config.finetune_epochs}" if config.finetune_epochs else ""
-    name = Path(config.model).name or "model"  # an alias, or a saved model's folder name
+    name = Path(config.model.removeprefix("alias:")).name or "model"  # an alias, or a saved model's folder name
     return config, Path(args.out) if args.out else Path("runs") / f"sweep-{name}{suffix}"
 
 
