@@ -184,7 +184,7 @@ def test_cli_constants_agree_with_the_config():
 
     assert (cli.LOSSES, cli.SCHEDULES, cli.REFERENCES) == (config.LOSSES, config.SCHEDULES, config.REFERENCES)
     assert cli.DEFAULT_MODEL == config.DEFAULT_MODEL
-    assert tuple(float(s) for s in cli.DEFAULT_SPARSITIES.split(",")) == config.DEFAULT_SPARSITIES
+    assert cli.DEFAULT_SPARSITIES == config.DEFAULT_SPARSITIES
     defaults = config.CircuitConfig()
     assert (int(cli.FULL["steps"]), int(cli.FULL["batch_size"]), float(cli.FULL["lr"])) == (
         defaults.steps, defaults.batch_size, defaults.lr)

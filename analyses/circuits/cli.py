@@ -13,9 +13,8 @@ from pathlib import Path
 
 from hooked_vit.cli_args import (
     add_device_argument,
+    add_model_family_arguments,
     class_list,
-    data_source,
-    model_name,
     non_negative_float,
     non_negative_int,
     number_list,
@@ -24,11 +23,10 @@ from hooked_vit.cli_args import (
     parse_numbers,
     positive_float,
     positive_int,
-    sparsity_list,
 )
 
 DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES = "0,0.1,0.3,0.5,0.7"
+DEFAULT_SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7)  # = config.DEFAULT_SPARSITIES (light copy)
 LOSSES = ("bce_margin", "ce_true_label")
 SCHEDULES = ("step", "linear")
 REFERENCES = ("mean", "pooled_mean", "zero")
@@ -41,16 +39,7 @@ k_list = number_list("--sweep-k", check=lambda v: v >= 0, valid="each k must be 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hooked-vit circuits`` options."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, type=model_name,
-                        help=f"model alias (default {DEFAULT_MODEL})")
-    parser.add_argument("--sparsities", default=DEFAULT_SPARSITIES, type=sparsity_list,
-                        help=f"comma-separated fractions in [0, 1); 0 is the dense model "
-                             f"(default {DEFAULT_SPARSITIES})")
-    parser.add_argument("--method", default="wanda", choices=("wanda", "magnitude"), help="pruning method")
-    parser.add_argument("--finetune-epochs", type=non_negative_int, default=0,
-                        help="masked fine-tuning epochs after pruning")
-    parser.add_argument("--data", default="builtin", type=data_source,
-                        help="'builtin', 'digits' or an ImageNet-style folder root")
+    add_model_family_arguments(parser, DEFAULT_MODEL, DEFAULT_SPARSITIES)
     parser.add_argument("--train-split", default="train", help="split the masks are trained on (default train)")
     parser.add_argument("--val-split", default="val", help="split the metrics are measured on (default val)")
     parser.add_argument("--classes", default=None, type=class_list,
@@ -101,7 +90,7 @@ def parse_options(args: argparse.Namespace) -> tuple[dict, Path]:
     options = dict(
         model=args.model, dataset=args.data, train_split=args.train_split, val_split=args.val_split,
         sparsities=parse_numbers(args.sparsities, "--sparsities"), method=args.method,
-        finetune_epochs=args.finetune_epochs, classes=parse_classes(pick("classes")), k=args.k,
+        finetune_epochs=args.finetune_epochs, n_calib=args.n_calib, calib_sampling=args.calib_sampling, classes=parse_classes(pick("classes")), k=args.k,
         sweep_k=None if args.sweep_k is None else parse_numbers(args.sweep_k, "--sweep-k"),
         steps=pick("steps"), batch_size=pick("batch_size"), lr=pick("lr"), schedule=args.schedule, loss=args.loss,
         reference=args.reference, tau=args.tau, n_means_images=args.n_means_images, n_eval=args.n_eval,

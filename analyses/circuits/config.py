@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from analyses.models import variant_settings
 from analyses.results import config_to_dict
 from hooked_vit.errors import InvalidArgumentError
 
@@ -36,8 +37,10 @@ class CircuitConfig:
     """Settings of node-mask circuit discovery.
 
     Model family: ``model`` (alias) pruned with ``method`` at each of ``sparsities`` (0 = dense),
-    ``finetune_epochs`` of masked fine-tuning; images from ``dataset`` (``"builtin"``: the model's
-    own), masks trained on ``train_split``, metrics on ``val_split`` (never seen by the optimiser).
+    Wanda calibrated on ``n_calib`` train images of ``dataset`` drawn by ``calib_sampling``, then
+    ``finetune_epochs`` of masked fine-tuning on that train split (``None``: the model preset's
+    protocol, :func:`analyses.models.variant_settings`); images from ``dataset`` (``"builtin"``:
+    the model's own), masks trained on ``train_split``, metrics on ``val_split`` (never seen by the optimiser).
 
     Objective (eq. 10): ``loss`` (``"bce_margin"``: binary cross-entropy on ``logit_c -
     logsumexp(other logits)``; ``"ce_true_label"``: cross-entropy of all logits against the true
@@ -69,7 +72,9 @@ class CircuitConfig:
     val_split: str = "val"
     sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
     method: str = "wanda"
-    finetune_epochs: int = 0
+    finetune_epochs: int | None = None
+    n_calib: int | None = None
+    calib_sampling: str | None = None
     classes: tuple[int | str, ...] | None = None
     k: float | None = None
     sweep_k: tuple[float, ...] | None = None
@@ -97,6 +102,9 @@ class CircuitConfig:
     device: str | None = None
 
     def __post_init__(self) -> None:
+        self.__dict__.update(variant_settings(self.model, finetune_epochs=self.finetune_epochs,
+                                              n_calib=self.n_calib, calib_sampling=self.calib_sampling))
+
         def fail(name: str, why: str) -> None:
             raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is invalid: {why}")
 

@@ -82,8 +82,10 @@ def resolve_classes(dataset: LabelledImages, classes: Sequence[int | str] | None
 
 
 def load_model(config: CircuitConfig, sparsity: float) -> nn.Module:
-    """``config.model`` at ``sparsity`` (:func:`analyses.models.load_variant`)."""
+    """``config.model`` at ``sparsity``, built from ``config.dataset``'s train split
+    (:func:`analyses.models.load_variant`)."""
     return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
+                        data=config.dataset, n_calib=config.n_calib, calib_sampling=config.calib_sampling,
                         device=config.device)
 
 
