@@ -29,7 +29,7 @@ from analyses.ablation import model_key
 from analyses.faithfulness import REFERENCES, insertion_deletion
 from analyses.lrp import LAYERSCALE_RULES, METHODS, attribution_map
 from analyses.models import load_variant, sparsity_dir, variant_settings
-from analyses.results import AnalysisResult, config_to_dict, markdown_table, read_json, write_json
+from analyses.results import AnalysisResult, markdown_table, read_json, settings_without, write_json
 from hooked_vit.atomic import save_figure, write_text
 from hooked_vit.data import LabelledImages, calibration_sample, default_batch_size, load_dataset, progress
 from hooked_vit.errors import InvalidArgumentError
@@ -107,10 +107,7 @@ class ModelLevelConfig:
 
     def chunk_settings(self) -> dict[str, Any]:
         """What a chunk's numbers depend on (besides the weights and the images)."""
-        data = config_to_dict(self)
-        for key in _RUN_ONLY:
-            data.pop(key)
-        return data
+        return settings_without(self, _RUN_ONLY)
 
     def method_options(self, method: str, first: int) -> dict[str, Any]:
         """Keyword options of ``method`` for the chunk starting at image ``first``."""

@@ -59,7 +59,7 @@ from analyses.neuron_metrics import (
 )
 from analyses.neuron_level_cli import add_arguments
 from analyses.models import load_variant, sparsity_dir, variant_settings
-from analyses.results import AnalysisResult, config_to_dict, markdown_table, write_json
+from analyses.results import AnalysisResult, markdown_table, settings_without, write_json
 from hooked_vit import atomic
 from hooked_vit.data import (
     LabelledImages,
@@ -143,10 +143,7 @@ class NeuronLevelConfig:
 
     def class_settings(self) -> dict[str, Any]:
         """What one class's numbers depend on (besides the model's weights and the class)."""
-        data = config_to_dict(self)
-        for key in _RUN_ONLY:
-            data.pop(key)
-        return data
+        return settings_without(self, _RUN_ONLY)
 
 
 def default_blocks(n_layers: int) -> tuple[int, ...]:
@@ -385,7 +382,8 @@ def resolve_classes(dataset: LabelledImages, classes: Sequence[int | str] | None
     for c in classes:
         index = dataset.class_index(c)
         if index not in present:
-            raise InvalidArgumentError(f"class {c!r} ({dataset.class_names[index]}) has no images in {dataset!r}")
+            raise InvalidArgumentError(f"class {c!r} ({dataset.class_names[index]}) has no images in {dataset!r}; "
+                                       f"classes with images: {sorted(present)}")
         out.append(index)
     if not out:
         raise InvalidArgumentError("classes must name at least one class")

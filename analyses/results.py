@@ -56,6 +56,15 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return _jsonable(config)
 
 
+def settings_without(config: Any, run_only: Sequence[str]) -> dict[str, Any]:
+    """``config`` as a dict without its ``run_only`` fields: what one saved unit of work (a class,
+    an image chunk, a circuit) depends on, compared when a run resumes."""
+    data = config_to_dict(config)
+    for key in run_only:
+        data.pop(key)
+    return data
+
+
 def _is_tuple_type(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin is tuple:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from analyses.models import variant_settings
-from analyses.results import config_to_dict
+from analyses.results import settings_without
 from hooked_vit.errors import InvalidArgumentError
 
 DEFAULT_MODEL = "deit3_tiny_digits"
@@ -161,11 +161,7 @@ class CircuitConfig:
 
     def settings(self) -> dict[str, Any]:
         """What one circuit depends on (besides the model's weights, its class and ``k``)."""
-        data = config_to_dict(self)
-        for key in RUN_ONLY:
-            data.pop(key)
-        data.pop("k")
-        return data
+        return settings_without(self, (*RUN_ONLY, "k"))
 
 
 def resolve_k(config: CircuitConfig, sparsity: float) -> float:

@@ -27,6 +27,7 @@ from analyses.circuits.circuit import Circuit
 from analyses.circuits.config import CircuitConfig, resolve_k
 from analyses.circuits.discovery import discover_circuits, prepare_means
 from analyses.models import load_variant, sparsity_dir
+from analyses.neuron_level import resolve_classes
 from analyses.results import AnalysisResult, markdown_table, read_json, write_json
 from hooked_vit import atomic
 from hooked_vit.data import LabelledImages, load_dataset
@@ -63,22 +64,6 @@ def check_run_directory(out: Path, config: CircuitConfig, *, write: bool = True)
                                        "use another --out or the same settings")
     elif write:
         write_json(path, wanted)
-
-
-def resolve_classes(dataset: LabelledImages, classes: Sequence[int | str] | None) -> list[int]:
-    """Class indices (from indices, ids or names; each needs images in ``dataset``); default all
-    present classes."""
-    if classes is None:
-        return dataset.present_classes()
-    present = set(dataset.present_classes())
-    out = []
-    for c in classes:
-        index = dataset.class_index(c)
-        if index not in present:
-            raise InvalidArgumentError(f"classes: class {c!r} has no images in {dataset!r}; "
-                                       f"classes with images: {sorted(present)}")
-        out.append(index)
-    return list(dict.fromkeys(out))
 
 
 def load_model(config: CircuitConfig, sparsity: float) -> nn.Module:
