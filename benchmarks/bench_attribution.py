@@ -13,29 +13,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 
 from analyses.faithfulness import insertion_deletion
 from analyses.lrp import transformer_attribution
 from hooked_vit import HookedViT
-
-
-def timed(fn, device: str, repeats: int) -> tuple[float, object]:
-    """Median wall time (s) of ``fn()`` over ``repeats`` runs after one warm-up, and its output."""
-    times, out = [], None
-    for round_ in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if round_:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+from timing import timed
 
 
 def main() -> None:

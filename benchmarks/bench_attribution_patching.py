@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from scipy.stats import spearmanr
@@ -23,22 +21,8 @@ from scipy.stats import spearmanr
 from analyses.ablation import compute_means, resolve_site
 from analyses.attribution_patching import attribution_patching, exact_patching
 from hooked_vit import HookedViT
+from timing import timed
 from hooked_vit.data import LabelledImages, load_dataset
-
-
-def timed(fn, device: str, repeats: int) -> tuple[float, object]:
-    """Median wall time (s) of ``fn()`` over ``repeats`` runs after one warm-up, and its output."""
-    times, out = [], None
-    for round_ in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if round_:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def main() -> None:

@@ -16,9 +16,6 @@ images per class and side (a step sees 2 x batch images per class).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,23 +25,7 @@ from analyses.circuits.config import CircuitConfig
 from analyses.circuits.discovery import MaskTrainer, frozen
 from analyses.circuits.replacement import site_references
 from hooked_vit import HookedViT
-
-
-def timed(fns: dict[str, Callable[[], object]], device: str, repeats: int) -> dict[str, float]:
-    """Median wall time (s) of each of ``fns`` over ``repeats`` rounds after one warm-up round; the
-    functions alternate within a round, so a machine whose load changes affects them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+from timing import interleaved_medians
 
 
 def bench_model(name: str, batch: int, n_classes: int, device: str, repeats: int) -> dict[str, float]:
@@ -72,7 +53,7 @@ def bench_model(name: str, batch: int, n_classes: int, device: str, repeats: int
         with frozen(model):
             trainer.step(batch_images, batch_labels)
 
-    t = timed({"plain": plain, "mask_step": lambda: mask_step(single, images[one], labels[one]),
+    t = interleaved_medians({"plain": plain, "mask_step": lambda: mask_step(single, images[one], labels[one]),
                "batched": lambda: mask_step(batched, images, labels)}, device, repeats)
     return {"sites": len(model.sites), "images": 2 * batch, "C": n_classes, **t}
 

@@ -8,30 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import timm
 import torch
 
 from hooked_vit import HookedViT
-
-
-def interleaved_medians(fns: dict, device: str, repeats: int) -> dict[str, float]:
-    """Median wall time (s) of each function, timed in interleaved rounds after two warm-up
-    rounds, so that load from elsewhere on the machine hits every function alike."""
-    times = {name: [] for name in fns}
-    for round_ in range(repeats + 2):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from timing import interleaved_medians
 
 
 def main() -> None:
@@ -52,7 +34,8 @@ def main() -> None:
 
     with torch.inference_mode():
         medians = interleaved_medians({"timm": lambda: timm_model(images), "hooked": lambda: hooked(images),
-                                       "cache": lambda: hooked.run_with_cache(images)}, args.device, args.repeats)
+                                       "cache": lambda: hooked.run_with_cache(images)}, args.device, args.repeats,
+                                      warmup=2)
     t_timm, t_hooked, t_cache = medians["timm"], medians["hooked"], medians["cache"]
     result = {
         "config": vars(args) | {"torch": torch.__version__, "timm": timm.__version__,

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -38,25 +36,7 @@ from hooked_vit import HookedViT  # noqa: E402
 from hooked_vit.data import LabelledImages  # noqa: E402
 from sae_lens.saes.sae import TrainStepInput  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns: dict, device: str, repeats: int) -> dict[str, float]:
-    """Median wall time (s) of each function over ``repeats`` interleaved rounds after one warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            if round_ >= 1:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from timing import interleaved_medians  # noqa: E402
 
 
 def main() -> None:
