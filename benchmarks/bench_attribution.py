@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from analyses.faithfulness import insertion_deletion
-from analyses.lrp import transformer_attribution
+from analyses.model.faithfulness import insertion_deletion
+from analyses.model.lrp import transformer_attribution
 from hooked_vit import HookedViT
 from timing import timed
 

@@ -20,7 +20,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from analyses.ablation import compute_means
+from analyses.common.ablation import compute_means
 from analyses.circuits.config import CircuitConfig
 from analyses.circuits.discovery import MaskTrainer, frozen
 from analyses.circuits.replacement import site_references

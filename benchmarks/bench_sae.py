@@ -25,13 +25,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
-from analyses.activation_store import (  # noqa: E402
+from analyses.layer.activation_store import (  # noqa: E402
     ActivationStore,
     ActivationStoreConfig,
     default_hook_name,
     hook_layout,
 )
-from analyses.sae import BatchTopKTrainingSAE, SAETrainConfig  # noqa: E402
+from analyses.layer.sae import BatchTopKTrainingSAE, SAETrainConfig  # noqa: E402
 from hooked_vit import HookedViT  # noqa: E402
 from hooked_vit.data import LabelledImages  # noqa: E402
 from sae_lens.saes.sae import TrainStepInput  # noqa: E402

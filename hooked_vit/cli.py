@@ -1,17 +1,21 @@
-"""``hooked-vit`` command line: ``info``, ``train-default``, ``evaluate``, ``sweep-sparsity``,
-``neuron-metrics``, ``sae-train``, ``sae-eval``.
+"""``hooked-vit`` command line: ``info``, ``train-default``, ``evaluate``, ``sweep-sparsity``, and
+the subcommands of installed plugins (the analyses': ``impact``, ``neuron-metrics``, ``sae-train``,
+``sae-eval``, ``circuits``, ``attribution``).
 
 Subcommands live in a lazy registry, :data:`SUBCOMMANDS`: each entry names the subcommand, gives its
 help line, and says where its argument definitions and its ``run(args) -> exit code`` function live,
 as ``"module:function"`` strings (or the functions themselves). Only the chosen subcommand's
 argument module is imported (standard library only, e.g. :mod:`hooked_vit.cli_args`), and its run
 module only after the arguments are parsed and checked, so ``--help`` and argument errors answer
-without importing torch. ``hooked_vit`` never imports ``analyses``: analyses are named by strings.
+without importing torch. ``hooked_vit`` never imports ``analyses``.
 A new subcommand is one line::
 
     register("circuits", "circuit discovery ...", "analyses.circuits.cli:add_arguments", "analyses.circuits.cli:main")
 
-(or the :func:`subcommand` decorator on a ``run`` function defined in an imported module).
+(or the :func:`subcommand` decorator on a ``run`` function defined in an imported module). Other
+packages add subcommands as plugins: a module named in their ``hooked_vit.subcommands`` entry-point
+group is imported before parsing and registers its own (:func:`load_plugins`); the IMPACT analyses
+come in that way, from ``analyses.cli``.
 
 Errors: a :class:`~hooked_vit.errors.HookedViTError` (or ``ValueError`` / ``FileNotFoundError``
 from an input check) prints ``hooked-vit CMD: error: <message>`` on one line and exits 2;
@@ -62,6 +66,8 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
+PLUGIN_GROUP = "hooked_vit.subcommands"
+_loaded_plugins: set[str] = set()
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,20 +156,18 @@ register("evaluate", "top-1/top-5 accuracy of a model on a dataset",
          "hooked_vit.cli_args:evaluate_arguments", "hooked_vit.cli:evaluate_command")
 register("sweep-sparsity", "top-1/top-5 vs sparsity for Wanda and magnitude pruning (IMPACT Table 1)",
          "hooked_vit.cli_args:sweep_sparsity_arguments", "hooked_vit.pruning.sweep:main")
-register("neuron-metrics", "neuron-level metrics (ablation impact, selectivity, class variance, label entropy) "
-         "vs sparsity (IMPACT Fig. 2)", "analyses.neuron_level_cli:add_arguments", "analyses.neuron_level:main")
-register("sae-train", "train BatchTopK SAEs (sae-lens) on a hook of the dense and pruned models, resumable; "
-         "with --sweep-* the SAE sweep (IMPACT Tables 5/6)",
-         "analyses.layer_level_cli:add_train_arguments", "analyses.layer_level:train_main")
-register("sae-eval", "SAE quality (NMSE, explained variance, dead latents; IMPACT Table 2) and latent metrics "
-         "vs sparsity (IMPACT Fig. 3) of the SAEs trained by sae-train",
-         "analyses.layer_level_cli:add_eval_arguments", "analyses.layer_level:eval_main")
-register("circuits", "node-mask circuits (node and edge fractions, accuracy, NCQ; IMPACT Table 3, Table 7 with "
-         "--sweep-k) of the dense and pruned models, resumable", "analyses.circuits.cli:add_arguments",
-         "analyses.circuits.cli:main")
-register("attribution", "model-level attribution maps (Chefer, AttnLRP, rollout, random) and their insertion/deletion "
-         "AUCs (IMPACT Table 4, Figure 4) of the dense and pruned models, resumable",
-         "analyses.model_level_cli:add_arguments", "analyses.model_level_cli:main")
+
+
+def load_plugins() -> None:
+    """Import the modules that installed packages name in the ``hooked_vit.subcommands`` entry-point
+    group (``analyses.cli`` registers the IMPACT analyses): each registers its subcommands, so
+    ``hooked_vit`` never imports them by name."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        if entry.value not in _loaded_plugins:
+            _loaded_plugins.add(entry.value)
+            entry.load()
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -182,6 +186,7 @@ def _debug_option(parser: argparse.ArgumentParser, default: Any) -> None:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per registered subcommand; with ``only``, only that
     subcommand's options are defined (the others' argument modules are not imported)."""
+    load_plugins()
     parser = _Parser(prog="hooked-vit", description="Hooked DeiT-III Vision Transformers.")
     _debug_option(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -218,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     option is reported while parsing, before anything runs; errors in the user's input found later
     (missing files, unknown names, corrupt files) also print one line to stderr; both return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    load_plugins()
     try:
         args = build_parser(only=_chosen_command(argv)).parse_args(argv)
     except SystemExit as exit:  # --help (0) or a bad option (2, one line already printed)

@@ -1,7 +1,7 @@
 """SAEs spliced into a HookedViT, as sae-lens's ``HookedSAETransformer`` splices them into a
 HookedTransformer: ``model.run_with_saes(images, saes=[sae])``, ``run_with_cache_with_saes``,
 ``run_with_hooks_with_saes``, ``add_sae`` / ``reset_saes`` and the ``saes()`` context, for any
-sae-lens ``SAE`` (trained by :mod:`analyses.sae` or loaded with ``SAE.load_from_disk``).
+sae-lens ``SAE`` (trained by :mod:`analyses.layer.sae` or loaded with ``SAE.load_from_disk``).
 
 An SAE's metadata names its hook (``sae.cfg.metadata.hook_name``) and, for SAEs trained here, its
 tokens (``metadata.tokens``: ``cls``, ``patch`` or ``all``; ``cls`` when absent, the paper's probe).

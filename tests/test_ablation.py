@@ -1,4 +1,4 @@
-"""Mean activations (analyses.ablation): the streaming means equal the means of cached runs, the
+"""Mean activations (analyses.common.ablation): the streaming means equal the means of cached runs, the
 store saves/reloads keyed by model and dataset, and ablation hooks replace exactly the chosen units
 (mean, zero, fractional and differentiable masks) and nothing else."""
 
@@ -18,13 +18,13 @@ def labelled(images_64):
 
 @pytest.fixture(scope="module")
 def means(small_hooked, labelled):
-    from analyses.ablation import compute_means
+    from analyses.common.ablation import compute_means
 
     return compute_means(small_hooked, labelled, batch_size=4, show_progress=False)
 
 
 def test_means_match_cached_runs_per_position_and_pooled(small_hooked, labelled, means):
-    from analyses.ablation import default_mean_hooks
+    from analyses.common.ablation import default_mean_hooks
 
     hooks = default_mean_hooks(small_hooked)
     assert len(hooks) == 8 * 2 + 2 and set(hooks) == set(means.means)  # 8 sites x 2 blocks + attn.hook_z
@@ -40,7 +40,7 @@ def test_means_match_cached_runs_per_position_and_pooled(small_hooked, labelled,
 
 
 def test_means_save_reload_keyed_by_model_and_dataset(small_hooked, labelled, means, tmp_path, monkeypatch):
-    import analyses.ablation as ablation
+    import analyses.common.ablation as ablation
 
     path = means.save(tmp_path / "m.safetensors")
     loaded = ablation.ActivationMeans.load(path)
@@ -60,7 +60,7 @@ def test_means_save_reload_keyed_by_model_and_dataset(small_hooked, labelled, me
 
 
 def test_mean_ablation_replaces_exactly_the_chosen_units(small_hooked, labelled, means):
-    from analyses.ablation import mean_ablation_hooks
+    from analyses.common.ablation import mean_ablation_hooks
 
     images, _ = labelled.tensors()
     units = {(1, "mlp_act"): [3, 100, 1535], (0, "q"): [2], (1, "attn_head"): [0, 5]}
@@ -98,7 +98,7 @@ def test_mean_ablation_replaces_exactly_the_chosen_units(small_hooked, labelled,
 
 
 def test_zero_ablation_and_soft_differentiable_mask(small_hooked, labelled, means):
-    from analyses.ablation import ablation_hook, zero_ablation_hooks
+    from analyses.common.ablation import ablation_hook, zero_ablation_hooks
 
     images, _ = labelled.tensors()
     site = small_hooked.sites[0, "v"]
@@ -125,7 +125,7 @@ def test_zero_ablation_and_soft_differentiable_mask(small_hooked, labelled, mean
 
 
 def test_site_resolution_and_errors(small_hooked, means):
-    from analyses.ablation import ablation_hooks, attention_head_site, resolve_site, unit_mask
+    from analyses.common.ablation import ablation_hooks, attention_head_site, resolve_site, unit_mask
 
     head = resolve_site(small_hooked, "blocks.1.attn.hook_z")
     assert head == attention_head_site(small_hooked, -1) and head.unit == "head" and head.width == 6

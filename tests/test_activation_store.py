@@ -26,7 +26,7 @@ def dataset(images):
 
 @pytest.fixture(scope="module")
 def store_module():
-    import analyses.activation_store as store_module
+    import analyses.layer.activation_store as store_module
 
     return store_module
 

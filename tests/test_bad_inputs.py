@@ -170,9 +170,9 @@ def test_every_subcommand_is_registered_by_name_only(cli):
 
 def test_light_copies_of_defaults_agree_with_the_heavy_modules():
     from analyses import layer_level, layer_level_cli, neuron_level, neuron_level_cli, sae
-    from analyses.ablation import ALL_SITE_NAMES
-    from analyses.activation_store import TOKEN_CHOICES
-    from analyses.neuron_metrics import NEGATIVE_RULES
+    from analyses.common.ablation import ALL_SITE_NAMES
+    from analyses.layer.activation_store import TOKEN_CHOICES
+    from analyses.neuron.metrics import NEGATIVE_RULES
     from hooked_vit import cli_args, training
     from hooked_vit.data import BUILTIN_DATASETS
     from hooked_vit.pruning import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB, METHODS
@@ -274,13 +274,13 @@ def _sweep(**changes):
 
 
 def _store_config(**kwargs):
-    from analyses.activation_store import ActivationStoreConfig
+    from analyses.layer.activation_store import ActivationStoreConfig
 
     return lambda model: ActivationStoreConfig(hook_names=("blocks.0.hook_resid_post",), **kwargs)
 
 
 def _result_load(directory):
-    from analyses.neuron_level import NeuronLevelResult
+    from analyses.neuron.level import NeuronLevelResult
 
     return lambda model: NeuronLevelResult.load(directory)
 

@@ -30,7 +30,7 @@ def digits(digits_model):
 
 @pytest.fixture(scope="module")
 def digits_means(digits_model, digits, tmp_path_factory):
-    from analyses.ablation import load_or_compute_means
+    from analyses.common.ablation import load_or_compute_means
 
     return load_or_compute_means(digits_model, digits[0], directory=tmp_path_factory.mktemp("means"),
                                  hooks=digits_model.sites.hook_names, show_progress=False)
@@ -38,7 +38,7 @@ def digits_means(digits_model, digits, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_means(tiny):
-    from analyses.ablation import compute_means
+    from analyses.common.ablation import compute_means
 
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     return compute_means(tiny, torch.utils.data.TensorDataset(images, torch.zeros(6, dtype=torch.long)),

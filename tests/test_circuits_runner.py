@@ -50,8 +50,8 @@ def random_loader(config):
 def test_runner_tables_figures_control_and_resume(digits_data, tmp_path, monkeypatch):
     import analyses.circuits.runner as runner
     from analyses.circuits import CircuitConfig, CircuitResult, run_circuits
-    from analyses.ablation import model_key
-    from analyses.results import read_csv
+    from analyses.common.ablation import model_key
+    from analyses.common.results import read_csv
 
     train, val = digits_data
     out = tmp_path / "run"
@@ -161,8 +161,8 @@ def test_cli_module_imports_only_the_standard_library():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'jaxtyping'}), "
             "sorted(m for m in sys.modules if m.startswith(('hooked_vit', 'analyses'))))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == ("[] ['analyses', 'analyses.circuits', 'analyses.circuits.cli', 'hooked_vit', "
-                                  "'hooked_vit.cli_args', 'hooked_vit.errors']")
+    assert run.stdout.strip() == ("[] ['analyses', 'analyses.circuits', 'analyses.circuits.cli', 'analyses.common', "
+                                  "'analyses.common.defaults', 'hooked_vit', 'hooked_vit.cli_args', 'hooked_vit.errors']")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Insertion / deletion (analyses.faithfulness): AUCs computed by hand on a model whose output is a
+"""Insertion / deletion (analyses.model.faithfulness): AUCs computed by hand on a model whose output is a
 known function of the pixels, a per-image RISE-style loop, batching, references, bad inputs."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def sigmoid(v: float) -> float:
 
 
 def test_auc_by_hand():
-    from analyses.faithfulness import insertion_deletion
+    from analyses.model.faithfulness import insertion_deletion
 
     weights = torch.tensor([[[[3.0, 1.0], [0.0, -2.0]]]])  # pixels p0..p3 (row-major)
     model = PixelSum(weights)
@@ -47,7 +47,7 @@ def test_auc_by_hand():
 
 
 def test_ties_keep_pixel_order_and_step_of_two():
-    from analyses.faithfulness import insertion_deletion
+    from analyses.model.faithfulness import insertion_deletion
 
     weights = torch.tensor([[[[1.0, 2.0], [4.0, 8.0]]]])
     scores = insertion_deletion(PixelSum(weights), torch.ones(1, 1, 2, 2), torch.zeros(1, 2, 2), step=2)
@@ -77,7 +77,7 @@ def rise_loop(model, image, saliency, reference, step):
 
 @pytest.mark.parametrize("reference", ["zero", "blur", "mean"])
 def test_matches_per_image_loop(reference):
-    from analyses.faithfulness import insertion_deletion, reference_images
+    from analyses.model.faithfulness import insertion_deletion, reference_images
 
     generator = torch.Generator().manual_seed(0)
     weights = torch.randn(1, 3, 6, 6, generator=generator)
@@ -94,7 +94,7 @@ def test_matches_per_image_loop(reference):
 
 
 def test_low_resolution_map_is_upsampled_bilinearly():
-    from analyses.faithfulness import pixel_ranks
+    from analyses.model.faithfulness import pixel_ranks
 
     coarse = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
     ranks = pixel_ranks(coarse, 4, 4)
@@ -103,7 +103,7 @@ def test_low_resolution_map_is_upsampled_bilinearly():
 
 
 def test_references():
-    from analyses.faithfulness import gaussian_blur, reference_images
+    from analyses.model.faithfulness import gaussian_blur, reference_images
 
     model = PixelSum(torch.ones(1))
     model.cfg = SimpleNamespace(preprocessing={"mean": [0.5, 0.25, 0.0], "std": [0.5, 0.25, 1.0]})
@@ -118,7 +118,7 @@ def test_references():
 
 
 def test_hooked_model_batch_equals_loop(tiny):
-    from analyses.faithfulness import insertion_deletion
+    from analyses.model.faithfulness import insertion_deletion
 
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(4))
@@ -141,7 +141,7 @@ def test_hooked_model_batch_equals_loop(tiny):
     ({"images": torch.zeros(3, 3, 16, 16)}, "16x16"),
 ])
 def test_bad_inputs_fail_in_one_line(tiny, kwargs, needle):
-    from analyses.faithfulness import insertion_deletion
+    from analyses.model.faithfulness import insertion_deletion
 
     args = {"images": torch.zeros(3, 3, 32, 32), "maps": torch.zeros(3, 4, 4), "reference": "zero", **kwargs}
     step = args.pop("step", None)

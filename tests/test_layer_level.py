@@ -17,14 +17,14 @@ HOOK = "blocks.0.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def quality():
-    import analyses.sae_quality as quality
+    import analyses.layer.sae_quality as quality
 
     return quality
 
 
 @pytest.fixture(scope="module")
 def layer():
-    import analyses.layer_level as layer
+    import analyses.layer.level as layer
 
     return layer
 
@@ -92,8 +92,8 @@ def test_streaming_accumulator_matches_one_shot(quality):
 
 
 def test_evaluate_sae_matches_direct_computation(models, data, quality):
-    from analyses.activation_store import ActivationStore, ActivationStoreConfig
-    from analyses.sae import BatchTopKTrainingSAE, SAETrainConfig, to_inference_sae
+    from analyses.layer.activation_store import ActivationStore, ActivationStoreConfig
+    from analyses.layer.sae import BatchTopKTrainingSAE, SAETrainConfig, to_inference_sae
 
     model, held_out = models[0.0], data[1]
     cfg = SAETrainConfig(hook_name=HOOK, tokens="patch", k=4, expansion_factor=2, training_samples=256,
@@ -117,7 +117,7 @@ def test_evaluate_sae_matches_direct_computation(models, data, quality):
 
 
 def test_sweep_settings_vary_one_factor_at_a_time(quality):
-    from analyses.sae import SAETrainConfig
+    from analyses.layer.sae import SAETrainConfig
 
     base = SAETrainConfig(tokens="cls", k=4, expansion_factor=2)
     sweep = quality.SweepConfig(base=base, ks=(2, 4, 8), expansion_factors=(2, 4), tokens=("cls", "all"))
@@ -131,7 +131,7 @@ def test_sweep_settings_vary_one_factor_at_a_time(quality):
 
 
 def test_layer_level_end_to_end(models, data, layer, quality, tmp_path):
-    from analyses.sae import SAETrainConfig
+    from analyses.layer.sae import SAETrainConfig
 
     train, held_out = data
     sae = SAETrainConfig(hook_name=HOOK, tokens="all", k=4, expansion_factor=2, training_samples=128 * 40,
@@ -164,7 +164,7 @@ def test_layer_level_end_to_end(models, data, layer, quality, tmp_path):
     # The top latent of class 0: its ablation impact is the logit drop of zeroing it, measured.
     model = models[0.0]
     sae_dir = runs[0].out_dir
-    from analyses.sae import load_sae
+    from analyses.layer.sae import load_sae
 
     trained = load_sae(sae_dir)
     images = held_out.subset(torch.nonzero(held_out.labels == 0).reshape(-1)).tensors(show_progress=False)[0]

@@ -1,4 +1,4 @@
-"""Attribution maps (analyses.lrp) on tiny DeiT-III models.
+"""Attribution maps (analyses.model.lrp) on tiny DeiT-III models.
 
 The Chefer map is re-derived here, image by image, by a module-by-module relevance propagation
 written in this file on the *timm* model's modules (the reference's layer rules: alpha=1 beta=0
@@ -156,7 +156,7 @@ def reference_map(timm_model, image, start_layer=0, layerscale_rule="identity", 
 @pytest.mark.parametrize("start_layer,rule,cp", [(0, "identity", False), (1, "identity", False),
                                                  (0, "eq14", False), (0, "identity", True)])
 def test_chefer_matches_module_by_module_rederivation(timm_tiny64, hooked_tiny64, images, start_layer, rule, cp):
-    from analyses.lrp import transformer_attribution
+    from analyses.model.lrp import transformer_attribution
 
     images = images.double()
     maps = transformer_attribution(hooked_tiny64, images, start_layer=start_layer, layerscale_rule=rule,
@@ -169,7 +169,7 @@ def test_chefer_matches_module_by_module_rederivation(timm_tiny64, hooked_tiny64
 
 
 def test_chefer_float32_and_float64_propagation_agree(hooked_tiny, images):
-    from analyses.lrp import transformer_attribution
+    from analyses.model.lrp import transformer_attribution
 
     fast = transformer_attribution(hooked_tiny, images)
     exact = transformer_attribution(hooked_tiny, images, dtype=torch.float64)
@@ -180,7 +180,7 @@ def test_chefer_float32_and_float64_propagation_agree(hooked_tiny, images):
 def test_conservation(hooked_tiny64, images, monkeypatch):
     """Every rule of the default propagation is conservative: the relevance of each block's input
     sums to the seed (1). With the reference's 1e-9 stabiliser removed it is exact; eq. 14 is not."""
-    import analyses.lrp as lrp
+    import analyses.model.lrp as lrp
 
     images = images.double()
     cache = lrp.chefer_cache(hooked_tiny64, images)
@@ -200,7 +200,7 @@ def test_conservation(hooked_tiny64, images, monkeypatch):
 
 @pytest.mark.parametrize("method", ["chefer", "attnlrp", "cp_lrp", "rollout", "gradxinput"])
 def test_batch_equals_loop(hooked_tiny64, images, method):
-    from analyses.lrp import attribution_map
+    from analyses.model.lrp import attribution_map
 
     images = images.double()
     target = torch.tensor([1, 4, 7])
@@ -211,7 +211,7 @@ def test_batch_equals_loop(hooked_tiny64, images, method):
 
 
 def test_target_changes_chefer_map(hooked_tiny64, images):
-    from analyses.lrp import transformer_attribution
+    from analyses.model.lrp import transformer_attribution
 
     images = images.double()
     a, b = transformer_attribution(hooked_tiny64, images, 0), transformer_attribution(hooked_tiny64, images, 5)
@@ -220,7 +220,7 @@ def test_target_changes_chefer_map(hooked_tiny64, images):
 
 def test_cp_lrp_sums_to_target_logit_without_biases(timm_tiny64, images):
     """On a model without biases, CP-LRP is conservative: block 0's input relevance sums to the logit."""
-    from analyses.lrp import attn_lrp_hooks, resolve_target
+    from analyses.model.lrp import attn_lrp_hooks, resolve_target
     from hooked_vit import HookedViT
 
     model = HookedViT.from_timm(timm_tiny64)
@@ -239,7 +239,7 @@ def test_cp_lrp_sums_to_target_logit_without_biases(timm_tiny64, images):
     total = (tokens[0].detach() * grad).sum((1, 2))
     torch.testing.assert_close(total, logits.gather(1, target[:, None])[:, 0], rtol=1e-9, atol=1e-9)
     # ... and the map the public function returns is that relevance at the patch tokens.
-    from analyses.lrp import attn_lrp
+    from analyses.model.lrp import attn_lrp
 
     maps = attn_lrp(model, images, variant="cp_lrp", epsilon=0.0)
     torch.testing.assert_close(maps.reshape(3, -1), (tokens[0].detach() * grad).sum(-1)[:, 1:])
@@ -248,7 +248,7 @@ def test_cp_lrp_sums_to_target_logit_without_biases(timm_tiny64, images):
 def test_attnlrp_identity_rule_and_uniform_split(hooked_tiny64, images):
     """AttnLRP's hooks leave the forward unchanged and change the gradient: it differs from the plain
     gradient x input, and its pixel map sums over patches to its token map's scale."""
-    from analyses.lrp import attn_lrp, attn_lrp_hooks
+    from analyses.model.lrp import attn_lrp, attn_lrp_hooks
 
     images = images.double()
     plain = hooked_tiny64(images)
@@ -260,7 +260,7 @@ def test_attnlrp_identity_rule_and_uniform_split(hooked_tiny64, images):
 
 
 def test_rollout_matches_formula(hooked_tiny64, images):
-    from analyses.lrp import attention_rollout
+    from analyses.model.lrp import attention_rollout
 
     images = images.double()
     _, cache = hooked_tiny64.run_with_cache(images, names_filter=lambda n: n.endswith("hook_pattern"))
@@ -273,7 +273,7 @@ def test_rollout_matches_formula(hooked_tiny64, images):
 
 
 def test_gradient_x_input_per_patch(hooked_tiny64, images):
-    from analyses.lrp import gradient_x_input
+    from analyses.model.lrp import gradient_x_input
 
     images = images.double().requires_grad_(True)
     logits = hooked_tiny64(images)
@@ -285,7 +285,7 @@ def test_gradient_x_input_per_patch(hooked_tiny64, images):
 
 
 def test_random_map_is_seeded(hooked_tiny, images):
-    from analyses.lrp import random_map
+    from analyses.model.lrp import random_map
 
     a, b, c = random_map(hooked_tiny, images, seed=1), random_map(hooked_tiny, images, seed=1), random_map(
         hooked_tiny, images, seed=2)
@@ -293,14 +293,14 @@ def test_random_map_is_seeded(hooked_tiny, images):
 
 
 @pytest.mark.parametrize("call,needle", [
-    (lambda m, x: __import__("analyses.lrp").lrp.transformer_attribution(m, x, target=1000), "1000"),
-    (lambda m, x: __import__("analyses.lrp").lrp.transformer_attribution(m, x, target=-1), "-1"),
-    (lambda m, x: __import__("analyses.lrp").lrp.transformer_attribution(m, x, layerscale_rule="fold"), "'fold'"),
-    (lambda m, x: __import__("analyses.lrp").lrp.transformer_attribution(m, x, start_layer=2), "start_layer 2"),
-    (lambda m, x: __import__("analyses.lrp").lrp.attn_lrp(m, x, variant="lrp"), "'lrp'"),
-    (lambda m, x: __import__("analyses.lrp").lrp.attn_lrp(m, x, at="patches"), "'patches'"),
-    (lambda m, x: __import__("analyses.lrp").lrp.attribution_map("gradcam", m, x), "'gradcam'"),
-    (lambda m, x: __import__("analyses.lrp").lrp.transformer_attribution(m, x[:, :, :16, :16]), "16x16"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, target=1000), "1000"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, target=-1), "-1"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, layerscale_rule="fold"), "'fold'"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, start_layer=2), "start_layer 2"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.attn_lrp(m, x, variant="lrp"), "'lrp'"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.attn_lrp(m, x, at="patches"), "'patches'"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.attribution_map("gradcam", m, x), "'gradcam'"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x[:, :, :16, :16]), "16x16"),
 ])
 def test_bad_inputs_fail_in_one_line(hooked_tiny, images, call, needle):
     with pytest.raises(ValueError) as error:

@@ -1,4 +1,4 @@
-"""The model-level runner (analyses.model_level) and its CLI on the embedded deit3_tiny_digits: outputs
+"""The model-level runner (analyses.model.level) and its CLI on the embedded deit3_tiny_digits: outputs
 and their reload, per-image numbers recomputed directly, resume after an interruption, clear errors."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def loader(calibration):
 
 @pytest.fixture(scope="module")
 def config():
-    from analyses.model_level import ModelLevelConfig
+    from analyses.model.level import ModelLevelConfig
 
     return ModelLevelConfig(sparsities=(0.0, 0.5), methods=("chefer", "random"), n_images=N_IMAGES,
                             chunk_size=CHUNK, step=STEP, batch_size=128, figure_classes=(1, 4))
@@ -52,7 +52,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, config, digits_val):
-    from analyses.model_level import run_model_level
+    from analyses.model.level import run_model_level
 
     calibration = digits_val.tensors(show_progress=False)[0][:32]
     out = tmp_path_factory.mktemp("model_level")
@@ -61,7 +61,7 @@ def run(tmp_path_factory, config, digits_val):
 
 
 def test_outputs_and_reload(run, config):
-    from analyses.model_level import ModelLevelResult
+    from analyses.model.level import ModelLevelResult
 
     out, result, _ = run
     for name in ("result.json", "table4.csv", "table4.md", "per_image.csv", "figure4.png", "curves.png"):
@@ -81,9 +81,9 @@ def test_outputs_and_reload(run, config):
 
 def test_numbers_match_direct_computation(run, config, digits_val, digits_model):
     """The second chunk of the dense model, recomputed with the library functions called directly."""
-    from analyses.faithfulness import insertion_deletion
-    from analyses.lrp import random_map, transformer_attribution
-    from analyses.model_level import select_images
+    from analyses.model.faithfulness import insertion_deletion
+    from analyses.model.lrp import random_map, transformer_attribution
+    from analyses.model.level import select_images
 
     out, result, _ = run
     model = digits_model
@@ -104,7 +104,7 @@ class Killed(Exception):
 def test_resume_after_interruption(tmp_path, config, digits_val, run, monkeypatch):
     import dataclasses
 
-    import analyses.model_level as ml
+    import analyses.model.level as ml
 
     _, result, load = run
     config = dataclasses.replace(config, sparsities=(0.0,), methods=("random",))  # dense model, 2 chunks
@@ -131,7 +131,7 @@ def test_resume_after_interruption(tmp_path, config, digits_val, run, monkeypatc
 
 
 def test_config_errors():
-    from analyses.model_level import ModelLevelConfig
+    from analyses.model.level import ModelLevelConfig
 
     for kwargs, needle in [({"methods": ("chefer", "gradcam")}, "gradcam"), ({"reference": "noise"}, "noise"),
                            ({"layerscale_rule": "fold"}, "fold"), ({"sparsities": (0, 1.0)}, "1.0"),
@@ -142,7 +142,7 @@ def test_config_errors():
 
 # ----------------------------------------------------------------------------- command line
 def parser():
-    from analyses.model_level_cli import add_arguments
+    from analyses.model.cli import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -150,7 +150,7 @@ def parser():
 
 
 def test_cli_runs_and_prints_table(tmp_path, capsys):
-    from analyses.model_level_cli import main
+    from analyses.model.cli import main
 
     args = parser().parse_args(["--sparsities", "0", "--methods", "rollout,random", "--n-images", "4",
                                 "--chunk-size", "4", "--step", "256", "--out", str(tmp_path), "--no-progress"])
@@ -176,11 +176,11 @@ def test_cli_rejects_bad_arguments_while_parsing(argv, needle, capsys):
 
 
 def test_cli_module_is_light_and_mirrors_the_library():
-    code = "import sys, analyses.model_level_cli; print('torch' in sys.modules)"
+    code = "import sys, analyses.model.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     from analyses import model_level_cli as cli
-    from analyses.faithfulness import REFERENCES
-    from analyses.lrp import LAYERSCALE_RULES, METHODS
+    from analyses.model.faithfulness import REFERENCES
+    from analyses.model.lrp import LAYERSCALE_RULES, METHODS
 
     assert cli.METHOD_CHOICES == tuple(METHODS)
     assert cli.REFERENCE_CHOICES == REFERENCES and cli.LAYERSCALE_CHOICES == LAYERSCALE_RULES
@@ -189,7 +189,7 @@ def test_cli_module_is_light_and_mirrors_the_library():
 @pytest.mark.slow
 def test_quick_table4_on_digits(tmp_path):
     """The quick setting of the README: 100 stratified val images, 5 models, chefer + rollout + random."""
-    from analyses.model_level import ModelLevelConfig, run_model_level
+    from analyses.model.level import ModelLevelConfig, run_model_level
 
     result = run_model_level(ModelLevelConfig(n_images=100), tmp_path, show_progress=False)
     table = {(r["sparsity"], r["method"]): r for r in result.summary()}

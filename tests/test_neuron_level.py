@@ -1,4 +1,4 @@
-"""The neuron-level runner (analyses.neuron_level) on the embedded deit3_tiny_digits: outputs and
+"""The neuron-level runner (analyses.neuron.level) on the embedded deit3_tiny_digits: outputs and
 their reload, per-class numbers recomputed independently (top-K by attribution, ablation impact,
 selectivity), resume after an interruption, the CLI, and clear errors."""
 
@@ -58,7 +58,7 @@ def loader(calibration):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, digits_val, digits_train, means_dir):
-    from analyses.neuron_level import NeuronLevelConfig, run_neuron_metrics
+    from analyses.neuron.level import NeuronLevelConfig, run_neuron_metrics
 
     out = tmp_path_factory.mktemp("neuron_level")
     config = NeuronLevelConfig(classes=CLASSES, top_k=8, sparsities=(0.0, 0.5))
@@ -68,7 +68,7 @@ def run(tmp_path_factory, digits_val, digits_train, means_dir):
 
 
 def test_default_blocks():
-    from analyses.neuron_level import default_blocks
+    from analyses.neuron.level import default_blocks
 
     assert default_blocks(12) == (2, 7, 11)  # the paper's blocks of DeiT-III B
     assert default_blocks(4) == (1, 2, 3)  # the embedded model
@@ -77,8 +77,8 @@ def test_default_blocks():
 
 
 def test_runner_writes_tables_figure_and_reloads(run):
-    from analyses.neuron_level import METRICS, NeuronLevelResult
-    from analyses.results import read_csv
+    from analyses.neuron.level import METRICS, NeuronLevelResult
+    from analyses.common.results import read_csv
 
     config, out, result = run
     for name in ("result.json", "per_class.csv", "summary.csv", "summary.md", "figure.png"):
@@ -107,9 +107,9 @@ def test_class_numbers_recomputed_independently(run, digits_model, digits_val, d
     mlp_act neurons and heads; ablation impact and selectivity recomputed from scratch."""
     from sklearn.metrics import roc_auc_score
 
-    from analyses.ablation import load_or_compute_means, mean_ablation_hooks
-    from analyses.attribution_patching import attribution_patching
-    from analyses.results import read_json
+    from analyses.common.ablation import load_or_compute_means, mean_ablation_hooks
+    from analyses.neuron.attribution_patching import attribution_patching
+    from analyses.common.results import read_json
 
     _, out, _ = run
     record = read_json(out / "sparsity_0" / "classes" / "3.json")["record"]["blocks"]["2"]
@@ -147,7 +147,7 @@ def test_class_numbers_recomputed_independently(run, digits_model, digits_val, d
 
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path, digits_val, digits_train, means_dir, monkeypatch):
-    import analyses.neuron_level as nl
+    import analyses.neuron.level as nl
 
     config = nl.NeuronLevelConfig(classes=(1, 2, 5, 9), top_k=5, sparsities=(0.0,), blocks=(3,))
     kwargs = dict(model_loader=loader(digits_train), dataset=digits_val, means_dataset=digits_train,
@@ -185,7 +185,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, digits_val, digit
 
 
 def test_cli_neuron_metrics(tmp_path, capsys):
-    from analyses.results import read_csv
+    from analyses.common.results import read_csv
     from hooked_vit.cli import main
 
     out = tmp_path / "cli"
@@ -198,7 +198,7 @@ def test_cli_neuron_metrics(tmp_path, capsys):
 
 
 def test_errors_are_clear(digits_model, digits_val, digits_train):
-    from analyses.neuron_level import NeuronLevelConfig, neuron_level
+    from analyses.neuron.level import NeuronLevelConfig, neuron_level
 
     def run(dataset=digits_val, **config):
         return neuron_level(digits_model, dataset, NeuronLevelConfig(**config), means_dataset=digits_train,
@@ -223,9 +223,9 @@ def test_errors_are_clear(digits_model, digits_val, digits_train):
 def test_metrics_per_unit_type_split_the_joint_top_k(run, digits_model, digits_val, digits_train, means_dir):
     """The joint top-K of heads and MLP neurons is kept; ``by_type`` re-averages its per-unit
     metrics over each type's members, and ablates only that type's units (re-derived here)."""
-    from analyses.ablation import load_or_compute_means, mean_ablation_hooks
-    from analyses.neuron_level import NeuronLevelResult
-    from analyses.results import read_json
+    from analyses.common.ablation import load_or_compute_means, mean_ablation_hooks
+    from analyses.neuron.level import NeuronLevelResult
+    from analyses.common.results import read_json
 
     config, out, result = run
     record = read_json(out / "sparsity_0" / "classes" / "3.json")["record"]

@@ -277,8 +277,8 @@ def test_read_only_cache_warns_and_carries_on(tmp_path, monkeypatch, read_only):
 
 
 def test_read_only_activation_and_means_caches_warn_and_carry_on(tmp_path, read_only):
-    from analyses.ablation import load_or_compute_means
-    from analyses.activation_store import ActivationStore, ActivationStoreConfig
+    from analyses.common.ablation import load_or_compute_means
+    from analyses.layer.activation_store import ActivationStore, ActivationStoreConfig
     from hooked_vit import HookedViT
     from hooked_vit.data import load_dataset
 
@@ -298,7 +298,7 @@ def test_read_only_activation_and_means_caches_warn_and_carry_on(tmp_path, read_
 
 # ------------------------------------------------------------------------------------ files and names
 def test_atomic_writes_honour_the_umask_and_leave_no_temporaries(tmp_path):
-    from analyses.results import write_csv, write_json
+    from analyses.common.results import write_csv, write_json
     from hooked_vit import atomic
 
     old = os.umask(0o022)

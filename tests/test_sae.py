@@ -28,7 +28,7 @@ def dataset(images):
 
 @pytest.fixture(scope="module")
 def sae_module():
-    import analyses.sae as sae_module
+    import analyses.layer.sae as sae_module
 
     return sae_module
 
@@ -52,7 +52,7 @@ def trained(tiny, dataset, sae_module, tmp_path_factory):
 
 
 def all_activations(model, dataset, sae_module, tokens="all"):
-    from analyses.activation_store import ActivationStore, ActivationStoreConfig
+    from analyses.layer.activation_store import ActivationStore, ActivationStoreConfig
 
     store = ActivationStore(model, dataset, ActivationStoreConfig(hook_names=(HOOK,), tokens=tokens, shuffle=False,
                                                                   progress=False))

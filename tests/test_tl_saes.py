@@ -14,7 +14,7 @@ ACTS = HOOK + ".hook_sae_acts_post"
 def _sae(seed: int, tokens: str, tmp_path_factory):
     """A random BatchTopK-trained-style inference SAE (d_in 32, d_sae 64) on ``HOOK``, saved by
     sae-lens and loaded back with ``SAE.load_from_disk``."""
-    from analyses.sae import SAETrainConfig, to_inference_sae
+    from analyses.layer.sae import SAETrainConfig, to_inference_sae
     from sae_lens import SAE, BatchTopKTrainingSAE
 
     cfg = SAETrainConfig(hook_name=HOOK, tokens=tokens, k=8, expansion_factor=2, training_samples=256,

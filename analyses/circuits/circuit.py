@@ -14,11 +14,11 @@ from jaxtyping import Bool, Float
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from analyses.ablation import ActivationMeans
+from analyses.common.ablation import ActivationMeans
 from analyses.circuits.config import CircuitConfig
 from analyses.circuits.gates import nodes_to_vector
 from analyses.circuits.replacement import gate_hooks, gated_logits, site_references
-from analyses.results import config_from_dict, config_to_dict, read_json, write_json
+from analyses.common.results import config_from_dict, config_to_dict, read_json, write_json
 from hooked_vit import atomic
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
 

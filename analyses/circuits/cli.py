@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES
 from hooked_vit.cli_args import (
     add_device_argument,
     add_model_family_arguments,
@@ -25,8 +26,6 @@ from hooked_vit.cli_args import (
     positive_int,
 )
 
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES = (0.0, 0.1, 0.3, 0.5, 0.7)  # = config.DEFAULT_SPARSITIES (light copy)
 LOSSES = ("bce_margin", "ce_true_label")
 SCHEDULES = ("step", "linear")
 REFERENCES = ("mean", "pooled_mean", "zero")

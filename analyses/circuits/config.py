@@ -11,12 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from analyses.models import variant_settings
-from analyses.results import settings_without
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES  # noqa: F401  (public here)
+from analyses.common.variants import ModelFamily
+from analyses.common.results import settings_without
 from hooked_vit.errors import InvalidArgumentError
 
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
 LOSSES: tuple[str, ...] = ("bce_margin", "ce_true_label")
 SCHEDULES: tuple[str, ...] = ("step", "linear")
 REFERENCES: tuple[str, ...] = ("mean", "pooled_mean", "zero")
@@ -33,13 +32,13 @@ RUN_ONLY: tuple[str, ...] = ("sparsities", "classes", "sweep_k", "random_control
 
 
 @dataclass
-class CircuitConfig:
+class CircuitConfig(ModelFamily):
     """Settings of node-mask circuit discovery.
 
     Model family: ``model`` (alias) pruned with ``method`` at each of ``sparsities`` (0 = dense),
     Wanda calibrated on ``n_calib`` train images of ``dataset`` drawn by ``calib_sampling``, then
     ``finetune_epochs`` of masked fine-tuning on that train split (``None``: the model preset's
-    protocol, :func:`analyses.models.variant_settings`); images from ``dataset`` (``"builtin"``:
+    protocol, :func:`analyses.common.variants.variant_settings`); images from ``dataset`` (``"builtin"``:
     the model's own), masks trained on ``train_split``, metrics on ``val_split`` (never seen by the optimiser).
 
     Objective (eq. 10): ``loss`` (``"bce_margin"``: binary cross-entropy on ``logit_c -
@@ -66,15 +65,8 @@ class CircuitConfig:
     together; default all), ``eval_batch_size``, ``device``.
     """
 
-    model: str = DEFAULT_MODEL
-    dataset: str = "builtin"
     train_split: str = "train"
     val_split: str = "val"
-    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
-    method: str = "wanda"
-    finetune_epochs: int | None = None
-    n_calib: int | None = None
-    calib_sampling: str | None = None
     classes: tuple[int | str, ...] | None = None
     k: float | None = None
     sweep_k: tuple[float, ...] | None = None
@@ -99,11 +91,9 @@ class CircuitConfig:
     random_control: bool = False
     class_batch: int | None = None
     eval_batch_size: int | None = None
-    device: str | None = None
 
     def __post_init__(self) -> None:
-        self.__dict__.update(variant_settings(self.model, finetune_epochs=self.finetune_epochs,
-                                              n_calib=self.n_calib, calib_sampling=self.calib_sampling))
+        super().__post_init__()
 
         def fail(name: str, why: str) -> None:
             raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is invalid: {why}")
@@ -135,11 +125,6 @@ class CircuitConfig:
         if self.sweep_k is not None:
             if not self.sweep_k or any(not (math.isfinite(k) and k >= 0) for k in self.sweep_k):
                 fail("sweep_k", "must be a non-empty list of finite numbers >= 0")
-        if not self.sparsities:
-            fail("sparsities", "must name at least one sparsity (0 is the dense model)")
-        for s in self.sparsities:
-            if not 0.0 <= float(s) < 1.0:
-                fail("sparsities", f"each must lie in [0, 1); got {s}")
         if self.loss not in LOSSES:
             fail("loss", f"must be one of {list(LOSSES)}")
         if self.schedule not in SCHEDULES:

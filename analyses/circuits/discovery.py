@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from analyses.ablation import ActivationMeans, load_or_compute_means, means_path, model_key
+from analyses.common.ablation import ActivationMeans, load_or_compute_means, means_path, model_key
 from analyses.circuits.circuit import Circuit
 from analyses.circuits.config import CircuitConfig, resolve_k
 from analyses.circuits.edges import dense_edge_count, edge_counts
@@ -275,7 +275,7 @@ def prepare_means(
     means_directory: str | os.PathLike | None = None, show_progress: bool = True,
 ) -> tuple[ActivationMeans | None, str | None]:
     """The site means of ``model`` over ``train`` (or a class-balanced ``n_means_images`` sample of
-    it), loaded or computed by :func:`analyses.ablation.load_or_compute_means`, and their file;
+    it), loaded or computed by :func:`analyses.common.ablation.load_or_compute_means`, and their file;
     ``(None, None)`` for ``reference="zero"``."""
     if config.reference == "zero":
         return None, None

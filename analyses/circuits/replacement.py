@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from analyses.ablation import ActivationMeans, site_reference
+from analyses.common.ablation import ActivationMeans, site_reference
 from hooked_vit.sites import Site
 from hooked_vit.errors import InvalidArgumentError
 
@@ -37,7 +37,7 @@ def site_references(model: nn.Module, reference: str, means: ActivationMeans | N
     kind = "zero" if reference == "zero" else "mean"
     if kind == "mean" and means is None:
         raise InvalidArgumentError(f"reference={reference!r} needs dataset means "
-                                   "(analyses.ablation.load_or_compute_means)")
+                                   "(analyses.common.ablation.load_or_compute_means)")
     return {site.hook_name: site_reference(site, kind, means, pooled=reference == "pooled_mean").to(
         device=param.device, dtype=param.dtype) for site in model.sites}
 

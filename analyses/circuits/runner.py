@@ -22,13 +22,14 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from analyses.ablation import model_key
+from analyses.common.ablation import model_key
 from analyses.circuits.circuit import Circuit
 from analyses.circuits.config import CircuitConfig, resolve_k
 from analyses.circuits.discovery import discover_circuits, prepare_means
-from analyses.models import load_variant, sparsity_dir
-from analyses.neuron_level import resolve_classes
-from analyses.results import AnalysisResult, markdown_table, read_json, write_json
+from analyses.common.units import Shard
+from analyses.common.variants import load_model, sparsity_dir
+from analyses.neuron.level import resolve_classes
+from analyses.common.results import AnalysisResult, markdown_table, read_json, write_json
 from hooked_vit import atomic
 from hooked_vit.data import LabelledImages, load_dataset
 from hooked_vit.errors import InvalidArgumentError
@@ -64,14 +65,6 @@ def check_run_directory(out: Path, config: CircuitConfig, *, write: bool = True)
                                        "use another --out or the same settings")
     elif write:
         write_json(path, wanted)
-
-
-def load_model(config: CircuitConfig, sparsity: float) -> nn.Module:
-    """``config.model`` at ``sparsity``, built from ``config.dataset``'s train split
-    (:func:`analyses.models.load_variant`)."""
-    return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
-                        data=config.dataset, n_calib=config.n_calib, calib_sampling=config.calib_sampling,
-                        device=config.device)
 
 
 def load_random_model(config: CircuitConfig) -> nn.Module:
@@ -146,12 +139,15 @@ def run_circuits(
     train: LabelledImages | None = None,
     val: LabelledImages | None = None,
     means_directory: str | os.PathLike | None = None,
+    shard: Shard = Shard(),
     show_progress: bool = True,
-) -> CircuitResult:
+) -> CircuitResult | None:
     """Circuits of ``config.classes`` for every model of ``config.sparsities`` (and the random
     control), at each model's ``k`` (Table 3) and every ``config.sweep_k`` (Table 7). With ``out``
     every circuit is saved as it is found, a rerun resumes, and the tables and figures are
-    written there. ``train``/``val`` replace ``config.dataset``'s splits (e.g. tensors in tests)."""
+    written there. ``train``/``val`` replace ``config.dataset``'s splits (e.g. tensors in tests).
+    With a partial ``shard``, only its share of the (model, class) units is found and saved, and
+    nothing is returned."""
     start = time.perf_counter()
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
@@ -167,7 +163,7 @@ def run_circuits(
     rows: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
     classes: list[int] | None = None
-    for label, sparsity, load, directory in variants:
+    for index, (label, sparsity, load, directory) in enumerate(variants):
         model = load()
         if train is None or val is None:
             train = train if train is not None else load_dataset(config.dataset, split=config.train_split, model=model)
@@ -178,11 +174,14 @@ def run_circuits(
             if out_dir is not None:  # the inputs are valid: claim the directory
                 check_run_directory(out_dir, config)
         ks = list(dict.fromkeys([resolve_k(config, sparsity), *(config.sweep_k or ())]))
-        rows += model_circuits(model, label, sparsity, ks, classes, config, train, val, directory=directory,
+        mine = shard.take(classes, index)
+        rows += model_circuits(model, label, sparsity, ks, mine, config, train, val, directory=directory,
                                means_directory=Path(means_directory) if means_directory is not None else None,
                                show_progress=show_progress)
         keys[label] = model_key(model)
         del model
+    if not shard.whole:
+        return None
     result = CircuitResult(config, rows, keys, time.perf_counter() - start)
     if out_dir is not None:
         result.save(out_dir)

@@ -3,18 +3,18 @@ hook, its reconstruction quality (Table 2) and the four neuron-level metrics app
 (Figure 3), plus the SAE sweeps of appendix B (Tables 5 and 6).
 
 Per sparsity ``s`` of ``config.sparsities`` (0 = dense): the model ``config.model`` pruned with
-``config.method``; an SAE trained by sae-lens (:func:`analyses.sae.train_sae`) on the
+``config.method``; an SAE trained by sae-lens (:func:`analyses.layer.sae.train_sae`) on the
 ``train_split`` images, saved in ``<out>/sparsity_<s>/sae/`` (sae-lens format, resumable); then on
 the ``split`` images (held out):
 
-1. quality (:mod:`analyses.sae_quality`): NMSE, explained variance, dead latents (never active
+1. quality (:mod:`analyses.layer.sae_quality`): NMSE, explained variance, dead latents (never active
    over the held-out tokens), L0;
-2. per class ``c``: the top-K latents by attribution patching (:mod:`analyses.attribution_patching`)
+2. per class ``c``: the top-K latents by attribution patching (:mod:`analyses.neuron.attribution_patching`)
    with zero as the reference, run through the spliced SAE (error term on, so only latents change):
    the K latents whose zeroing is estimated to lower the logit of ``c`` most; then, as for neurons,
    ablation impact (the K latents zero-ablated together, eq. 2, over the class images; the paper
    uses zero ablation for SAE latents), and selectivity, class variance and label entropy
-   (:mod:`analyses.neuron_metrics`) of the K latents over all held-out images, averaged over the K.
+   (:mod:`analyses.neuron.metrics`) of the K latents over all held-out images, averaged over the K.
 
 Latent activations per image: the CLS-token value (selectivity) and the max over patch tokens
 (class variance, label entropy) for an SAE on all tokens, as for neurons; an SAE on the CLS token
@@ -36,15 +36,26 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from analyses.activation_store import hook_layout, select_tokens
-from analyses.ablation import model_key
-from analyses.attribution_patching import attribution_patching
-from analyses.layer_level_cli import add_eval_arguments, add_train_arguments
-from analyses.neuron_level import METRIC_LABELS, METRICS, resolve_classes, top_units
-from analyses.neuron_metrics import NEGATIVE_RULES, class_variance, label_entropy, normalized_logit_change, selectivity
-from analyses.models import load_variant, sparsity_dir, variant_settings
-from analyses.results import AnalysisResult, config_from_dict, config_to_dict, markdown_table, read_json, write_json
-from analyses.sae import (
+from analyses.layer.activation_store import hook_layout, select_tokens
+from analyses.common.ablation import model_key
+from analyses.neuron.attribution_patching import attribution_patching
+from analyses.layer.cli import add_eval_arguments, add_train_arguments
+from analyses.neuron.level import METRIC_LABELS, METRICS, resolve_classes, top_units
+from analyses.neuron.metrics import NEGATIVE_RULES, class_variance, label_entropy, normalized_logit_change, selectivity
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES
+from analyses.common.variants import ModelFamily, load_model, sparsity_dir
+from analyses.common.results import (
+    AnalysisResult,
+    config_from_dict,
+    config_to_dict,
+    markdown_table,
+    read_json,
+    settings_without,
+    write_json,
+)
+from analyses.common.units import Shard, load_unit, save_unit
+from analyses.layer.sae import (
+    OPERATIONAL_FIELDS,
     SAE,
     SAETrainConfig,
     SAETrainingRun,
@@ -56,16 +67,17 @@ from analyses.sae import (
     train_sae,
     zero_ablate_features,
 )
-from analyses.sae_quality import QualityAccumulator, SAEQuality, SweepConfig, SweepResult, sae_label, sweep_row
+from analyses.layer.sae_quality import QualityAccumulator, SAEQuality, SweepConfig, SweepResult, sae_label, sweep_row
 from hooked_vit import atomic
 from hooked_vit.data import LabelledImages, default_batch_size, load_dataset, make_loader, progress
 from hooked_vit.cli_args import parse_classes, parse_numbers
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
 from hooked_vit.sites import Site
 
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
 CONFIG_FILE = "layer_level_config.json"
+EVALUATION_FILE = "evaluation.json"
+# Settings that do not change a model's evaluation (a resumed run may differ in them).
+_RUN_ONLY = ("sparsities", "batch_size", "device")
 SAE_SITE = "sae_latent"
 
 
@@ -74,49 +86,35 @@ def _as_train_config(value: Any) -> SAETrainConfig:
 
 
 @dataclass
-class LayerLevelConfig:
+class LayerLevelConfig(ModelFamily):
     """Settings of a layer-level run.
 
     ``model`` pruned with ``method`` (Wanda calibrated on ``n_calib`` train images of ``dataset``
     drawn by ``calib_sampling``, then ``finetune_epochs`` of masked fine-tuning on that train split;
-    ``None``: the model preset's protocol, :func:`analyses.models.variant_settings`) at each of
+    ``None``: the model preset's protocol, :func:`analyses.common.variants.variant_settings`) at each of
     ``sparsities`` (0 = dense). ``dataset``: source for :func:`hooked_vit.data.load_dataset`
     (``"builtin"``: the model's own); SAEs train on ``train_split`` and are evaluated on ``split``.
     ``sae``: the SAE and its training (hook, tokens, k, expansion factor, ...), identical for every
     model as in the paper. ``classes`` (default all present), ``top_k`` latents per class,
-    ``negatives`` (rule of :mod:`analyses.neuron_metrics`). ``batch_size``: images per forward
+    ``negatives`` (rule of :mod:`analyses.neuron.metrics`). ``batch_size``: images per forward
     pass; ``device``: default CUDA when available.
     """
 
-    model: str = DEFAULT_MODEL
-    dataset: str = "builtin"
     train_split: str = "train"
     split: str = "val"
-    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
-    method: str = "wanda"
-    finetune_epochs: int | None = None
-    n_calib: int | None = None
-    calib_sampling: str | None = None
     sae: SAETrainConfig | dict[str, Any] = field(default_factory=SAETrainConfig)  # a dict (JSON) is converted
     classes: tuple[int | str, ...] | None = None
     top_k: int = 50
     negatives: str = "clamp"
     batch_size: int | None = None
-    device: str | None = None
 
     def __post_init__(self) -> None:
-        self.__dict__.update(variant_settings(self.model, finetune_epochs=self.finetune_epochs, n_calib=self.n_calib,
-                                              calib_sampling=self.calib_sampling))
+        super().__post_init__()
         self.sae = _as_train_config(self.sae)
         if self.top_k < 1:
             raise InvalidArgumentError(f"top_k must be >= 1, got {self.top_k}")
         if self.negatives not in NEGATIVE_RULES:
             raise InvalidArgumentError(f"negatives must be one of {NEGATIVE_RULES}, got {self.negatives!r}")
-        if not self.sparsities:
-            raise InvalidArgumentError("sparsities must hold at least one value (0 for the dense model)")
-        for s in self.sparsities:
-            if not 0.0 <= float(s) < 1.0:
-                raise InvalidArgumentError(f"sparsities must lie in [0, 1), got {s}")
 
 
 def sparsity_label(sparsity: float) -> str:
@@ -137,14 +135,6 @@ def model_sae_config(config: LayerLevelConfig, sparsity: float, sae: SAETrainCon
     return dataclasses.replace(sae, cache_dir=str(sparsity_dir(sae.cache_dir, sparsity) / sae_label(sae)))
 
 
-def load_model(config: LayerLevelConfig, sparsity: float) -> nn.Module:
-    """``config.model`` at ``sparsity`` (dense at 0), pruned and fine-tuned from ``config.dataset``'s
-    train split (:func:`analyses.models.load_variant`, cached on disk), on ``config.device``."""
-    return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
-                        data=config.dataset, n_calib=config.n_calib, calib_sampling=config.calib_sampling,
-                        device=config.device)
-
-
 # ----------------------------------------------------------------------------- latent tables
 @dataclass
 class LatentTables:
@@ -163,7 +153,7 @@ def held_out_pass(
     model: nn.Module, sae: SAE, dataset: LabelledImages, *, batch_size: int | None = None, show_progress: bool = True
 ) -> tuple[SAEQuality, LatentTables]:
     """One forward pass over ``dataset`` giving both the SAE's quality at its hook and tokens
-    (:class:`~analyses.sae_quality.SAEQuality`) and the :class:`LatentTables` (on the CPU)."""
+    (:class:`~analyses.layer.sae_quality.SAEQuality`) and the :class:`LatentTables` (on the CPU)."""
     hook_name, tokens = sae_hook_name(sae), sae_tokens(sae)
     layout = hook_layout(model, hook_name)
     param = next(model.parameters())
@@ -199,7 +189,7 @@ def held_out_pass(
 
 def latent_site(sae: SAE) -> Site:
     """The attached SAE's latents as a :class:`Site` (hook ``<hook>.hook_sae_acts_post``, one
-    feature unit per latent), for :func:`~analyses.attribution_patching.attribution_patching`."""
+    feature unit per latent), for :func:`~analyses.neuron.attribution_patching.attribution_patching`."""
     hook_name = sae_hook_name(sae)
     layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else -1
     return Site(layer, SAE_SITE, sae_hook(hook_name, "acts_post"), "feature", sae.cfg.d_sae)
@@ -398,12 +388,14 @@ def train_layer_level(
     model_loader: Callable[[LayerLevelConfig, float], nn.Module] = load_model,
     train_dataset: LabelledImages | None = None,
     resume: bool = True,
+    shard: Shard = Shard(),
 ) -> list[SAETrainingRun]:
-    """Train (or load, or resume) the SAE of every sparsity into :func:`sae_dir` and write
-    ``<out>/layer_level_config.json``. ``train_dataset`` replaces the config's (e.g. tensors)."""
+    """Train (or load, or resume) the SAE of every sparsity (of ``shard``'s share of them) into
+    :func:`sae_dir` and write ``<out>/layer_level_config.json``. ``train_dataset`` replaces the
+    config's (e.g. tensors)."""
     write_json(Path(out) / CONFIG_FILE, config_to_dict(config))
     runs = []
-    for sparsity in config.sparsities:
+    for sparsity in shard.take(config.sparsities):
         model = model_loader(config, float(sparsity))
         train = train_dataset if train_dataset is not None else load_dataset(
             config.dataset, split=config.train_split, model=model)
@@ -449,14 +441,17 @@ def run_layer_level(
     model_loader: Callable[[LayerLevelConfig, float], nn.Module] = load_model,
     dataset: LabelledImages | None = None,
     features: bool = True,
+    shard: Shard = Shard(),
     show_progress: bool = True,
-) -> LayerLevelResult:
+) -> LayerLevelResult | None:
     """Evaluate the SAEs trained by :func:`train_layer_level` under ``out`` (each must exist and
-    match its model's weights) on the held-out split (or ``dataset``); saves the combined result
-    (tables, markdown, figure) to ``out``."""
+    match its model's weights) on the held-out split (or ``dataset``); each model's evaluation is
+    saved beside its SAE (``evaluation.json``) and reused by a rerun with the same settings; saves
+    the combined result (tables, markdown, figure) to ``out``. With a partial ``shard``, only its
+    share of the models is evaluated, and nothing is returned."""
     start = time.perf_counter()
     combined = LayerLevelResult(config)
-    for sparsity in config.sparsities:
+    for sparsity in shard.take(config.sparsities):
         directory = sae_dir(out, sparsity, config.sae)
         try:
             sae = load_sae(directory)
@@ -469,15 +464,25 @@ def run_layer_level(
         if trained_on is not None and trained_on != key:
             raise InvalidArgumentError(f"the SAE in {directory} was trained on other weights ({trained_on}) than "
                                        f"{config.model} at sparsity {sparsity:g} ({key}); retrain it")
-        sae.to(device=next(model.parameters()).device)
         held_out = dataset if dataset is not None else load_dataset(config.dataset, split=config.split, model=model)
-        part = layer_level(model, sae, held_out, config, sparsity=float(sparsity), features=features,
-                           show_progress=show_progress)
+        settings = {**settings_without(config, _RUN_ONLY), "model_key": key, "features": features,
+                    "sae": {k: v for k, v in config_to_dict(config.sae).items() if k not in OPERATIONAL_FIELDS},
+                    "dataset": held_out.name, "split": held_out.split, "n_images": len(held_out)}
+        saved = load_unit(directory / EVALUATION_FILE, settings, "a layer-level evaluation (JSON)")
+        if saved is not None:
+            part = LayerLevelResult(config, **saved)
+        else:
+            sae.to(device=next(model.parameters()).device)
+            part = layer_level(model, sae, held_out, config, sparsity=float(sparsity), features=features,
+                               show_progress=show_progress)
+            save_unit(directory / EVALUATION_FILE, settings, part.data_dict())
         combined.quality += part.quality
         combined.rows += part.rows
         combined.latents += part.latents
         combined.model_keys.update(part.model_keys)
         del model
+    if not shard.whole:
+        return None
     combined.seconds = time.perf_counter() - start
     combined.save(out)
     return combined

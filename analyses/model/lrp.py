@@ -236,6 +236,7 @@ def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: s
                      cp_attention: bool = False, dtype: torch.dtype | None = None) -> CheferRelevance:
     """The relevance propagation of Chefer et al., a pure function of ``cache`` and the weights,
     in ``dtype`` (default the cache's)."""
+    check_choice(layerscale_rule, LAYERSCALE_RULES, "layerscale_rule")
     dtype = dtype or cache.pooled.dtype
     seed = F.one_hot(cache.target, cache.logits.shape[1]).to(dtype)  # [batch n_classes]
     pooled = cache.pooled.to(dtype)

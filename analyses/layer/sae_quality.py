@@ -9,7 +9,7 @@ reconstructions ``x_hat_i``, with ``mu`` the mean activation:
 * fraction of variance explained FVE = ``1 - NMSE`` (so the paper's NMSE and FVE columns add to 1);
 * dead latents: latents whose activation is never > 0 on any of the ``N`` held-out activations
   (the window is those ``N`` tokens, reported as ``n_tokens``);
-* L0: mean number of latents > 0 per activation (the inference SAE's, see :mod:`analyses.sae`).
+* L0: mean number of latents > 0 per activation (the inference SAE's, see :mod:`analyses.layer.sae`).
 
 :class:`QualityAccumulator` computes them in one streaming pass (float64 sums), so the held-out
 set need not fit in memory; :func:`evaluate_sae` runs it over a dataset.
@@ -28,9 +28,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from analyses.activation_store import ActivationStore, ActivationStoreConfig, check_tokens
-from analyses.results import AnalysisResult, markdown_table
-from analyses.sae import SAE, SAETrainConfig, SAETrainingRun, sae_hook_name, sae_tokens, train_sae
+from analyses.layer.activation_store import ActivationStore, ActivationStoreConfig, check_tokens
+from analyses.common.results import AnalysisResult, markdown_table
+from analyses.layer.sae import SAE, SAETrainConfig, SAETrainingRun, sae_hook_name, sae_tokens, train_sae
 from hooked_vit.errors import InvalidArgumentError
 
 SAE_BATCH_ROWS = 8192

@@ -2,7 +2,7 @@
 
 Standard library only (with :mod:`hooked_vit.cli_args`), so ``--help`` and bad options answer
 without importing torch; every option is checked while parsing, before any work starts. The
-constants repeat those of :mod:`analyses.lrp` and :mod:`analyses.faithfulness`
+constants repeat those of :mod:`analyses.model.lrp` and :mod:`analyses.model.faithfulness`
 (tests/test_model_level.py checks they agree).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES
 from hooked_vit.cli_args import (
     add_device_argument,
     add_model_family_arguments,
@@ -24,8 +25,6 @@ from hooked_vit.cli_args import (
     positive_int,
 )
 
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
 DEFAULT_METHODS = "chefer,rollout,random"
 METHOD_CHOICES = ("chefer", "attnlrp", "cp_lrp", "rollout", "gradxinput", "random")  # = tuple(lrp.METHODS)
 REFERENCE_CHOICES = ("zero", "black", "blur", "mean")  # = faithfulness.REFERENCES
@@ -66,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """A :class:`analyses.model_level.ModelLevelConfig` and the output folder."""
-    from analyses.model_level import ModelLevelConfig
+    """A :class:`analyses.model.level.ModelLevelConfig` and the output folder."""
+    from analyses.model.level import ModelLevelConfig
 
     config = ModelLevelConfig(
         model=args.model, dataset=args.data, split=args.split,
@@ -85,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``hooked-vit attribution``: run, print Table 4 and the files written."""
     config, out = config_from_args(args)
-    from analyses.model_level import run_model_level
+    from analyses.model.level import run_model_level
 
     result = run_model_level(config, out, show_progress=not args.no_progress)
     print(result.markdown())

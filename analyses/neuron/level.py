@@ -9,7 +9,7 @@ units (``attn_head``: the head output ``blocks.L.attn.hook_z``, activation = L2 
 Per class ``c`` (its images in ``split``) and block ``L`` (default: early/middle/late,
 :func:`default_blocks`):
 
-1. selection: attribution patching (:mod:`analyses.attribution_patching`) estimates, per image,
+1. selection: attribution patching (:mod:`analyses.neuron.attribution_patching`) estimates, per image,
    how much mean-ablating each unit changes the logit of ``c``; a unit's score is the estimated
    *drop* averaged over the class images (``selection="drop"``: the K units whose ablation is
    estimated to lower the class logit most), or the mean absolute estimated change
@@ -17,7 +17,7 @@ Per class ``c`` (its images in ``split``) and block ``L`` (default: early/middle
 2. ablation impact (eq. 2): the K units mean-ablated together, ``normalized_logit_change``
    averaged over the class images;
 3. selectivity (eq. 3), class variance (eqs. 4-5) and label entropy (eqs. 6-7) of each of the K
-   units (:mod:`analyses.neuron_metrics`, over all images of ``split``), averaged over the K.
+   units (:mod:`analyses.neuron.metrics`, over all images of ``split``), averaged over the K.
 
 Means come from ``means_split`` (default train, the "training distribution" of eq. 11). One
 class's numbers are written to ``<out>/sparsity_<s>/classes/<c>.json`` as soon as they are known,
@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from analyses.ablation import (
+from analyses.common.ablation import (
     ALL_SITE_NAMES,
     HEAD_SITE,
     ActivationMeans,
@@ -48,8 +48,8 @@ from analyses.ablation import (
     model_key,
     resolve_site,
 )
-from analyses.attribution_patching import attribution_patching
-from analyses.neuron_metrics import (
+from analyses.neuron.attribution_patching import attribution_patching
+from analyses.neuron.metrics import (
     NEGATIVE_RULES,
     average_ranks,
     class_variance,
@@ -57,9 +57,11 @@ from analyses.neuron_metrics import (
     normalized_logit_change,
     selectivity_from_ranks,
 )
-from analyses.neuron_level_cli import add_arguments
-from analyses.models import load_variant, sparsity_dir, variant_settings
-from analyses.results import AnalysisResult, markdown_table, settings_without, write_json
+from analyses.neuron.cli import add_arguments
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES  # noqa: F401  (public here)
+from analyses.common.variants import ModelFamily, load_model, sparsity_dir
+from analyses.common.results import AnalysisResult, markdown_table, settings_without
+from analyses.common.units import Shard, load_unit, save_unit
 from hooked_vit import atomic
 from hooked_vit.data import (
     LabelledImages,
@@ -71,7 +73,6 @@ from hooked_vit.data import (
 )
 from hooked_vit.cli_args import parse_classes, parse_numbers
 from hooked_vit.errors import InvalidArgumentError
-from hooked_vit.reading import read_resumable_json
 from hooked_vit.sites import Site
 
 NEURON_SITES: tuple[str, ...] = ("mlp_act", HEAD_SITE)
@@ -79,40 +80,31 @@ METRICS: tuple[str, ...] = ("ablation", "selectivity", "class_variance", "label_
 METRIC_LABELS = {"ablation": "Ablation impact", "selectivity": "Selectivity (AUROC)",
                  "class_variance": "Class variance (CV)", "label_entropy": "Label entropy (nats)"}
 SELECTIONS: tuple[str, ...] = ("drop", "absolute")
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
 # Settings that do not change a class's numbers (so a resumed run may differ in them).
 _RUN_ONLY = ("sparsities", "classes", "batch_size", "device")
 
 
 @dataclass
-class NeuronLevelConfig:
+class NeuronLevelConfig(ModelFamily):
     """Settings of a neuron-level run.
 
     ``model``: alias for :meth:`HookedViT.from_pretrained`, pruned with ``method`` at each of
     ``sparsities`` (0 = dense; ``finetune_epochs`` of masked fine-tuning after pruning, Wanda
     calibrated on ``n_calib`` train images of ``dataset`` drawn by ``calib_sampling``; ``None``: the
-    model preset's protocol, see :func:`analyses.models.variant_settings`).
+    model preset's protocol, see :func:`analyses.common.variants.variant_settings`).
     ``dataset``: source for :func:`hooked_vit.data.load_dataset` (``"builtin"``: the model's own);
     ``split`` holds the analysed images, ``means_split`` those the ablation means are taken over.
     ``classes``: indices, ids or names (default: every class present in ``split``). ``blocks``:
     default :func:`default_blocks`. ``top_k`` units per class and block among ``sites``, chosen by
     ``selection`` (``"drop"`` or ``"absolute"``). ``negatives``: the rule of
-    :mod:`analyses.neuron_metrics` for negative activations. ``pooled_means``: ablate with the mean
+    :mod:`analyses.neuron.metrics` for negative activations. ``pooled_means``: ablate with the mean
     over images and positions instead of the per-position mean. ``n_means_images``: take the means
     over a class-balanced sample of that many ``means_split`` images drawn with ``seed`` (default:
     all of them; e.g. 50,000 for ImageNet's train split).
     """
 
-    model: str = DEFAULT_MODEL
-    dataset: str = "builtin"
     split: str = "val"
     means_split: str = "train"
-    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
-    method: str = "wanda"
-    finetune_epochs: int | None = None
-    n_calib: int | None = None
-    calib_sampling: str | None = None
     classes: tuple[int | str, ...] | None = None
     blocks: tuple[int, ...] | None = None
     top_k: int = 50
@@ -123,11 +115,9 @@ class NeuronLevelConfig:
     n_means_images: int | None = None
     seed: int = 0
     batch_size: int | None = None
-    device: str | None = None
 
     def __post_init__(self) -> None:
-        self.__dict__.update(variant_settings(self.model, finetune_epochs=self.finetune_epochs, n_calib=self.n_calib,
-                                              calib_sampling=self.calib_sampling))
+        super().__post_init__()
         if self.top_k < 1:
             raise InvalidArgumentError(f"top_k must be >= 1, got {self.top_k}")
         if self.selection not in SELECTIONS:
@@ -137,9 +127,6 @@ class NeuronLevelConfig:
         unknown = [s for s in self.sites if s not in ALL_SITE_NAMES]
         if unknown or not self.sites:
             raise InvalidArgumentError(f"sites must be a non-empty subset of {list(ALL_SITE_NAMES)}, got {list(self.sites)}")
-        for s in self.sparsities:
-            if not 0.0 <= float(s) < 1.0:
-                raise InvalidArgumentError(f"sparsities must lie in [0, 1), got {s}")
 
     def class_settings(self) -> dict[str, Any]:
         """What one class's numbers depend on (besides the model's weights and the class)."""
@@ -398,12 +385,14 @@ def model_records(
     *,
     directory: str | os.PathLike | None = None,
     means_directory: str | os.PathLike | None = None,
+    only: Sequence[int] | None = None,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Per-class records (:meth:`_ModelAnalysis.class_record`) of one model, in class order. With
-    ``directory``, each record is saved there as soon as it is computed and records already saved
-    with the same settings and weights are reused (resume)."""
-    classes = resolve_classes(dataset, config.classes)
+    """Per-class records (:meth:`_ModelAnalysis.class_record`) of one model, in class order (of
+    the class indices ``only``, if given: a shard's share). With ``directory``, each record is
+    saved there as soon as it is computed and records already saved with the same settings and
+    weights are reused (resume)."""
+    classes = resolve_classes(dataset, config.classes) if only is None else list(only)
     for block in resolve_blocks(model, config.blocks):  # fail early on a top-K larger than a block
         top_units(torch.zeros(sum(s.width for s in neuron_sites(model, block, config.sites))), config.top_k)
     settings = {**config.class_settings(), "model_key": model_key(model), "dataset": dataset.name,
@@ -412,9 +401,9 @@ def model_records(
     records: dict[int, dict[str, Any]] = {}
     if directory is not None:
         for c in classes:
-            saved = read_resumable_json(_class_path(Path(directory), c), "a per-class neuron-level record (JSON)")
-            if isinstance(saved, dict) and saved.get("settings") == settings and "record" in saved:
-                records[c] = saved["record"]
+            saved = load_unit(_class_path(Path(directory), c), settings, "a per-class neuron-level record (JSON)")
+            if saved is not None:
+                records[c] = saved
     pending = [c for c in classes if c not in records]
     if pending:
         means = load_or_compute_means(model, means_dataset, directory=means_directory,
@@ -423,7 +412,7 @@ def model_records(
         for c in progress(pending, desc="classes", total=len(pending), enabled=show_progress):
             records[c] = analysis.class_record(c)
             if directory is not None:
-                write_json(_class_path(Path(directory), c), {"settings": settings, "record": records[c]})
+                save_unit(_class_path(Path(directory), c), settings, records[c])
     return [records[c] for c in classes]
 
 
@@ -589,6 +578,8 @@ def neuron_level(
     out: str | os.PathLike | None = None,
     sparsity: float | None = None,
     means_directory: str | os.PathLike | None = None,
+    shard: Shard = Shard(),
+    offset: int = 0,
     show_progress: bool = True,
 ) -> NeuronLevelResult:
     """The neuron level of one model (the analysis pattern: model, dataset source, config).
@@ -598,6 +589,7 @@ def neuron_level(
     default the same images, gives the means). ``sparsity`` labels the rows (default: the
     model's pruning sparsity, 0 if dense). With ``out``, per-class records are saved under
     ``sparsity_dir(out, sparsity)`` and reused on a rerun; means default to ``<out>/means``.
+    ``shard``: analyse only this process's classes (``shard.take(classes, offset)``).
     """
     start = time.perf_counter()
     if isinstance(dataset, LabelledImages):
@@ -614,18 +606,11 @@ def neuron_level(
     directory = sparsity_dir(out, sparsity) if out is not None else None
     if means_directory is None and out is not None:
         means_directory = Path(out) / "means"
+    only = None if shard.whole else shard.take(resolve_classes(data, config.classes), offset)
     records = model_records(model, data, means_data, config, directory=directory,
-                            means_directory=means_directory, show_progress=show_progress)
+                            means_directory=means_directory, only=only, show_progress=show_progress)
     return NeuronLevelResult(config, flatten_records(sparsity, records), {f"{float(sparsity):g}": model_key(model)},
                              time.perf_counter() - start, type_rows=flatten_type_records(sparsity, records))
-
-
-def load_model(config: NeuronLevelConfig, sparsity: float) -> nn.Module:
-    """``config.model`` at ``sparsity`` (dense at 0), pruned and fine-tuned from ``config.dataset``'s
-    train split (:func:`analyses.models.load_variant`, cached on disk), on ``config.device``."""
-    return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
-                        data=config.dataset, n_calib=config.n_calib, calib_sampling=config.calib_sampling,
-                        device=config.device)
 
 
 def run_neuron_metrics(
@@ -636,26 +621,31 @@ def run_neuron_metrics(
     dataset: LabelledImages | None = None,
     means_dataset: LabelledImages | None = None,
     means_directory: str | os.PathLike | None = None,
+    shard: Shard = Shard(),
     show_progress: bool = True,
-) -> NeuronLevelResult:
+) -> NeuronLevelResult | None:
     """The neuron level over ``config.sparsities``: each model from ``model_loader(config, s)``,
     analysed by :func:`neuron_level` (per-class files under ``out``, resumable), the combined
     result saved to ``out`` (tables, markdown, figure) when given. ``dataset``/``means_dataset``
     replace ``config.dataset`` (e.g. tensors for tests); ``means_directory`` (default
-    ``<out>/means``) holds the mean activations."""
+    ``<out>/means``) holds the mean activations. With a partial ``shard``, only its share of the
+    (model, class) units is computed and saved, and nothing is returned."""
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     type_rows: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
-    for sparsity in config.sparsities:
+    for index, sparsity in enumerate(config.sparsities):
         model = model_loader(config, float(sparsity))
         result = neuron_level(model, dataset if dataset is not None else config.dataset, config,
                               means_dataset=means_dataset, out=out, sparsity=float(sparsity),
-                              means_directory=means_directory, show_progress=show_progress)
+                              means_directory=means_directory, shard=shard, offset=index,
+                              show_progress=show_progress)
         rows += result.rows
         type_rows += result.type_rows
         keys.update(result.model_keys)
         del model
+    if not shard.whole:
+        return None
     result = NeuronLevelResult(config, rows, keys, time.perf_counter() - start, type_rows=type_rows)
     if out is not None:
         result.save(out)

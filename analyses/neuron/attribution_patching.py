@@ -8,9 +8,9 @@ activation ``a`` (``[batch pos *unit_dims]``), replacing ``a_u`` by a reference 
 
 (Nanda, "Attribution patching"). One forward and one backward pass give the estimate for every unit
 of every requested site at once, per image. References: the dataset mean (``"mean"``, see
-:class:`~analyses.ablation.ActivationMeans`), ``"zero"``, or a corrupted run's activations
+:class:`~analyses.common.ablation.ActivationMeans`), ``"zero"``, or a corrupted run's activations
 (``"corrupted"``, with ``corrupted_images``). Units are features at feature sites and heads at
-q/k/v and at :func:`~analyses.ablation.attention_head_site` (``attn.hook_z``).
+q/k/v and at :func:`~analyses.common.ablation.attention_head_site` (``attn.hook_z``).
 
 :func:`exact_patching` is the reference it approximates: one patched forward pass per unit
 (several units batched into one pass), ``M(patched) - M(clean)``.
@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from analyses.ablation import ActivationMeans, ablate, resolve_site, site_reference
+from analyses.common.ablation import ActivationMeans, ablate, resolve_site, site_reference
 from hooked_vit.errors import InvalidArgumentError
 from hooked_vit.sites import Site
 
@@ -114,7 +114,7 @@ def attribution_patching(
     pass: ``((a_ref - a) * dM/da)`` summed over positions and the unit's dims.
 
     ``sites``: :class:`Site`\\ s, ``(layer, name)`` pairs or hook names (see
-    :func:`~analyses.ablation.resolve_site`). Parameter gradients are neither computed nor stored.
+    :func:`~analyses.common.ablation.resolve_site`). Parameter gradients are neither computed nor stored.
     """
     if metric is None:
         if targets is None:

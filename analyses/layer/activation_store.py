@@ -262,7 +262,7 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ disk cache
     def _identity(self) -> dict[str, Any]:
-        from analyses.ablation import dataset_key, model_key
+        from analyses.common.ablation import dataset_key, model_key
 
         return {"format": CACHE_FORMAT, "hook_names": list(self.cfg.hook_names), "tokens": self.cfg.tokens,
                 "d_in": {name: layout.d_in for name, layout in self.layouts.items()},

@@ -2,14 +2,15 @@
 bad options answer without importing torch or sae-lens). Every option, the ``--sweep-*`` lists
 included, is checked while parsing, before any training starts.
 
-The defaults repeat :class:`analyses.sae.SAETrainConfig`'s and the constants those of
-:mod:`analyses.layer_level` / :mod:`analyses.activation_store` (tests/test_bad_inputs.py checks they agree).
+The defaults repeat :class:`analyses.layer.sae.SAETrainConfig`'s and the constants those of
+:mod:`analyses.layer.level` / :mod:`analyses.layer.activation_store` (tests/test_bad_inputs.py checks they agree).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES
 from hooked_vit.cli_args import (
     add_device_argument,
     add_model_family_arguments,
@@ -24,8 +25,6 @@ from hooked_vit.cli_args import (
     positive_int,
 )
 
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
 TOKEN_CHOICES: tuple[str, ...] = ("cls", "patch", "all")
 LR_SCHEDULERS: tuple[str, ...] = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
 NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")

@@ -2,7 +2,7 @@
 
 Training (:func:`train_sae`) is sae-lens's own: its ``BatchTopKTrainingSAE`` (eq. 8-9: ``f(x) =
 BatchTopK(W_enc x + b_enc)``, ``x_hat = W_dec f(x) + b_dec``, MSE plus the dead-latent auxiliary
-loss) and its ``SAETrainer``, fed by an :class:`~analyses.activation_store.ActivationStore`. No
+loss) and its ``SAETrainer``, fed by an :class:`~analyses.layer.activation_store.ActivationStore`. No
 wandb: metrics are logged every ``log_every`` steps to the returned log and
 ``<out_dir>/training_log.jsonl``, next to sae-lens's progress bar. With ``n_checkpoints`` the
 trainer saves checkpoints (sae-lens's layout, plus the store's position) and a rerun resumes from
@@ -58,7 +58,7 @@ from hooked_vit.saes import (  # noqa: E402, F401  (the splice lives in hooked_v
     spliced,
 )
 
-from analyses.activation_store import (  # noqa: E402
+from analyses.layer.activation_store import (  # noqa: E402
     ActivationStore,
     ActivationStoreConfig,
     check_tokens,
@@ -74,7 +74,7 @@ CHECKPOINT_DIR = "checkpoints"
 LR_SCHEDULERS: tuple[str, ...] = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
 NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
 # Config fields that do not change what is learned (may differ when resuming).
-_OPERATIONAL_FIELDS = frozenset({"n_checkpoints", "keep_checkpoints", "log_every", "device", "image_batch_size",
+OPERATIONAL_FIELDS = frozenset({"n_checkpoints", "keep_checkpoints", "log_every", "device", "image_batch_size",
                                  "memory_limit_bytes", "cache_dir", "progress"})
 
 
@@ -113,7 +113,7 @@ class SAETrainConfig:
     threshold used at inference. ``normalize_activations``: ``none`` or
     ``expected_average_only_in`` (scale inputs to norm ``sqrt(d_in)``, folded in at the end).
     Store: ``buffer_size``, ``image_batch_size``, ``memory_limit_bytes``, ``cache_dir`` (see
-    :class:`~analyses.activation_store.ActivationStoreConfig`). ``n_checkpoints`` evenly spaced
+    :class:`~analyses.layer.activation_store.ActivationStoreConfig`). ``n_checkpoints`` evenly spaced
     checkpoints (kept: the last ``keep_checkpoints``). ``seed`` seeds the SAE init and the stream.
     """
 
@@ -215,7 +215,7 @@ class SAETrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine what is learned (compared when resuming)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _OPERATIONAL_FIELDS}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in OPERATIONAL_FIELDS}
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -333,7 +333,7 @@ def _read_log(path: Path, up_to_samples: int | None) -> list[dict[str, float | i
 
 
 def _identity(cfg: SAETrainConfig, hook_name: str, model: nn.Module, dataset: Dataset) -> dict[str, Any]:
-    from analyses.ablation import dataset_key, model_key
+    from analyses.common.ablation import dataset_key, model_key
 
     return {"config": cfg.identity(), "hook_name": hook_name, "model_key": model_key(model),
             "dataset_key": dataset_key(dataset)}

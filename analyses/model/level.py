@@ -2,8 +2,8 @@
 dense model and its pruned variants (Table 4), and the maps of a few images (Figure 4).
 
 Per model (sparsity) and image chunk: each attribution method of ``methods``
-(:data:`analyses.lrp.METHODS`: ``chefer`` (the paper's), ``attnlrp``, ``cp_lrp``, ``rollout``,
-``gradxinput``, ``random``) explains the clean argmax; :func:`analyses.faithfulness.insertion_deletion`
+(:data:`analyses.model.lrp.METHODS`: ``chefer`` (the paper's), ``attnlrp``, ``cp_lrp``, ``rollout``,
+``gradxinput``, ``random``) explains the clean argmax; :func:`analyses.model.faithfulness.insertion_deletion`
 scores the map. A chunk's numbers go to ``<out>/sparsity_<s>/chunks/<first>.json`` as soon as they
 are known, with the settings that produced them; a rerun skips the chunks already done (resume).
 The random baseline of a chunk is seeded with ``seed + first image position``.
@@ -25,17 +25,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from analyses.ablation import model_key
-from analyses.faithfulness import REFERENCES, insertion_deletion
-from analyses.lrp import LAYERSCALE_RULES, METHODS, attribution_map
-from analyses.models import load_variant, sparsity_dir, variant_settings
-from analyses.results import AnalysisResult, markdown_table, read_json, settings_without, write_json
+from analyses.common.ablation import model_key
+from analyses.model.faithfulness import REFERENCES, insertion_deletion
+from analyses.model.lrp import LAYERSCALE_RULES, METHODS, attribution_map
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES  # noqa: F401  (public here)
+from analyses.common.variants import ModelFamily, load_model, sparsity_dir
+from analyses.common.results import AnalysisResult, markdown_table, settings_without
+from analyses.common.units import Shard, load_unit, save_unit
 from hooked_vit.atomic import save_figure, write_text
 from hooked_vit.data import LabelledImages, calibration_sample, default_batch_size, load_dataset, progress
 from hooked_vit.errors import InvalidArgumentError
 
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
 DEFAULT_METHODS: tuple[str, ...] = ("chefer", "rollout", "random")
 KINDS: tuple[str, ...] = ("insertion", "deletion")
 _RUN_ONLY = ("sparsities", "batch_size", "device", "figure_classes")
@@ -43,30 +43,23 @@ PERTURBATION_BATCH = 256  # default perturbed images per forward: insertion/dele
 
 
 @dataclass
-class ModelLevelConfig:
+class ModelLevelConfig(ModelFamily):
     """Settings of a model-level run.
 
     ``model`` pruned with ``method`` at each of ``sparsities`` (0 = dense), Wanda calibrated on
     ``n_calib`` train images of ``dataset`` drawn by ``calib_sampling``, then ``finetune_epochs`` of
     masked fine-tuning (``None``: the model preset's protocol, see
-    :func:`analyses.models.variant_settings`). Images: ``split`` of ``dataset`` (``"builtin"``: the
+    :func:`analyses.common.variants.variant_settings`). Images: ``split`` of ``dataset`` (``"builtin"``: the
     model's own), the ``classes`` given (default all), ``n_images`` of them drawn class-balanced with ``seed``
     (default all, in dataset order). ``methods``: attribution methods (keys of
-    :data:`analyses.lrp.METHODS`). Chefer options: ``start_layer``, ``layerscale_rule``,
-    ``cp_attention``. Insertion/deletion: ``reference`` (:data:`analyses.faithfulness.REFERENCES`)
+    :data:`analyses.model.lrp.METHODS`). Chefer options: ``start_layer``, ``layerscale_rule``,
+    ``cp_attention``. Insertion/deletion: ``reference`` (:data:`analyses.model.faithfulness.REFERENCES`)
     and ``step`` (pixels per step, default the image width). ``batch_size``: perturbed images per
     forward (default :data:`PERTURBATION_BATCH`). ``chunk_size`` images per saved unit;
     ``figure_classes``: classes of the Figure 4 rows (default the first four present).
     """
 
-    model: str = DEFAULT_MODEL
-    dataset: str = "builtin"
     split: str = "val"
-    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
-    method: str = "wanda"
-    finetune_epochs: int | None = None
-    n_calib: int | None = None
-    calib_sampling: str | None = None
     methods: tuple[str, ...] = DEFAULT_METHODS
     classes: tuple[int | str, ...] | None = None
     n_images: int | None = None
@@ -79,11 +72,9 @@ class ModelLevelConfig:
     chunk_size: int = 50
     seed: int = 0
     batch_size: int | None = None
-    device: str | None = None
 
     def __post_init__(self) -> None:
-        self.__dict__.update(variant_settings(self.model, finetune_epochs=self.finetune_epochs, n_calib=self.n_calib,
-                                              calib_sampling=self.calib_sampling))
+        super().__post_init__()
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise InvalidArgumentError(f"unknown attribution method(s) {unknown or list(self.methods)}; "
@@ -93,9 +84,6 @@ class ModelLevelConfig:
         if self.layerscale_rule not in LAYERSCALE_RULES:
             raise InvalidArgumentError(f"unknown layerscale rule {self.layerscale_rule!r}; choose one of "
                                        f"{', '.join(LAYERSCALE_RULES)}")
-        for s in self.sparsities:
-            if not 0.0 <= float(s) < 1.0:
-                raise InvalidArgumentError(f"sparsities must lie in [0, 1), got {s}")
         if self.n_images is not None and self.n_images < 1:
             raise InvalidArgumentError(f"n_images must be >= 1 (or None for all), got {self.n_images}")
         if self.chunk_size < 1:
@@ -177,22 +165,28 @@ def _chunk_path(directory: Path, first: int) -> Path:
 
 
 def model_records(model: nn.Module, dataset: LabelledImages, config: ModelLevelConfig, *,
-                  directory: str | os.PathLike | None = None, show_progress: bool = True) -> list[dict[str, Any]]:
-    """Chunk records of one model, in image order; with ``directory``, each is saved as soon as it
-    is computed and chunks saved with the same settings, weights and images are reused (resume)."""
+                  directory: str | os.PathLike | None = None, shard: Shard = Shard(), offset: int = 0,
+                  show_progress: bool = True) -> list[dict[str, Any]]:
+    """Chunk records of one model, in image order (only ``shard``'s share of the chunks,
+    ``shard.take(chunks, offset)``); with ``directory``, each is saved as soon as it is computed and
+    chunks saved with the same settings, weights and images are reused (resume)."""
     param = next(model.parameters())
     batch_size = config.batch_size or max(PERTURBATION_BATCH, default_batch_size(param.device))
     settings = {**config.chunk_settings(), "model_key": model_key(model), "dataset": dataset.name,
                 "split": dataset.split, "n_images": len(dataset)}
-    firsts = list(range(0, len(dataset), config.chunk_size))
+    firsts = shard.take(list(range(0, len(dataset), config.chunk_size)), offset)
+
+    def chunk_settings(first: int) -> dict[str, Any]:
+        positions = list(range(first, min(first + config.chunk_size, len(dataset))))
+        return {**settings, "store_indices": dataset.store_indices[positions].tolist()}
+
     records: dict[int, dict[str, Any]] = {}
     for first in firsts:
-        if directory is not None and _chunk_path(Path(directory), first).is_file():
-            saved = read_json(_chunk_path(Path(directory), first))
-            positions = list(range(first, min(first + config.chunk_size, len(dataset))))
-            if saved.get("settings") == settings and saved["record"]["store_indices"] == \
-                    dataset.store_indices[positions].tolist():
-                records[first] = saved["record"]
+        if directory is not None:
+            saved = load_unit(_chunk_path(Path(directory), first), chunk_settings(first),
+                              "a model-level image chunk (JSON)")
+            if saved is not None:
+                records[first] = saved
     pending = [f for f in firsts if f not in records]
     for first in progress(pending, desc=f"{model.cfg.model_name} image chunks", total=len(pending),
                           enabled=show_progress):
@@ -203,7 +197,7 @@ def model_records(model: nn.Module, dataset: LabelledImages, config: ModelLevelC
                   "methods": chunk_record(model, images, config, first, batch_size)}
         records[first] = record
         if directory is not None:
-            write_json(_chunk_path(Path(directory), first), {"settings": settings, "record": record})
+            save_unit(_chunk_path(Path(directory), first), chunk_settings(first), record)
     return [records[f] for f in firsts]
 
 
@@ -395,14 +389,6 @@ class ModelLevelResult(AnalysisResult):
 
 
 # ----------------------------------------------------------------------------- entry points
-def load_model(config: ModelLevelConfig, sparsity: float) -> nn.Module:
-    """``config.model`` at ``sparsity`` (dense at 0), pruned and fine-tuned from ``config.dataset``'s
-    train split (:func:`analyses.models.load_variant`, cached on disk), on ``config.device``."""
-    return load_variant(config.model, sparsity, method=config.method, finetune_epochs=config.finetune_epochs,
-                        data=config.dataset, n_calib=config.n_calib, calib_sampling=config.calib_sampling,
-                        device=config.device)
-
-
 def _display_images(model: nn.Module, images: Tensor) -> list:
     """Model-ready images back to ``[row][h][w][rgb]`` in [0, 1] (undoing the normalisation)."""
     pre = model.cfg.preprocessing or {}
@@ -418,11 +404,14 @@ def run_model_level(
     *,
     model_loader: Callable[[ModelLevelConfig, float], nn.Module] = load_model,
     dataset: LabelledImages | None = None,
+    shard: Shard = Shard(),
     show_progress: bool = True,
-) -> ModelLevelResult:
+) -> ModelLevelResult | None:
     """The model level over ``config.sparsities``: each model from ``model_loader(config, s)``,
     its chunks saved under ``sparsity_dir(out, s)`` (resumable), the combined result saved to
-    ``out`` when given. ``dataset`` replaces ``config.dataset``/``config.split`` (e.g. for tests)."""
+    ``out`` when given. ``dataset`` replaces ``config.dataset``/``config.split`` (e.g. for tests).
+    With a partial ``shard``, only its share of the (model, chunk) units is computed and saved, and
+    nothing is returned."""
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     curves: dict[str, Any] = {}
@@ -430,7 +419,7 @@ def run_model_level(
     keys: dict[str, str] = {}
     figure: dict[str, Any] = {"maps": {}}
     images: LabelledImages | None = None
-    for sparsity in config.sparsities:
+    for index, sparsity in enumerate(config.sparsities):
         sparsity = float(sparsity)
         model = model_loader(config, sparsity)
         if images is None:
@@ -442,7 +431,10 @@ def run_model_level(
                           labels=[images.class_names[c] for c in figure_labels.tolist()],
                           method=next((m for m in config.methods if m != "random"), config.methods[0]))
         directory = sparsity_dir(out, sparsity) if out is not None else None
-        records = model_records(model, images, config, directory=directory, show_progress=show_progress)
+        records = model_records(model, images, config, directory=directory, shard=shard, offset=index,
+                                show_progress=show_progress)
+        if not shard.whole:
+            continue
         label = f"{sparsity:g}"
         rows += flatten_records(sparsity, records)
         curves[label] = mean_curves(records)
@@ -453,6 +445,8 @@ def run_model_level(
         figure["maps"][label] = figure_maps(model, figure_images.to(device=param.device, dtype=param.dtype), config)
         keys[label] = model_key(model)
         del model
+    if not shard.whole:
+        return None
     result = ModelLevelResult(config, rows, curves, figure, timings, keys, time.perf_counter() - start)
     if out is not None:
         result.save(out)

@@ -1,13 +1,14 @@
 """The ``hooked-vit neuron-metrics`` options (standard library only, so ``--help`` and bad options
 answer without importing torch). Each option is checked while parsing, before any work starts.
 
-The constants repeat those of :mod:`analyses.neuron_level` (tests/test_bad_inputs.py checks they agree).
+The constants repeat those of :mod:`analyses.neuron.level` (tests/test_bad_inputs.py checks they agree).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES
 from hooked_vit.cli_args import (
     add_device_argument,
     add_model_family_arguments,
@@ -19,8 +20,6 @@ from hooked_vit.cli_args import (
     positive_int,
 )
 
-DEFAULT_MODEL = "deit3_tiny_digits"
-DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
 SITE_NAMES: tuple[str, ...] = ("norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out", "attn_head")
 NEURON_SITES: tuple[str, ...] = ("mlp_act", "attn_head")
 SELECTIONS: tuple[str, ...] = ("drop", "absolute")

@@ -1,0 +1,219 @@
+"""What a study runs: :class:`StudyConfig` (the model family, the levels, and each level's own
+settings), its presets (``quick``, ``full``, ``paper``), TOML files, and the resolved config every
+level receives.
+
+The model family (``model``, ``data``, ``methods``, ``sparsities`` and the variant protocol) is
+set once and shared by every level, so the levels always analyse the same variants. A level's own
+settings (``[level.<name>]`` in TOML) are keyword arguments of its config class
+(:data:`analyses.common.level.LEVELS`). A preset fills in what the config leaves out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES
+from analyses.common.level import LEVEL_NAMES, LEVELS
+from hooked_vit.errors import InvalidArgumentError, MissingFileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Settings that change how a study runs, not its numbers: a rerun into the same folder may differ in them.
+RUN_ONLY: tuple[str, ...] = ("levels", "device", "preset")
+LEVEL_RUN_ONLY: tuple[str, ...] = ("batch_size", "eval_batch_size", "class_batch", "device")
+PAPER_CIRCUIT_CLASSES = tuple(range(0, 1000, 10))  # the paper's 100 classes are not listed: every 10th index
+
+# Level settings per preset ("full" adds nothing: every level's own defaults are the full protocol).
+_EMBEDDED_SAE = {"k": 16, "expansion_factor": 2, "training_samples": 150_000, "train_batch_size": 256, "lr": 1e-3,
+                 "normalize_activations": "expected_average_only_in"}
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "model": DEFAULT_MODEL,
+        "level": {
+            "layer": {"sae": _EMBEDDED_SAE, "top_k": 10},
+            "circuit": {"classes": [0, 3, 7], "steps": 100, "batch_size": 16, "lr": 6e-2},
+            "model": {"n_images": 100},
+        },
+    },
+    "full": {
+        "model": DEFAULT_MODEL,
+        "level": {"layer": {"sae": _EMBEDDED_SAE, "top_k": 10}},
+    },
+    "paper": {
+        "model": "deit3_base",
+        "level": {
+            "neuron": {"n_means_images": 50_000},
+            "circuit": {"classes": list(PAPER_CIRCUIT_CLASSES), "n_means_images": 50_000},
+            "model": {"n_images": 5_000},
+        },
+    },
+}
+# What each preset reduces relative to the level's full protocol (for the report).
+REDUCTIONS: dict[str, dict[str, str]] = {
+    "quick": {
+        "circuit": "3 classes (0, 3, 7), 100 steps of 16+16 images at lr 6e-2 instead of 600 steps of 32+32 at 1e-2",
+        "model": "100 class-balanced val images instead of all 360",
+    },
+    "full": {},
+    "paper": {
+        "circuit": "100 classes: every 10th ImageNet index (the paper's 100 classes in 13 groups are not listed); "
+                   "means over 50,000 class-balanced train images",
+        "neuron": "means over 50,000 class-balanced train images instead of all 1.28M",
+        "model": "5,000 class-balanced val images (5 per class) instead of all 50,000",
+    },
+}
+
+
+@dataclass
+class StudyConfig:
+    """A whole study.
+
+    ``model`` (alias or saved folder) and its variants: each of ``methods`` at each of
+    ``sparsities`` (0 = dense), Wanda calibrated on ``n_calib`` images drawn by ``calib_sampling``
+    from the train split of ``data`` (``"builtin"`` or an ImageNet-style folder), then
+    ``finetune_epochs`` of masked fine-tuning (``None``: the model preset's protocol). ``levels``:
+    which of :data:`LEVEL_NAMES` to run. ``level``: per level name, settings of its config class
+    (e.g. ``{"circuit": {"steps": 100}}``). ``preset``: the preset these came from (recorded).
+    ``device``: default CUDA when available (under torchrun, each process's local GPU).
+    """
+
+    model: str = DEFAULT_MODEL
+    data: str = "builtin"
+    methods: tuple[str, ...] = ("wanda",)
+    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
+    finetune_epochs: int | None = None
+    n_calib: int | None = None
+    calib_sampling: str | None = None
+    levels: tuple[str, ...] = LEVEL_NAMES
+    level: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preset: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        self.sparsities = tuple(self.sparsities)
+        self.levels = tuple(self.levels)
+        if not self.methods:
+            raise InvalidArgumentError("methods must name at least one pruning method (e.g. wanda)")
+        unknown = [name for name in (*self.levels, *self.level) if name not in LEVELS]
+        if unknown or not self.levels:
+            raise InvalidArgumentError(f"unknown level(s) {unknown or list(self.levels)}; choose from {', '.join(LEVEL_NAMES)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InvalidArgumentError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if 0 not in [float(s) for s in self.sparsities]:
+            raise InvalidArgumentError(f"sparsities must include 0 (the dense model every table compares with), "
+                                       f"got {list(self.sparsities)}")
+        for name in LEVEL_NAMES:  # every setting checked now, before any work starts
+            for method in self.methods:
+                self.level_config(name, method)
+
+    def level_config(self, name: str, method: str) -> Any:
+        """The config of level ``name`` for the variants pruned with ``method``."""
+        options = dict(self.level.get(name, {}))
+        family = {"model": self.model, "dataset": self.data, "sparsities": self.sparsities, "method": method,
+                  "finetune_epochs": self.finetune_epochs, "n_calib": self.n_calib,
+                  "calib_sampling": self.calib_sampling, "device": self.device}
+        clash = sorted(set(options) & set(family))
+        if clash:
+            raise InvalidArgumentError(f"level {name!r} sets {', '.join(clash)}, which the study sets for every level; "
+                                       "set them at the top of the config")
+        cls = LEVELS[name].config_class
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidArgumentError(f"level {name!r} has no setting(s) {', '.join(unknown)}; its settings: "
+                                       f"{', '.join(sorted(known - set(family)))}")
+        from analyses.common.results import config_from_dict
+
+        return config_from_dict(cls, {**family, **options})
+
+    def identity(self) -> dict[str, Any]:
+        """Everything the study's numbers depend on: the fields but the run-only ones, each level's
+        resolved config (defaults filled in) without its run-only settings."""
+        from analyses.common.results import config_to_dict
+
+        data = {k: v for k, v in config_to_dict(self).items() if k not in (*RUN_ONLY, "level")}
+        for name in LEVEL_NAMES:
+            for method in self.methods:
+                resolved = config_to_dict(self.level_config(name, method))
+                data[f"level.{name}.{method}"] = {k: v for k, v in resolved.items() if k not in LEVEL_RUN_ONLY}
+        return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on ``base``, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def preset(name: str, **overrides: Any) -> StudyConfig:
+    """Preset ``name`` (:data:`PRESETS`) with ``overrides`` (fields of :class:`StudyConfig`;
+    ``level`` is merged per level and setting)."""
+    if name not in PRESETS:
+        raise InvalidArgumentError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    from analyses.common.results import config_from_dict
+
+    return config_from_dict(StudyConfig, _merge({**PRESETS[name], "preset": name}, overrides))
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """The table in TOML file ``path`` (one-line errors for a missing or malformed file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"config file {path} does not exist; write one (see the README, 'The whole study') "
+                               "or use --preset")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(f"{path} is not valid TOML: {error}") from None
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> StudyConfig:
+    """A :class:`StudyConfig` from a TOML file (its ``preset``, default ``quick``, fills in the rest),
+    then ``overrides``."""
+    data = read_toml(path)
+    if "preset" in overrides:
+        data["preset"] = overrides.pop("preset")
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidArgumentError(f"{path}: unknown setting(s) {', '.join(unknown)}; the settings are "
+                                   f"{', '.join(sorted(known))}")
+    return preset(data.pop("preset", None) or "quick", **_merge(data, overrides))
+
+
+def to_toml(config: StudyConfig) -> str:
+    """``config`` as TOML (``None`` settings are left out: they mean "the default")."""
+    import tomli_w
+
+    from analyses.common.results import config_to_dict
+
+    def drop_none(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    return tomli_w.dumps(drop_none(config_to_dict(config)))
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: A there, B now"`` for each setting that differs (nested settings by dotted path)."""
+    lines = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return lines

@@ -1,0 +1,194 @@
+"""The whole study (``hooked-vit impact``) on a tiny setting of the embedded model: every level
+through one runner, the report, config files and presets, refusing a different config, resuming
+after a kill inside any level, and the same results from 2 torchrun (gloo) processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A study small enough for tests: dense + Wanda 0.5 without fine-tuning, a class or two, a few steps.
+TINY = dict(
+    sparsities=(0.0, 0.5), finetune_epochs=0, n_calib=32,
+    level={
+        "accuracy": {},
+        "neuron": {"classes": [0, 3], "blocks": [3], "top_k": 5, "n_means_images": 100},
+        "layer": {"sae": {"k": 4, "expansion_factor": 1, "training_samples": 2048, "train_batch_size": 256,
+                          "lr": 1e-3, "log_every": 4}, "top_k": 4, "classes": [0, 3]},
+        "circuit": {"classes": [0, 3], "steps": 3, "batch_size": 4, "n_eval": 5, "n_means_images": 50,
+                    "class_batch": 1},
+        "model": {"n_images": 4, "chunk_size": 2, "methods": ["chefer", "random"], "batch_size": 64},
+    },
+)
+LEVEL_TABLES = {"accuracy": "table1.csv", "neuron": "summary.csv", "layer": "quality.csv", "circuit": "table3.csv",
+                "model": "table4.csv"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One variant cache for the module (the variants are built once)."""
+    path = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("HOOKED_VIT_CACHE")
+    os.environ["HOOKED_VIT_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["HOOKED_VIT_CACHE"]
+    else:
+        os.environ["HOOKED_VIT_CACHE"] = previous
+
+
+def tiny_config(**overrides):
+    from analyses.impact import preset
+
+    return preset("quick", **{**TINY, **overrides})
+
+
+def numbers(out: Path, level: str) -> list[dict]:
+    """A level's table without wall times (what must not depend on how the run was split or resumed)."""
+    from analyses.common.results import read_csv
+
+    rows = read_csv(out / level / "wanda" / LEVEL_TABLES[level])
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """The tiny study, run once in one process without interruption."""
+    from analyses import impact
+
+    out = tmp_path_factory.mktemp("reference")
+    report = impact.run(tiny_config(), out, show_progress=False, log=None)
+    return out, report
+
+
+def test_one_run_writes_every_level_and_the_report(reference):
+    out, report = reference
+    for level, table in LEVEL_TABLES.items():
+        assert (out / level / "wanda" / table).is_file(), level
+        assert (out / level / "wanda" / "done.json").is_file(), level
+    text = (out / "report.md").read_text()
+    for heading in ("## Accuracy (Table 1)", "## Neuron level (Table/Figure 2)", "## Layer level (Table 2, Figure 3)",
+                    "## Circuit level (Table 3)", "## Model level (Table 4, Figure 4)", "## Wall time",
+                    "## Choices where the paper is silent", "Reduced from the full protocol"):
+        assert heading in text, heading
+    assert "| Wanda | Top-1 |" in text and "NCQ" in text and "Insertion" in text
+    assert text == report.markdown + "\n"
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    # every figure the markdown links is inline in the HTML
+    linked = [line for line in text.splitlines() if line.startswith("![")]
+    assert linked and page.count('src="data:image/png;base64,') == len(linked)
+    assert (out / "study.toml").is_file() and (out / "study.json").is_file()
+
+
+def test_report_only_rebuilds_the_same_report_from_saved_results(reference, tmp_path):
+    from hooked_vit.cli import main
+
+    out, report = reference
+    before = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    assert main(["impact", "--report-only", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "report.md").read_text() == before
+
+
+def test_config_file_reproduces_the_study_and_a_different_one_is_refused(reference, tmp_path, capsys):
+    from analyses.impact import load_config
+    from hooked_vit.cli import main
+
+    out, _ = reference
+    again = load_config(out / "study.toml")
+    assert again.identity() == tiny_config().identity()
+    # rerunning the saved config into the same folder: every level is done, nothing is recomputed
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.parent.name != out.name}
+    assert main(["impact", "--config", str(out / "study.toml"), "--out", str(out), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # a different setting is refused, naming it, before any work
+    assert main(["impact", "--config", str(out / "study.toml"), "--out", str(out), "--sparsities", "0,0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "sparsities: [0.0, 0.5] there, [0.0, 0.3] now" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_presets_and_config_errors(tmp_path):
+    from analyses.impact import load_config, preset
+    from analyses.impact.config import to_toml
+    from hooked_vit.errors import InvalidArgumentError
+
+    quick, full = preset("quick"), preset("full")
+    assert quick.level_config("circuit", "wanda").steps == 100 and full.level_config("circuit", "wanda").steps == 600
+    assert quick.level_config("circuit", "wanda").classes == (0, 3, 7) and full.level_config("circuit", "wanda").classes is None
+    assert preset("paper").level_config("circuit", "wanda").classes == tuple(range(0, 1000, 10))
+    path = tmp_path / "study.toml"
+    path.write_text('preset = "full"\nlevels = ["neuron", "circuit"]\n[level.circuit]\nsteps = 50\n')
+    config = load_config(path)
+    assert config.levels == ("neuron", "circuit") and config.level_config("circuit", "wanda").steps == 50
+    assert config.level_config("circuit", "wanda").batch_size == 32  # the rest from the preset
+    path.write_text(to_toml(config))
+    assert load_config(path).identity() == config.identity()
+    bad = [
+        ('[level.circuit]\nstepz = 5\n', "has no setting(s) stepz"),
+        ('[level.neuron]\nmodel = "x"\n', "which the study sets for every level"),
+        ('levels = ["neuron", "pixels"]\n', "unknown level(s) ['pixels']"),
+        ('sparsities = [0.3, 0.5]\n', "must include 0"),
+        ('colour = "red"\n', "unknown setting(s) colour"),
+        ('[level.circuit]\nsteps = 0\n', "steps=0 is invalid"),
+        ('levels = [\n', "is not valid TOML"),
+    ]
+    for text, message in bad:
+        path.write_text(text)
+        with pytest.raises(InvalidArgumentError, match=None) as error:
+            load_config(path)
+        assert message in str(error.value), (text, str(error.value))
+
+
+@pytest.mark.parametrize("level", list(LEVEL_TABLES))
+def test_resumes_after_a_kill_inside_any_level(level, reference, cache, tmp_path, monkeypatch):
+    """Killed as the sparse model's first unit file lands (so the dense model's units are done and
+    one is in flight), the rerun leaves every finished unit's files untouched and ends with the same
+    numbers as the uninterrupted run."""
+    from analyses import impact
+    from hooked_vit import atomic
+
+    out = tmp_path / "study"
+    config = tiny_config(levels=(level,))
+    real_replace = os.replace
+
+    def killing_replace(src, dst):
+        if Path(dst).is_relative_to(out / level / "wanda" / "sparsity_0.5"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", killing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        impact.run(config, out, show_progress=False, log=None)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert not (out / level / "wanda" / "done.json").exists()
+    saved = {p: p.stat().st_mtime_ns for p in (out / level / "wanda" / "sparsity_0").rglob("*") if p.is_file()}
+    assert saved, "the dense model's units were saved before the kill"
+    impact.run(config, out, show_progress=False, log=None)
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved  # finished units were not redone
+    assert numbers(out, level) == numbers(reference[0], level)
+
+
+def test_two_torchrun_processes_give_the_single_process_results(reference, cache, tmp_path):
+    """``torchrun --nproc-per-node 2 -m hooked_vit impact``: ranks share the units (gloo on CPU),
+    rank 0 assembles; every table equals the single-process run's."""
+    from analyses.impact.config import to_toml
+
+    study = tmp_path / "tiny.toml"
+    study.write_text(to_toml(tiny_config()))
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "hooked_vit", "impact", "--config", str(study), "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for level in LEVEL_TABLES:
+        assert numbers(out, level) == numbers(reference[0], level), level
+        assert '"processes": 2' in (out / level / "wanda" / "done.json").read_text()
+    # both ranks did units: the circuits of the two models x two classes are split between them
+    assert run.stdout.count("## Circuit level") == 1  # only rank 0 prints the report
