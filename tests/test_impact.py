@@ -4,6 +4,7 @@ after a kill inside any level, and the same results from 2 torchrun (gloo) proce
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -145,33 +146,35 @@ def test_presets_and_config_errors(tmp_path):
         assert message in str(error.value), (text, str(error.value))
 
 
-@pytest.mark.parametrize("level", list(LEVEL_TABLES))
-def test_resumes_after_a_kill_inside_any_level(level, reference, cache, tmp_path, monkeypatch):
-    """Killed as the sparse model's first unit file lands (so the dense model's units are done and
-    one is in flight), the rerun leaves every finished unit's files untouched and ends with the same
-    numbers as the uninterrupted run."""
+def test_resumes_after_a_kill_inside_each_level(reference, cache, tmp_path, monkeypatch):
+    """Killed in every level in turn, each time as the sparse model's first unit file lands (the
+    dense model's units are done, one is in flight): every rerun leaves the finished units' files
+    untouched, and the last ends with the uninterrupted run's numbers."""
     from analyses import impact
     from hooked_vit import atomic
 
     out = tmp_path / "study"
-    config = tiny_config(levels=(level,))
+    config = tiny_config()
     real_replace = os.replace
+    for level in LEVEL_TABLES:
+        def killing_replace(src, dst, level=level):
+            if Path(dst).is_relative_to(out / level / "wanda" / "sparsity_0.5"):
+                raise KeyboardInterrupt(f"killed in the {level} level")
+            return real_replace(src, dst)
 
-    def killing_replace(src, dst):
-        if Path(dst).is_relative_to(out / level / "wanda" / "sparsity_0.5"):
-            raise KeyboardInterrupt("killed")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", killing_replace)
-    with pytest.raises(KeyboardInterrupt):
-        impact.run(config, out, show_progress=False, log=None)
-    monkeypatch.setattr(atomic.os, "replace", real_replace)
-    assert not (out / level / "wanda" / "done.json").exists()
-    saved = {p: p.stat().st_mtime_ns for p in (out / level / "wanda" / "sparsity_0").rglob("*") if p.is_file()}
-    assert saved, "the dense model's units were saved before the kill"
-    impact.run(config, out, show_progress=False, log=None)
-    assert {p: p.stat().st_mtime_ns for p in saved} == saved  # finished units were not redone
-    assert numbers(out, level) == numbers(reference[0], level)
+        monkeypatch.setattr(atomic.os, "replace", killing_replace)
+        with pytest.raises(KeyboardInterrupt, match=level):
+            impact.run(config, out, show_progress=False, log=None)
+        monkeypatch.setattr(atomic.os, "replace", real_replace)
+        assert not (out / level / "wanda" / "done.json").exists()
+        saved = {p: p.stat().st_mtime_ns for p in (out / level / "wanda" / "sparsity_0").rglob("*") if p.is_file()}
+        assert saved, f"the dense model's {level} units were saved before the kill"
+        finished = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
+        # resume this level only (the next kill comes in the next one)
+        impact.run(dataclasses.replace(config, levels=(level,)), out, show_progress=False, log=None)
+        assert {p: p.stat().st_mtime_ns for p in saved} == saved, level  # finished units were not redone
+        assert {p: p.stat().st_mtime_ns for p in finished} == finished, level  # nor finished levels
+        assert numbers(out, level) == numbers(reference[0], level), level
 
 
 def test_two_torchrun_processes_give_the_single_process_results(reference, cache, tmp_path):
@@ -192,3 +195,28 @@ def test_two_torchrun_processes_give_the_single_process_results(reference, cache
         assert '"processes": 2' in (out / level / "wanda" / "done.json").read_text()
     # both ranks did units: the circuits of the two models x two classes are split between them
     assert run.stdout.count("## Circuit level") == 1  # only rank 0 prints the report
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_command_then_rerun_gives_the_same_report_numbers(reference, cache, tmp_path):
+    """A real ``kill -9`` of ``hooked-vit impact`` once the circuit level has saved a unit; the rerun
+    finishes and every table equals the uninterrupted run's."""
+    import signal
+    import time
+
+    from analyses.impact.config import to_toml
+
+    study = tmp_path / "tiny.toml"
+    study.write_text(to_toml(tiny_config()))
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "hooked_vit", "impact", "--config", str(study), "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((out / "circuit").rglob("circuit.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "circuit" / "wanda" / "done.json").exists()
+    subprocess.run(argv, check=True, capture_output=True, timeout=600)
+    for level in LEVEL_TABLES:
+        assert numbers(out, level) == numbers(reference[0], level), level
