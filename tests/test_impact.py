@@ -122,7 +122,9 @@ def test_presets_and_config_errors(tmp_path):
     quick, full = preset("quick"), preset("full")
     assert quick.level_config("circuit", "wanda").steps == 100 and full.level_config("circuit", "wanda").steps == 600
     assert quick.level_config("circuit", "wanda").classes == (0, 3, 7) and full.level_config("circuit", "wanda").classes is None
-    assert preset("paper").level_config("circuit", "wanda").classes == tuple(range(0, 1000, 10))
+    assert preset("paper", data="/data/imagenet").level_config("circuit", "wanda").classes == tuple(range(0, 1000, 10))
+    with pytest.raises(InvalidArgumentError, match="paper preset analyses ImageNet-1K: give --data"):
+        preset("paper")
     path = tmp_path / "study.toml"
     path.write_text('preset = "full"\nlevels = ["neuron", "circuit"]\n[level.circuit]\nsteps = 50\n')
     config = load_config(path)

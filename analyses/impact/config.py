@@ -108,6 +108,9 @@ class StudyConfig:
             raise InvalidArgumentError(f"unknown level(s) {unknown or list(self.levels)}; choose from {', '.join(LEVEL_NAMES)}")
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidArgumentError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.preset == "paper" and self.data == "builtin":
+            raise InvalidArgumentError("the paper preset analyses ImageNet-1K: give --data, an ImageNet-style folder "
+                                       "(root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG)")
         if 0 not in [float(s) for s in self.sparsities]:
             raise InvalidArgumentError(f"sparsities must include 0 (the dense model every table compares with), "
                                        f"got {list(self.sparsities)}")
