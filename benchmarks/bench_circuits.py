@@ -25,6 +25,7 @@ from analyses.circuits.config import CircuitConfig
 from analyses.circuits.discovery import MaskTrainer, frozen
 from analyses.circuits.replacement import site_references
 from hooked_vit import HookedViT
+from hooked_vit.cpu_memory import retain_freed_memory
 from timing import interleaved_medians
 
 
@@ -66,8 +67,11 @@ def main() -> None:
     parser.add_argument("--tiny-batch", type=int, default=32, help="embedded-model images per class and side")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (the hooked-vit command retains freed memory)")
     args = parser.parse_args()
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, C = {args.classes}")
+    malloc = "retains freed memory" if not args.system_malloc and retain_freed_memory() else "system default"
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, C = {args.classes}, malloc {malloc}")
     for name in args.models.split(","):
         batch = args.base_batch if name == "deit3_base" else args.tiny_batch
         r = bench_model(name, batch, args.classes, args.device, args.repeats)

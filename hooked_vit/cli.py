@@ -40,6 +40,7 @@ from hooked_vit.cli_args import (  # noqa: F401  (parse_* and add_model_family_a
     parse_classes,
     parse_numbers,
 )
+from hooked_vit.cpu_memory import retain_freed_memory
 from hooked_vit.errors import HookedViTError
 
 Run = Callable[[argparse.Namespace], int]
@@ -231,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_format = warnings.formatwarning
     if not args.debug:
         warnings.formatwarning = _one_line_warning
+    retain_freed_memory()  # big CPU batches reuse freed memory instead of faulting it in again
     try:
         return resolve(args.run)(args)
     except BrokenPipeError:  # stdout piped into a reader that stopped early, e.g. `| head`

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
@@ -34,7 +34,13 @@ from hooked_vit.pretrained import get_spec, resolve_model_name
 from hooked_vit.saes import SAEMixin
 from hooked_vit.sites import SiteRegistry
 from hooked_vit.tl_compat import TransformerLensMixin
-from hooked_vit.validation import check_hook_names, check_images, check_stop_at_layer, shape_checked_hook
+from hooked_vit.validation import (
+    check_hook_names,
+    check_images,
+    check_return_type,
+    check_stop_at_layer,
+    shape_checked_hook,
+)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -68,12 +74,21 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         self,
         images: Float[Tensor, "batch channel height width"],
         *,
+        return_type: str | None = "logits",
+        labels: Int[Tensor, "batch"] | None = None,
+        loss_per_image: bool = False,
         stop_at_layer: int | None = None,
-    ) -> Float[Tensor, "batch n_classes"] | Float[Tensor, "batch pos d_model"]:
-        """Logits ``[batch, n_classes]``; with ``stop_at_layer=L``, the residual stream
-        ``[batch, pos, d_model]`` entering block ``L`` (blocks ``L`` and later do not run)."""
+    ) -> (Float[Tensor, "batch n_classes"] | Float[Tensor, "batch pos d_model"] | Float[Tensor, "*loss"]
+          | tuple[Float[Tensor, "batch n_classes"], Float[Tensor, "*loss"]] | None):
+        """Logits ``[batch, n_classes]`` (TransformerLens's ``return_type``: ``"logits"``; ``"loss"``,
+        the cross-entropy against ``labels`` ``[batch]``, a mean or with ``loss_per_image`` one per
+        image ``[batch]``; ``"both"``, ``(logits, loss)``; ``None``, nothing, for hooks only). With
+        ``stop_at_layer=L``, the residual stream ``[batch, pos, d_model]`` entering block ``L``
+        (blocks ``L`` and later do not run; ``return_type`` is then ignored, as in TransformerLens)."""
         check_images(images, self.cfg, self.cls_token)
         check_stop_at_layer(stop_at_layer, self.cfg.n_layers)
+        if stop_at_layer is None:
+            check_return_type(return_type, labels, images.shape[0], self.cfg.n_classes)
         batch = images.shape[0]
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), self.patch_embed(images)], dim=1)
         pos_embed = F.pad(self.pos_embed, (0, 0, 1, 0)) if self.cfg.no_embed_class else self.pos_embed
@@ -85,7 +100,13 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             x = block(x)
         if stop_at_layer is not None:
             return x
-        return self.head(self.hook_pooled(self.ln_final(x)[:, 0]))
+        logits = self.head(self.hook_pooled(self.ln_final(x)[:, 0]))
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = F.cross_entropy(logits, labels.to(logits.device), reduction="none" if loss_per_image else "mean")
+        return loss if return_type == "loss" else (logits, loss)
 
     # ------------------------------------------------------------------ hooks
     def _check_hook_name(self, name: str) -> None:
@@ -127,9 +148,13 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         pos_slice: Any = None,
         stop_at_layer: int | None = None,
         return_cache_object: bool = True,
-    ) -> tuple[Tensor, ViTActivationCache | dict[str, Tensor]]:
+        return_type: str | None = "logits",
+        labels: Tensor | None = None,
+        loss_per_image: bool = False,
+    ) -> tuple[Any, ViTActivationCache | dict[str, Tensor]]:
         """Run and cache activations (TransformerLens semantics; ``return_cache_object=False`` gives
-        the plain ``{hook name: tensor}`` dict).
+        the plain ``{hook name: tensor}`` dict); ``return_type``, ``labels``, ``loss_per_image``
+        and ``stop_at_layer`` go to :meth:`forward`.
 
         With ``incl_bwd=True``, ``metric(output)`` (a scalar; default: the output itself, which must
         then be a scalar) is backpropagated and gradients are cached as ``<hook name>_grad``.
@@ -148,7 +173,8 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         grad_context = torch.enable_grad() if incl_bwd else nullcontext()
         with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end,
                         clear_contexts=clear_contexts), grad_context:
-            out = self(images, stop_at_layer=stop_at_layer)
+            out = self(images, stop_at_layer=stop_at_layer, return_type=return_type, labels=labels,
+                       loss_per_image=loss_per_image)
             if incl_bwd:
                 target = metric(out) if metric is not None else out
                 if target.numel() != 1:

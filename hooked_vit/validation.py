@@ -64,6 +64,31 @@ def check_hook_names(names: Iterable[str], known: Iterable[str]) -> None:
 
 
 
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+def check_return_type(return_type: object, labels: object, batch: int, n_classes: int) -> None:
+    """One-line error unless ``return_type`` is one of :data:`RETURN_TYPES` and, for ``"loss"`` and
+    ``"both"``, ``labels`` is an integer tensor ``[batch]`` of classes ``0..n_classes-1``."""
+    if return_type not in RETURN_TYPES:
+        raise InvalidArgumentError(f"unknown return_type {return_type!r}; choose one of "
+                                   f"{', '.join(map(repr, RETURN_TYPES))}")
+    if return_type not in ("loss", "both"):
+        return
+    if labels is None:
+        raise InvalidArgumentError(f"return_type={return_type!r} needs labels=, the class of each image "
+                                   f"(an integer tensor [{batch}]): a ViT's loss is against labels, not its input")
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise InvalidTypeError(f"labels must be an integer tensor [{batch}] of classes, got "
+                               f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if tuple(labels.shape) != (batch,):
+        raise InvalidArgumentError(f"labels of shape {list(labels.shape)} do not fit {batch} images: give one class "
+                                   f"per image, shape [{batch}]")
+    if batch and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise InvalidArgumentError(f"label {bad} is outside the model's classes 0..{n_classes - 1}")
+
+
 def check_stop_at_layer(stop_at_layer: object, n_layers: int) -> None:
     """``InvalidArgumentError`` unless ``stop_at_layer`` is ``None`` or an int in
     ``[-n_layers, n_layers]`` (TransformerLens semantics: blocks ``[:stop_at_layer]`` run)."""

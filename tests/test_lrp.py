@@ -168,6 +168,52 @@ def test_chefer_matches_module_by_module_rederivation(timm_tiny64, hooked_tiny64
         torch.testing.assert_close(maps[i], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+def test_chefer_with_a_zero_layerscale_gamma_matches_rederivation(timm_tiny64, images):
+    """A zero ``gamma`` hides a Linear's output in the cache: the propagation must recompute it."""
+    import copy
+
+    from analyses.model.lrp import transformer_attribution
+    from hooked_vit import HookedViT
+
+    timm_model = copy.deepcopy(timm_tiny64)
+    with torch.no_grad():
+        timm_model.blocks[1].ls1.gamma[3] = 0.0
+        timm_model.blocks[1].ls2.gamma[5] = 0.0
+    images = images.double()
+    maps = transformer_attribution(HookedViT.from_timm(timm_model), images)
+    assert maps.isfinite().all()
+    for i in range(images.shape[0]):
+        expected = reference_map(timm_model, images[i:i + 1], 0, "identity", False).reshape(4, 4)
+        torch.testing.assert_close(maps[i], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_lrp_linear_sums_cancelling_rows_term_by_term():
+    """With the layer's output given, ``x+ w+ + x- w-`` is ``(xW + |x||W|) / 2``, which cancels
+    where nearly every contribution is negative; there the rule must still equal the reference's
+    term-by-term sum (written out here as loops, in float64)."""
+    from analyses.model.lrp import lrp_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 48, generator=g) + 0.5  # positive inputs
+    w = torch.randn(3, 48, generator=g)
+    w[0] = -w[0].abs()  # output 0: every contribution negative, so x+ w+ + x- w- = 0 exactly
+    w[1] = -w[1].abs()
+    w[1, 7] = 1e-3  # output 1: one tiny positive contribution among large negative ones
+    relevance = torch.rand(4, 3, generator=g)
+    expected = torch.zeros(4, 48, dtype=torch.float64)
+    for b in range(4):
+        for j in range(3):
+            terms = [max(float(x[b, i]), 0) * max(float(w[j, i]), 0) + min(float(x[b, i]), 0) * min(float(w[j, i]), 0)
+                     for i in range(48)]
+            z = sum(terms)
+            if z != 0:
+                for i in range(48):
+                    expected[b, i] += terms[i] * float(relevance[b, j]) / (z + STAB)
+    got = lrp_linear(x, w, relevance, product=x @ w.T)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lrp_linear(x, w, relevance).double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_chefer_float32_and_float64_propagation_agree(hooked_tiny, images):
     from analyses.model.lrp import transformer_attribution
 

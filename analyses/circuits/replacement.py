@@ -1,6 +1,6 @@
 """Running a model with gated nodes: every node whose gate is 0 is replaced by its reference (eq. 11)
 
-    a_tilde = g * a + (1 - g) * a_ref
+    a_tilde = g * a + (1 - g) * a_ref   (one fused ``torch.lerp(a_ref, a, g)``)
 
 through forward hooks on the 96 site hooks. Gates are ``[n_masks, width]`` per site; with ``owner``
 (``[batch]``, the mask row of each image) every image sees only its own mask, so circuits of many
@@ -52,16 +52,14 @@ def _gate_hook(site: Site, gate: Tensor, reference: Tensor, owner: Tensor | int 
 
         def hook(act: Tensor, hook=None) -> Tensor:
             blocks = act.view(gate.shape[0], owner, *act.shape[1:])  # [n_masks, owner, pos, *unit_dims]
-            g_act = g.to(act.dtype)
-            return (g_act * blocks + (1.0 - g_act) * reference).view(act.shape)
+            return torch.lerp(reference, blocks, g.to(act.dtype)).view(act.shape)
 
         return hook
     per_image = gate[owner] if owner is not None else gate  # [batch or 1, width]
     g = per_image.reshape(per_image.shape[0], 1, *unit_dims)
 
     def hook(act: Tensor, hook=None) -> Tensor:
-        g_act = g.to(act.dtype)
-        return g_act * act + (1.0 - g_act) * reference
+        return torch.lerp(reference, act, g.to(act.dtype))
 
     return hook
 

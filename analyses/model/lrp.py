@@ -41,6 +41,7 @@ ATTN_LRP_VARIANTS: tuple[str, ...] = ("attnlrp", "cp_lrp")
 MAP_LOCATIONS: tuple[str, ...] = ("tokens", "pixels")
 LAYERSCALE_EPS = 1e-9  # eq. 14's epsilon (the paper gives no value)
 REFERENCE_STABILISER = 1e-9  # the reference's safe_divide adds this to every denominator
+CANCELLATION_LIMIT = 1e-2  # lrp_linear goes term by term where x+ w+ + x- w- < this * |x| |w|
 
 Target = int | Sequence[int] | Int[Tensor, "batch"] | None
 
@@ -97,20 +98,46 @@ def _to_grid(model: nn.Module, per_patch: Float[Tensor, "batch n_patches"]) -> F
 
 
 # ----------------------------------------------------------------------------- LRP rules
-def safe_divide(a: Tensor, b: Tensor) -> Tensor:
-    """``a / (b + 1e-9)`` where ``b != 0``, else 0: the reference's stabilised division."""
-    denominator = (b + REFERENCE_STABILISER).masked_fill_(b == 0, float("inf"))  # a / inf = 0
+def safe_divide(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    """``a / (b + scale * 1e-9)`` where ``b != 0``, else 0: the reference's stabilised division
+    (``scale`` for a ``b`` that is ``scale`` times the reference's denominator)."""
+    denominator = (b + scale * REFERENCE_STABILISER).masked_fill_(b == 0, float("inf"))  # a / inf = 0
     return a / denominator
 
 
-def lrp_linear(x: Float[Tensor, "*batch d_in"], weight: Float[Tensor, "d_out d_in"],
-               relevance: Float[Tensor, "*batch d_out"]) -> Float[Tensor, "*batch d_in"]:
-    """LRP alpha=1 beta=0 through ``x @ weight.T`` (bias ignored): each output's relevance is shared
-    among the inputs in proportion to their positive contributions ``x+ w+ + x- w-``."""
+def lrp_linear_reference(x: Float[Tensor, "*batch d_in"], weight: Float[Tensor, "d_out d_in"],
+                         relevance: Float[Tensor, "*batch d_out"]) -> Float[Tensor, "*batch d_in"]:
+    """:func:`lrp_linear` as the reference computes it, term by term (four matmuls)."""
     px, nx = x.clamp(min=0), x.clamp(max=0)
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
     s = safe_divide(relevance, px @ pw.T + nx @ nw.T)
     return px * (s @ pw) + nx * (s @ nw)
+
+
+def lrp_linear(x: Float[Tensor, "*batch d_in"], weight: Float[Tensor, "d_out d_in"],
+               relevance: Float[Tensor, "*batch d_out"],
+               product: Float[Tensor, "*batch d_out"] | None = None) -> Float[Tensor, "*batch d_in"]:
+    """LRP alpha=1 beta=0 through ``x @ weight.T`` (bias ignored): each output's relevance is shared
+    among the inputs in proportion to their positive contributions ``x+ w+ + x- w-``.
+
+    Per term ``x+ w+ + x- w- = (x w + |x| |w|) / 2``, so the sums take two matmuls and ``product``
+    (``x @ weight.T``, e.g. the layer's cached output less its bias) saves one of them. Rows where
+    an output's positive part is below :data:`CANCELLATION_LIMIT` of ``|x| |w|`` (nearly every
+    contribution negative) would lose their digits to that difference: they are redone term by term
+    (:func:`lrp_linear_reference`)."""
+    abs_x, abs_w = x.abs(), weight.abs()
+    if product is None:
+        product = x @ weight.T
+    magnitude = abs_x @ abs_w.T
+    twice_positive = (product + magnitude).clamp_(min=0)  # 2 (x+ w+ + x- w-)
+    s = safe_divide(relevance, twice_positive, scale=2.0)  # half of R / (x+ w+ + x- w- + 1e-9)
+    out = x * (s @ weight) + abs_x * (s @ abs_w)
+    d_in, d_out = weight.shape[1], weight.shape[0]
+    ill = (twice_positive < 2 * CANCELLATION_LIMIT * magnitude).reshape(-1, d_out).any(-1)
+    if ill.any():  # rows are independent: redo only these
+        out.view(-1, d_in)[ill] = lrp_linear_reference(x.reshape(-1, d_in)[ill], weight,
+                                                       relevance.reshape(-1, d_out)[ill])
+    return out
 
 
 def lrp_add(x0: Float[Tensor, "batch pos d"], x1: Float[Tensor, "batch pos d"],
@@ -145,14 +172,14 @@ def _block_names(layer: int) -> dict[str, str]:
     return {"resid_pre": p + "hook_resid_pre", "ln1": p + "ln1.hook_normalized", "q": p + "attn.hook_q",
             "k": p + "attn.hook_k", "v": p + "attn.hook_v", "pattern": p + "attn.hook_pattern",
             "z": p + "attn.hook_z", "attn_out": p + "hook_attn_out", "ln2": p + "ln2.hook_normalized",
-            "mlp_post": p + "mlp.hook_post", "mlp_out": p + "hook_mlp_out"}
+            "mlp_pre": p + "mlp.hook_pre", "mlp_post": p + "mlp.hook_post", "mlp_out": p + "hook_mlp_out"}
 
 
 @dataclass
 class CheferCache:
     """What the Chefer propagation reads, from one forward (and the attention gradients).
 
-    ``blocks[l]`` maps ``resid_pre, ln1, q, k, v, pattern, z, attn_out, ln2, mlp_post, mlp_out`` to
+    ``blocks[l]`` maps ``resid_pre, ln1, q, k, v, pattern, z, attn_out, ln2, mlp_pre, mlp_post, mlp_out`` to
     block ``l``'s activations (q/k/v/z ``[batch pos head d_head]``, pattern ``[batch head pos pos]``,
     the rest ``[batch pos d]``) for ``l >= start_layer``; ``pattern_grads[l]`` is the gradient of
     the target logit with respect to block ``l``'s pattern; ``pooled`` the head's input.
@@ -211,13 +238,28 @@ def _layerscale(relevance: Tensor, ls: nn.Module, rule: str, dtype: torch.dtype)
     return relevance / (ls.gamma.detach().to(dtype) + LAYERSCALE_EPS)
 
 
+def _linear_product(output: Tensor, linear: nn.Linear, ls: nn.Module | None, reuse: bool) -> Tensor | None:
+    """``x @ W.T`` of ``linear`` recovered from its cached ``output`` (taken after ``ls`` when that
+    is a LayerScale), saving :func:`lrp_linear` a matmul; ``None`` (recompute it) unless ``reuse``
+    (the cache is in the propagation's dtype) or when a LayerScale has a zero ``gamma``."""
+    if not reuse:
+        return None
+    if ls is not None and hasattr(ls, "gamma"):
+        gamma = ls.gamma.detach().to(output.dtype)
+        if not bool((gamma != 0).all()):
+            return None
+        output = output / gamma
+    return output if linear.bias is None else output - linear.bias.detach().to(output.dtype)
+
+
 def _attention_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: Tensor, dtype: torch.dtype,
-                         cp_attention: bool) -> tuple[Tensor, Tensor]:
+                         cp_attention: bool, reuse: bool) -> tuple[Tensor, Tensor]:
     """Through ``proj``, the two attention matmuls and ``qkv``: (relevance of the pattern
     ``[batch head q k]``, relevance of ``ln1``'s output ``[batch pos d_model]``)."""
     attn = block.attn
     batch, pos, heads, d_head = acts["z"].shape
-    r_z = lrp_linear(acts["z"].reshape(batch, pos, -1), attn.proj.weight.detach().to(dtype), relevance)
+    r_z = lrp_linear(acts["z"].reshape(batch, pos, -1), attn.proj.weight.detach().to(dtype), relevance,
+                     _linear_product(acts["attn_out"], attn.proj, block.ls1, reuse))
     r_z = r_z.reshape(batch, pos, heads, d_head).transpose(1, 2)  # [batch head pos d_head]
     q, k, v = (acts[n].transpose(1, 2) for n in ("q", "k", "v"))  # [batch head pos d_head]
     r_pattern, r_v = lrp_matmul(acts["pattern"], v, r_z)
@@ -229,7 +271,9 @@ def _attention_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: T
         r_q, r_k_t = lrp_matmul(q, k.transpose(-1, -2), r_pattern)  # softmax passes relevance
         r_q, r_k = r_q / 2, r_k_t.transpose(-1, -2) / 2
     r_qkv = torch.stack([r_q, r_k, r_v], dim=2).transpose(1, 3).reshape(batch, pos, 3 * heads * d_head)
-    return r_pattern, lrp_linear(acts["ln1"], attn.qkv.weight.detach().to(dtype), r_qkv)
+    qkv = torch.stack([acts["q"], acts["k"], acts["v"]], dim=2).reshape(batch, pos, 3 * heads * d_head)
+    return r_pattern, lrp_linear(acts["ln1"], attn.qkv.weight.detach().to(dtype), r_qkv,
+                                 _linear_product(qkv, attn.qkv, None, reuse))
 
 
 def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: str = "identity",
@@ -244,18 +288,22 @@ def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: s
     first = cache.blocks[model.cfg.n_layers - 1]["resid_pre"]
     relevance = torch.zeros(first.shape, dtype=dtype, device=first.device)
     relevance[:, 0] = pooled * safe_divide(r_pooled, pooled)  # CLS pooling; the final LayerNorm passes
+    reuse = cache.pooled.dtype == dtype  # the cached Linear outputs are exact in this dtype
     out = CheferRelevance({}, {}, {})
     for layer in range(model.cfg.n_layers - 1, cache.start_layer - 1, -1):
         block, acts = model.blocks[layer], {k: v.to(dtype) for k, v in cache.blocks[layer].items()}
         resid_mid = acts["resid_pre"] + acts["attn_out"]
         r_resid, r_mlp = lrp_add(resid_mid, acts["mlp_out"], relevance)
         r_mlp = _layerscale(r_mlp, block.ls2, layerscale_rule, dtype)
-        r_hidden = lrp_linear(acts["mlp_post"], block.mlp.fc2.weight.detach().to(dtype), r_mlp)  # GELU passes
-        r_ln2 = lrp_linear(acts["ln2"], block.mlp.fc1.weight.detach().to(dtype), r_hidden)  # LayerNorm passes
+        mlp = block.mlp
+        r_hidden = lrp_linear(acts["mlp_post"], mlp.fc2.weight.detach().to(dtype), r_mlp,  # GELU passes
+                              _linear_product(acts["mlp_out"], mlp.fc2, block.ls2, reuse))
+        r_ln2 = lrp_linear(acts["ln2"], mlp.fc1.weight.detach().to(dtype), r_hidden,  # LayerNorm passes
+                           _linear_product(acts["mlp_pre"], mlp.fc1, None, reuse))
         relevance = lrp_clone(resid_mid, r_resid, r_ln2)
         r_resid, r_attn = lrp_add(acts["resid_pre"], acts["attn_out"], relevance)
         r_attn = _layerscale(r_attn, block.ls1, layerscale_rule, dtype)
-        r_pattern, r_ln1 = _attention_relevance(block, acts, r_attn, dtype, cp_attention)
+        r_pattern, r_ln1 = _attention_relevance(block, acts, r_attn, dtype, cp_attention, reuse)
         relevance = lrp_clone(acts["resid_pre"], r_resid, r_ln1)
         grad = cache.pattern_grads[layer].to(dtype)
         out.attention[layer], out.resid_pre[layer] = r_pattern, relevance
@@ -472,6 +520,6 @@ def attribution_map(method: str, model: nn.Module, images: Float[Tensor, "batch 
 __all__ = [
     "ATTN_LRP_VARIANTS", "CheferCache", "CheferRelevance", "LAYERSCALE_RULES", "METHODS", "attention_rollout",
     "attn_lrp", "attn_lrp_hooks", "attribution_map", "chefer_cache", "chefer_propagate", "chefer_rollout",
-    "gradient_x_input", "lrp_add", "lrp_clone", "lrp_linear", "lrp_matmul", "random_map", "resolve_target",
-    "safe_divide", "transformer_attribution",
+    "gradient_x_input", "lrp_add", "lrp_clone", "lrp_linear", "lrp_linear_reference", "lrp_matmul", "random_map",
+    "resolve_target", "safe_divide", "transformer_attribution",
 ]
