@@ -23,8 +23,10 @@ Use the helper for the format, or :func:`atomic_path` / :func:`open_atomic` for 
         sae.save_inference_model(tmp)
 
 Temporary names end in ``.tmp``, so globs for ``*.json`` or ``*.safetensors`` never match a leftover
-of a killed process. This module imports only the standard library; torch, safetensors and
-matplotlib are imported by the helper that needs them.
+of a killed process; they name their writer (``pid@host``), so :func:`remove_stale_temporaries` can
+clear a dead writer's leftovers when a job resumes (``hooked-vit impact`` does). This module imports
+only the standard library; torch, safetensors and matplotlib are imported by the helper that needs
+them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -42,12 +46,46 @@ from typing import IO, Any
 from hooked_vit.errors import InvalidArgumentError
 
 TMP_SUFFIX = ".tmp"
+TMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<random>[0-9a-f]{12})\.(?P<pid>\d+)@(?P<host>[^/@]+)"
+                         + re.escape(TMP_SUFFIX) + "$")
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
-    """A fresh hidden temporary path beside ``path``: ``<dir>/.<name>.<random>.tmp``."""
+    """A fresh hidden temporary path beside ``path``, naming its writer:
+    ``<dir>/.<name>.<random>.<pid>@<host>.tmp``."""
     path = Path(path)
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.{os.getpid()}@{socket.gethostname()}{TMP_SUFFIX}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries under ``root`` (recursively) left by writers that died before renaming
+    them (a kill, a crash): those written on this host by a process that no longer runs. Live
+    writers' files, other hosts' and unnamed ones are kept. Returns what was removed."""
+    root, host, removed = Path(root), socket.gethostname(), []
+    if not root.is_dir():
+        return removed
+    for tmp in sorted(root.rglob(f".*{TMP_SUFFIX}"), key=lambda p: len(p.parts)):  # outermost first
+        match = TMP_PATTERN.match(tmp.name)
+        if match is None or match["host"] != host or _alive(int(match["pid"])):
+            continue
+        if any(parent in tmp.parents for parent in removed):  # went with a removed directory
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _umask() -> int:

@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hooked_vit.bars import SWITCH as BARS_SWITCH
+from hooked_vit.bars import disable_bars
 from hooked_vit.cli_args import (  # noqa: F401  (parse_* and add_model_family_arguments: public API here too)
     DEFAULT_ALIAS,
     add_model_family_arguments,
@@ -229,10 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(only=_chosen_command(argv)).parse_args(argv)
     except SystemExit as exit:  # --help (0) or a bad option (2, one line already printed)
         return exit.code if isinstance(exit.code, int) else 2
-    previous_format = warnings.formatwarning
+    previous_format, previous_bars = warnings.formatwarning, os.environ.get(BARS_SWITCH)
     if not args.debug:
         warnings.formatwarning = _one_line_warning
     retain_freed_memory()  # big CPU batches reuse freed memory instead of faulting it in again
+    if getattr(args, "no_progress", False):
+        disable_bars()  # before the subcommand imports any library that draws bars (tqdm reads it once)
     try:
         return resolve(args.run)(args)
     except BrokenPipeError:  # stdout piped into a reader that stopped early, e.g. `| head`
@@ -245,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         warnings.formatwarning = previous_format
+        if previous_bars is None:  # main() called in-process (tests, notebooks) leaves the switch as it was
+            os.environ.pop(BARS_SWITCH, None)
+        else:
+            os.environ[BARS_SWITCH] = previous_bars
 
 
 if __name__ == "__main__":

@@ -146,3 +146,45 @@ def test_site_resolution_and_errors(small_hooked, means):
         ablation_hooks(small_hooked, {head: [0]}, reference="median", means=means)
     with pytest.raises(KeyError, match="no mean stored"):
         means.mean("hook_pooled")
+
+
+def test_processes_asking_for_the_same_means_compute_them_once(tmp_path):
+    """Two processes (torchrun ranks, parallel jobs) start together on one means file: one computes
+    and saves, the other waits on the lock and loads the same means."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+        import torch
+        from analyses.common import ablation
+        from hooked_vit import HookedViT
+
+        out = Path(sys.argv[1])
+        model = HookedViT.from_pretrained("deit3_tiny_digits")
+        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        dataset = torch.utils.data.TensorDataset(images, torch.zeros(8, dtype=torch.long))
+        compute = ablation.compute_means
+
+        def counted(*args, **kwargs):
+            (out / f"computed-{os.getpid()}").touch()
+            time.sleep(1.0)  # a long computation: the other process must not start its own
+            return compute(*args, **kwargs)
+
+        ablation.compute_means = counted
+        (out / f"ready-{os.getpid()}").touch()
+        while len(list(out.glob("ready-*"))) < 2:  # both call at the same moment
+            time.sleep(0.01)
+        means = ablation.load_or_compute_means(model, dataset, directory=out / "means", show_progress=False)
+        print(sum(float(v.double().sum()) for v in means.means.values()))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    assert len(list(tmp_path.glob("computed-*"))) == 1
+    assert outputs[0][0] == outputs[1][0]

@@ -323,6 +323,37 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     assert json.loads(path.read_text()) == {"old": True} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
+def test_a_dead_writers_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    """A process killed inside atomic writes leaves hidden temporaries naming it; the sweep a
+    resuming job runs removes those (file and directory) and keeps a live writer's, another host's
+    and foreign files."""
+    from hooked_vit import atomic
+
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from hooked_vit import atomic
+        out = Path({str(tmp_path)!r}) / "results" / "sparsity_0.5"
+        with atomic.atomic_directory(out / "sae"), atomic.atomic_path(out / "unit.json") as tmp:
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    dead = sorted(p.name for p in (tmp_path / "results" / "sparsity_0.5").iterdir())
+    assert len(dead) == 2 and all(p.startswith((".sae.", ".unit.json.")) and p.endswith(".tmp") for p in dead)
+    other_host = tmp_path / "results" / f".r.json.{'0' * 12}.1@elsewhere.invalid.tmp"
+    other_host.write_text("x")
+    foreign = tmp_path / ".notes.tmp"
+    foreign.write_text("x")
+    with atomic.atomic_path(tmp_path / "results" / "live.json") as live:
+        removed = atomic.remove_stale_temporaries(tmp_path)
+        assert live.exists()
+    assert sorted(p.name for p in removed) == dead
+    assert not any((tmp_path / "results" / "sparsity_0.5").iterdir())
+    assert other_host.exists() and foreign.exists() and (tmp_path / "results" / "live.json").exists()
+
+
 def test_corrupt_sweep_result_is_moved_aside_and_recomputed(tmp_path):
     from hooked_vit.pruning.sweep import _load_result
 

@@ -31,6 +31,7 @@ from analyses.circuits.edges import dense_edge_count, edge_counts
 from analyses.circuits.gates import NodeMasks
 from analyses.circuits.metrics import EvalSet, accuracies, balanced_accuracy, ncq_edges, ncq_eq12, site_fractions
 from analyses.circuits.replacement import gated_logits, site_references
+from hooked_vit.bars import bars_enabled
 from hooked_vit.data import LabelledImages, TensorImages, calibration_sample, class_vs_rest, train_val_split
 from hooked_vit.errors import InvalidArgumentError
 
@@ -208,7 +209,7 @@ def train_masks(
     every = max(1, config.steps // HISTORY_POINTS)
     history: list[list[dict[str, Any]]] = [[] for _ in class_ids]
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=desc, delay=2.0, disable=not show_progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(config.steps), desc=desc, delay=2.0, disable=not bars_enabled(show_progress), leave=False, dynamic_ncols=True)
     with frozen(model):
         trainer = MaskTrainer(model, class_ids, config, references, k)
         n_masks, n_units = trainer.n_masks, trainer.masks.n_units

@@ -21,11 +21,12 @@ by the model's weights and the dataset's images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,14 @@ from torch.utils.data import Dataset
 
 from hooked_vit import atomic
 from hooked_vit.data import make_loader, progress
-from hooked_vit.errors import CorruptFileError, InvalidArgumentError, InvalidTypeError, UnknownNameError
-from hooked_vit.pruning.cached import cache_root, state_digest
+from hooked_vit.errors import (
+    CacheLockTimeoutError,
+    CorruptFileError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    UnknownNameError,
+)
+from hooked_vit.pruning.cached import cache_root, lock_timeout, state_digest
 from hooked_vit.reading import load_safetensors
 from hooked_vit.sites import SITE_NAMES, Site
 
@@ -218,16 +225,48 @@ def load_or_compute_means(
     show_progress: bool = True,
 ) -> ActivationMeans:
     """The means of ``hooks`` for ``model`` on ``dataset``: loaded from :func:`means_path` when a
-    file there covers every hook, else computed (:func:`compute_means`) and saved there."""
+    file there covers every hook, else computed (:func:`compute_means`) and saved there. Processes
+    asking for the same file at once (torchrun ranks, parallel jobs) take turns on its lock, so one
+    computes and the others load."""
     hooks = list(dict.fromkeys(default_mean_hooks(model) if hooks is None else hooks))
     path = means_path(model, dataset, directory)
+    with means_lock(path):
+        return _load_or_compute(model, dataset, path, hooks, batch_size, device, show_progress)
+
+
+@contextlib.contextmanager
+def means_lock(path: Path) -> Iterator[None]:
+    """Hold the file lock ``.<means file>.lock`` beside ``path`` (waiting up to the cache lock
+    timeout); where the folder cannot be written, go on without it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path.parent / f".{path.name}.lock"), timeout=lock_timeout(), mode=0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:
+        raise CacheLockTimeoutError(f"waited {lock.timeout:g} s for the means lock {lock.lock_file}: another "
+                                    "process is computing these means. Wait for it, or raise "
+                                    "$HOOKED_VIT_LOCK_TIMEOUT") from None
+    except OSError:  # a read-only cache: nothing will be saved, so there is nothing to share
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _load_or_compute(model: nn.Module, dataset: Dataset, path: Path, hooks: list[str], batch_size: int | None,
+                     device: str | torch.device | None, show_progress: bool) -> ActivationMeans:
+    """:func:`load_or_compute_means`'s work, under the lock."""
     param = next(model.parameters())
     if path.is_file():
         try:
             stored = ActivationMeans.load(path, device=param.device)
         except CorruptFileError as error:
             aside = atomic.move_aside(path, "corrupt")
-            warnings.warn(f"{error}; moved it to {aside} and recomputing the means", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{error}; moved it to {aside} and recomputing the means", RuntimeWarning, stacklevel=3)
         else:
             if set(hooks) <= set(stored.means):
                 return stored
@@ -238,7 +277,7 @@ def load_or_compute_means(
         means.save(path)
     except OSError as error:
         warnings.warn(f"could not cache the means at {path} ({error}); continuing without caching",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     return means
 
 

@@ -88,6 +88,8 @@ def run(config: StudyConfig, out: str | os.PathLike, *, report_only: bool = Fals
         else:
             out.mkdir(parents=True, exist_ok=True)
             claim(out, config, processes)
+            if processes.is_main:  # files a killed earlier run was writing when it died
+                atomic.remove_stale_temporaries(out)
             for name in config.levels:
                 for method in config.methods:
                     if processes.is_main and log is not None:

@@ -1,4 +1,5 @@
-"""Progress bars that appear only on passes longer than a couple of seconds."""
+"""Progress bars that appear only on passes longer than a couple of seconds (and never when
+``TQDM_DISABLE`` is set: :mod:`hooked_vit.bars`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from hooked_vit.bars import bars_enabled
+
 T = TypeVar("T")
 PROGRESS_DELAY_S = 2.0
 
@@ -14,5 +17,5 @@ PROGRESS_DELAY_S = 2.0
 def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
     """``iterable`` under a tqdm bar (to stderr) that shows up only after :data:`PROGRESS_DELAY_S`
     seconds, so short passes print nothing."""
-    return iter(tqdm(iterable, desc=desc, total=total, delay=PROGRESS_DELAY_S, disable=not enabled,
+    return iter(tqdm(iterable, desc=desc, total=total, delay=PROGRESS_DELAY_S, disable=not bars_enabled(enabled),
                      leave=False, dynamic_ncols=True))

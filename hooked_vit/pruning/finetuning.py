@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hooked_vit import atomic
+from hooked_vit.bars import bars_enabled
 from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.pruning.masks import apply_masks, mask_gradients, measured_sparsity
 from hooked_vit.pruning.metadata import get_info
@@ -195,7 +196,7 @@ def finetune(
     start = time.perf_counter()
     apply_masks(model)
     model.train()
-    bar = tqdm(total=total_steps, initial=global_step, desc="finetune", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=global_step, desc="finetune", unit="step", disable=not bars_enabled(progress))
     try:
         with torch.random.fork_rng(devices=[]):
             while epoch < epochs:

@@ -1,5 +1,6 @@
-"""hooked_vit.cpu_memory: glibc keeps freed tensor memory for reuse (big CPU batches without page
-faults), process-wide, when the ``hooked-vit`` command runs."""
+"""What the ``hooked-vit`` command sets up before a subcommand runs: glibc keeps freed tensor memory
+for reuse (hooked_vit.cpu_memory: big CPU batches without page faults), and ``--no-progress`` turns
+every progress bar off, ours and tqdm's defaults for other libraries (hooked_vit.bars)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,32 @@ def test_the_command_retains_freed_memory_before_running(monkeypatch, capsys):
     assert calls == [True]
     assert cli.main(["info", "--no-such-option"]) == 2  # a bad option: nothing runs
     assert calls == [True]
+
+
+def test_no_progress_silences_every_bar_while_the_command_runs(monkeypatch, capsys):
+    import os
+
+    import hooked_vit.cli as cli
+    from hooked_vit.bars import bars_enabled
+    from hooked_vit.data.progress import progress
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    seen = []
+
+    def configure(parser):
+        parser.add_argument("--no-progress", action="store_true")
+
+    @cli.subcommand("bars-probe", "draw a bar", configure=configure)
+    def probe(args):
+        seen.append((bars_enabled(), os.environ.get("TQDM_DISABLE")))
+        list(progress(range(3), desc="probe-bar"))
+        return 0
+
+    monkeypatch.setattr(sys.modules["hooked_vit.data.progress"], "PROGRESS_DELAY_S", 0.0)  # draw at once
+    assert cli.main(["bars-probe"]) == 0
+    assert "probe-bar" in capsys.readouterr().err
+    assert cli.main(["bars-probe", "--no-progress"]) == 0
+    assert "probe-bar" not in capsys.readouterr().err
+    assert seen == [(True, None), (False, "1")]
+    assert "TQDM_DISABLE" not in os.environ  # main() called in-process leaves the switch as it was
