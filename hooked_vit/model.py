@@ -105,8 +105,15 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             return logits
         if return_type is None:
             return None
-        loss = F.cross_entropy(logits, labels.to(logits.device), reduction="none" if loss_per_image else "mean")
+        loss = self.loss_fn(logits, labels, per_image=loss_per_image)
         return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(self, logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, "batch"], *,
+                per_image: bool = False) -> Float[Tensor, "*loss"]:
+        """Cross-entropy of ``logits`` against the class ``labels`` (TransformerLens's ``loss_fn``
+        with labels in place of the next tokens): the mean, or ``[batch]`` with ``per_image``."""
+        check_return_type("loss", labels, logits.shape[0], logits.shape[-1])
+        return F.cross_entropy(logits, labels.to(logits.device), reduction="none" if per_image else "mean")
 
     # ------------------------------------------------------------------ hooks
     def _check_hook_name(self, name: str) -> None:

@@ -168,8 +168,6 @@ class TransformerLensMixin:
     set_tokenizer = _no_meaning("set_tokenizer", _IMAGES)
     generate = _no_meaning("generate", "it does not generate; model(images) gives the class logits")
     generate_stream = _no_meaning("generate_stream", "it does not generate; model(images) gives the class logits")
-    loss_fn = _no_meaning("loss_fn", "there is no next-token loss; use "
-                          "torch.nn.functional.cross_entropy(model(images), labels)")
     sample_datapoint = _no_meaning("sample_datapoint", "use hooked_vit.data.load_dataset('builtin', model=model)")
     load_sample_training_dataset = _no_meaning("load_sample_training_dataset",
                                                "use hooked_vit.data.load_dataset('builtin', model=model)")

@@ -72,3 +72,15 @@ def tiny():
 
     return HookedViT.from_timm(make_timm("deit3_small_patch16_224", depth=2, img_size=32, patch_size=8,
                                          embed_dim=32, num_heads=2))
+
+
+# The modules that take longest (measured with --durations), run first: pytest-xdist hands each
+# worker whole modules in collection order, so a long module collected late would leave the other
+# worker idle at the end.
+LONGEST_FIRST = ("test_impact.py", "test_recovery.py", "test_circuits_runner.py", "test_loading.py",
+                 "test_default_model.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: order within kept

@@ -167,19 +167,24 @@ def test_cache_store_killed_before_rename_leaves_no_entry_and_rebuilds(tmp_path,
 
 
 # ------------------------------------------------------------------------------------ the shared cache
-def test_two_processes_asking_for_one_variant_build_it_once(tmp_path):
-    """Two processes ask for the same pruned variant at once: one builds (under the file lock),
-    the other waits and loads; both get the same weights and nobody crashes."""
+def test_two_processes_asking_for_one_variant_and_its_means_build_them_once(tmp_path):
+    """Two processes (torchrun ranks, parallel jobs) ask for the same pruned variant at once, then
+    for the same dataset means: one builds each (under its file lock), the other waits and loads;
+    both get the same weights and means and nobody crashes."""
     code = textwrap.dedent("""
         import os, sys, time
+        import torch
+        from analyses.common import ablation
         from hooked_vit.pruning import recipe
-        real_prune = recipe.prune
-        def slow_prune(*args, **kwargs):  # widen the window in which the other process arrives
-            with open(os.environ["BUILDS"], "a") as log:
-                log.write(f"{os.getpid()}\\n")
-            time.sleep(2)
-            return real_prune(*args, **kwargs)
-        recipe.prune = slow_prune
+        def logged(real, log_name):
+            def slow(*args, **kwargs):  # widen the window in which the other process arrives
+                with open(os.path.join(os.environ["LOGS"], log_name), "a") as log:
+                    log.write(f"{os.getpid()}\\n")
+                time.sleep(1)
+                return real(*args, **kwargs)
+            return slow
+        recipe.prune = logged(recipe.prune, "builds.txt")
+        ablation.compute_means = logged(ablation.compute_means, "means.txt")
         from hooked_vit import HookedViT
         from hooked_vit.pruning.cached import state_digest
         barrier = os.environ["BARRIER"]
@@ -187,18 +192,22 @@ def test_two_processes_asking_for_one_variant_build_it_once(tmp_path):
         while len(os.listdir(barrier)) < 2:  # both ask at the same moment
             time.sleep(0.01)
         model = HookedViT.from_pretrained("deit3_tiny_digits", sparsity=0.5, method="magnitude")
-        print(state_digest(model))
+        images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        data = torch.utils.data.TensorDataset(images, torch.zeros(8, dtype=torch.long))
+        means = ablation.load_or_compute_means(model, data, show_progress=False)
+        print(state_digest(model), [float(means.means[k].double().sum()) for k in sorted(means.means)])
     """)
     (tmp_path / "barrier").mkdir()
-    env = {**os.environ, "HOOKED_VIT_CACHE": str(tmp_path / "cache"), "BUILDS": str(tmp_path / "builds.txt"),
+    env = {**os.environ, "HOOKED_VIT_CACHE": str(tmp_path / "cache"), "LOGS": str(tmp_path),
            "BARRIER": str(tmp_path / "barrier"), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
-    digests = {out.strip().splitlines()[-1] for out, _ in results}
-    assert len(digests) == 1
+    outputs = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(outputs) == 1, outputs  # the same weights and the same means
     assert len((tmp_path / "builds.txt").read_text().split()) == 1  # built once, loaded once
+    assert len((tmp_path / "means.txt").read_text().split()) == 1  # computed once, loaded once
     assert [p.name.split("-")[:3] for p in (tmp_path / "cache" / "pruned").iterdir()] == \
         [["deit3_tiny_digits", "magnitude", "s0.5"]]
 

@@ -29,6 +29,8 @@ def test_loss_both_and_none(tiny):
                                torch.tensor(per_image))
     loss = tiny(images, return_type="loss", labels=LABELS)
     assert loss.shape == () and math.isclose(loss.item(), sum(per_image) / 3, rel_tol=1e-5)
+    assert torch.equal(tiny.loss_fn(logits, LABELS), loss)
+    torch.testing.assert_close(tiny.loss_fn(logits, LABELS, per_image=True), torch.tensor(per_image))
     both_logits, both_loss = tiny(images, return_type="both", labels=LABELS)
     assert torch.equal(both_logits, logits) and torch.equal(both_loss, loss)
     fired = []

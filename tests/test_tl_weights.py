@@ -89,7 +89,6 @@ def test_tl_config_fields_and_device(tiny):
 def test_methods_without_meaning_raise_naming_the_alternative(tiny):
     for call, alternative in [(lambda: tiny.to_tokens("a cat"), "image batch"),
                               (lambda: tiny.generate(torch.zeros(1, 3, 32, 32)), r"model\(images\)"),
-                              (lambda: tiny.loss_fn(None, None), "cross_entropy"),
                               (lambda: tiny.to_string([1]), "to_single_str_token"),
                               (lambda: tiny.to_str_tokens("a cat"), "image batch"),
                               (lambda: tiny.set_use_split_qkv_input(True), "hook_q")]:
