@@ -45,6 +45,10 @@ from hooked_vit.validation import (
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
+def _cross_entropy(logits: Tensor, labels: Tensor, per_image: bool) -> Tensor:
+    return F.cross_entropy(logits, labels.to(logits.device), reduction="none" if per_image else "mean")
+
+
 class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
     """A Vision Transformer whose every intermediate activation is a named HookPoint.
 
@@ -105,7 +109,7 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             return logits
         if return_type is None:
             return None
-        loss = self.loss_fn(logits, labels, per_image=loss_per_image)
+        loss = _cross_entropy(logits, labels, loss_per_image)  # labels checked before the forward
         return loss if return_type == "loss" else (logits, loss)
 
     def loss_fn(self, logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, "batch"], *,
@@ -113,7 +117,7 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         """Cross-entropy of ``logits`` against the class ``labels`` (TransformerLens's ``loss_fn``
         with labels in place of the next tokens): the mean, or ``[batch]`` with ``per_image``."""
         check_return_type("loss", labels, logits.shape[0], logits.shape[-1])
-        return F.cross_entropy(logits, labels.to(logits.device), reduction="none" if per_image else "mean")
+        return _cross_entropy(logits, labels, per_image)
 
     # ------------------------------------------------------------------ hooks
     def _check_hook_name(self, name: str) -> None:

@@ -63,7 +63,6 @@ def check_hook_names(names: Iterable[str], known: Iterable[str]) -> None:
         )
 
 
-
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 

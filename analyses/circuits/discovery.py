@@ -209,7 +209,8 @@ def train_masks(
     every = max(1, config.steps // HISTORY_POINTS)
     history: list[list[dict[str, Any]]] = [[] for _ in class_ids]
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=desc, delay=2.0, disable=not bars_enabled(show_progress), leave=False, dynamic_ncols=True)
+    bar = tqdm(range(config.steps), desc=desc, delay=2.0, disable=not bars_enabled(show_progress), leave=False,
+               dynamic_ncols=True)
     with frozen(model):
         trainer = MaskTrainer(model, class_ids, config, references, k)
         n_masks, n_units = trainer.n_masks, trainer.masks.n_units

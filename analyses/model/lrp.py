@@ -271,9 +271,11 @@ def _attention_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: T
         r_q, r_k_t = lrp_matmul(q, k.transpose(-1, -2), r_pattern)  # softmax passes relevance
         r_q, r_k = r_q / 2, r_k_t.transpose(-1, -2) / 2
     r_qkv = torch.stack([r_q, r_k, r_v], dim=2).transpose(1, 3).reshape(batch, pos, 3 * heads * d_head)
-    qkv = torch.stack([acts["q"], acts["k"], acts["v"]], dim=2).reshape(batch, pos, 3 * heads * d_head)
-    return r_pattern, lrp_linear(acts["ln1"], attn.qkv.weight.detach().to(dtype), r_qkv,
-                                 _linear_product(qkv, attn.qkv, None, reuse))
+    product = None
+    if reuse:  # qkv's output, laid out as the Linear writes it
+        qkv = torch.stack([acts["q"], acts["k"], acts["v"]], dim=2).reshape(batch, pos, 3 * heads * d_head)
+        product = _linear_product(qkv, attn.qkv, None, reuse)
+    return r_pattern, lrp_linear(acts["ln1"], attn.qkv.weight.detach().to(dtype), r_qkv, product)
 
 
 def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: str = "identity",
