@@ -188,7 +188,7 @@ def test_sae_train_and_eval_commands(tmp_path, capsys):
     args = ["sae-train", "--model", "deit3_tiny_digits", "--sparsities", "0", "--k", "4", "--expansion", "2",
             "--train-split", "val",
             "--samples", "2048", "--train-batch-size", "256", "--checkpoints", "1", "--log-every", "4",
-            "--out", str(out)]
+            "--out", str(out), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "dense: trained in" in printed and "d_sae 192" in printed

@@ -86,6 +86,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, type=output_dir,
                         help="output folder (default runs/layer-level-<model>)")
     parser.add_argument("--no-resume", action="store_true", help="retrain from scratch instead of resuming")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (sae-lens's included)")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
