@@ -20,8 +20,7 @@ import torch
 from analyses.model.faithfulness import insertion_deletion
 from analyses.model.lrp import chefer_cache, transformer_attribution
 from hooked_vit import HookedViT
-from hooked_vit.cpu_memory import retain_freed_memory
-from timing import interleaved_medians
+from timing import add_malloc_option, apply_malloc_option, interleaved_medians
 
 
 def main() -> None:
@@ -33,10 +32,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (the hooked-vit command retains freed memory)")
+    add_malloc_option(parser)
     args = parser.parse_args()
-    malloc = "retains freed memory" if not args.system_malloc and retain_freed_memory() else "system default"
+    malloc = apply_malloc_option(args)
 
     model = HookedViT.from_pretrained(args.model, pretrained=False, seed=args.seed, device=args.device)
     size = model.cfg.img_size

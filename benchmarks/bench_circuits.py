@@ -25,8 +25,7 @@ from analyses.circuits.config import CircuitConfig
 from analyses.circuits.discovery import MaskTrainer, frozen
 from analyses.circuits.replacement import site_references
 from hooked_vit import HookedViT
-from hooked_vit.cpu_memory import retain_freed_memory
-from timing import interleaved_medians
+from timing import add_malloc_option, apply_malloc_option, interleaved_medians
 
 
 def bench_model(name: str, batch: int, n_classes: int, device: str, repeats: int) -> dict[str, float]:
@@ -67,10 +66,9 @@ def main() -> None:
     parser.add_argument("--tiny-batch", type=int, default=32, help="embedded-model images per class and side")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (the hooked-vit command retains freed memory)")
+    add_malloc_option(parser)
     args = parser.parse_args()
-    malloc = "retains freed memory" if not args.system_malloc and retain_freed_memory() else "system default"
+    malloc = apply_malloc_option(args)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, C = {args.classes}, malloc {malloc}")
     for name in args.models.split(","):
         batch = args.base_batch if name == "deit3_base" else args.tiny_batch

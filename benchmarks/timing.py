@@ -1,14 +1,18 @@
 """Wall-clock timing shared by the benchmark scripts (imported as ``timing`` when a script runs as
-``python benchmarks/bench_*.py``). Times are seconds; CUDA work is synchronised around each call."""
+``python benchmarks/bench_*.py``), and the ``--system-malloc`` option of the CPU-heavy ones. Times
+are seconds; CUDA work is synchronised around each call."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from hooked_vit.cpu_memory import retain_freed_memory
 
 
 def sync(device: str) -> None:
@@ -44,3 +48,15 @@ def timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]
         if round_:
             times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    """``--system-malloc``: measure with glibc's default malloc rather than as ``hooked-vit`` runs."""
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (the hooked-vit command retains freed memory)")
+
+
+def apply_malloc_option(args: argparse.Namespace) -> str:
+    """Retain freed memory as the ``hooked-vit`` command does, unless ``--system-malloc``; returns
+    the setting in force, for the printout."""
+    return "retains freed memory" if not args.system_malloc and retain_freed_memory() else "system default"

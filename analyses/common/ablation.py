@@ -37,14 +37,8 @@ from torch.utils.data import Dataset
 
 from hooked_vit import atomic
 from hooked_vit.data import make_loader, progress
-from hooked_vit.errors import (
-    CacheLockTimeoutError,
-    CorruptFileError,
-    InvalidArgumentError,
-    InvalidTypeError,
-    UnknownNameError,
-)
-from hooked_vit.pruning.cached import cache_root, lock_timeout, state_digest
+from hooked_vit.errors import CorruptFileError, InvalidArgumentError, InvalidTypeError, UnknownNameError
+from hooked_vit.pruning.cached import cache_root, state_digest, take_lock
 from hooked_vit.reading import load_safetensors
 from hooked_vit.sites import SITE_NAMES, Site
 
@@ -238,16 +232,8 @@ def load_or_compute_means(
 def means_lock(path: Path) -> Iterator[None]:
     """Hold the file lock ``.<means file>.lock`` beside ``path`` (waiting up to the cache lock
     timeout); where the folder cannot be written, go on without it."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(path.parent / f".{path.name}.lock"), timeout=lock_timeout(), mode=0o666)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except Timeout:
-        raise CacheLockTimeoutError(f"waited {lock.timeout:g} s for the means lock {lock.lock_file}: another "
-                                    "process is computing these means. Wait for it, or raise "
-                                    "$HOOKED_VIT_LOCK_TIMEOUT") from None
+        lock = take_lock(path.parent / f".{path.name}.lock", "computing these means")
     except OSError:  # a read-only cache: nothing will be saved, so there is nothing to share
         yield
         return

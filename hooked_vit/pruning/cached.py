@@ -97,13 +97,13 @@ def lock_path(directory: Path) -> Path:
     return directory.parent.parent / "locks" / f"{directory.name}.lock"
 
 
-def acquire_lock(directory: Path, timeout: float | None = None) -> Any:
-    """Take the file lock of cache entry ``directory`` (created with its parents) and return it
-    (``.release()`` it); :class:`~hooked_vit.errors.CacheLockTimeoutError` naming the lock file after
-    ``timeout`` seconds (default :func:`lock_timeout`), ``OSError`` if the cache cannot be written."""
+def take_lock(path: Path, doing: str, timeout: float | None = None) -> Any:
+    """Take the file lock ``path`` (created with its parents) and return it (``.release()`` it);
+    :class:`~hooked_vit.errors.CacheLockTimeoutError` naming the lock file and what its holder is
+    ``doing`` after ``timeout`` seconds (default :func:`lock_timeout`), ``OSError`` if the folder
+    cannot be written."""
     from filelock import FileLock, Timeout
 
-    path = lock_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     timeout = lock_timeout() if timeout is None else timeout
     lock = FileLock(str(path), timeout=timeout, mode=0o666)
@@ -111,10 +111,15 @@ def acquire_lock(directory: Path, timeout: float | None = None) -> Any:
         lock.acquire()
     except Timeout:
         raise CacheLockTimeoutError(
-            f"waited {timeout:g} s for the cache lock {path}: another process is building {directory.name}. "
+            f"waited {timeout:g} s for the cache lock {path}: another process is {doing}. "
             "Wait for it, or raise $HOOKED_VIT_LOCK_TIMEOUT; the lock is freed when that process exits"
         ) from None
     return lock
+
+
+def acquire_lock(directory: Path, timeout: float | None = None) -> Any:
+    """Take the file lock of cache entry ``directory`` (:func:`lock_path`, see :func:`take_lock`)."""
+    return take_lock(lock_path(directory), f"building {directory.name}", timeout)
 
 
 def _warn(message: str) -> None:
