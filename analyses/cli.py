@@ -1,25 +1,74 @@
 """The analyses' ``hooked-vit`` subcommands, registered as a plugin of :mod:`hooked_vit.cli` (the
-``hooked_vit.subcommands`` entry point in ``pyproject.toml``). Only names are registered here: each
-subcommand's argument module is imported when it is chosen, its run module after its arguments
-are checked, so ``hooked-vit --help`` stays fast.
+``hooked_vit.subcommands`` entry point in ``pyproject.toml``): ``impact`` (the whole study) and one
+subcommand per level, named as the level, whose options are its config's fields
+(:mod:`analyses.common.options`). Only names are registered here: a level's light config module is
+imported when its subcommand is chosen, its computation after the options are checked, so
+``hooked-vit --help`` stays fast. The earlier subcommand names still work for one release.
 """
 
-from hooked_vit.cli import register
+from __future__ import annotations
 
-register("impact", "the whole IMPACT study in one resumable command: the dense and pruned models at the accuracy, "
-         "neuron, layer, circuit and model levels, with report.md/.html (runs under torchrun too)",
-         "analyses.impact.cli:add_arguments", "analyses.impact.cli:main")
-register("neuron-metrics", "neuron-level metrics (ablation impact, selectivity, class variance, label entropy) "
-         "vs sparsity (IMPACT Fig. 2)", "analyses.neuron.cli:add_arguments", "analyses.neuron.level:main")
-register("sae-train", "train BatchTopK SAEs (sae-lens) on a hook of the dense and pruned models, resumable; "
-         "with --sweep-* the SAE sweep (IMPACT Tables 5/6)",
-         "analyses.layer.cli:add_train_arguments", "analyses.layer.level:train_main")
-register("sae-eval", "SAE quality (NMSE, explained variance, dead latents; IMPACT Table 2) and latent metrics "
-         "vs sparsity (IMPACT Fig. 3) of the SAEs trained by sae-train",
-         "analyses.layer.cli:add_eval_arguments", "analyses.layer.level:eval_main")
-register("circuits", "node-mask circuits (node and edge fractions, accuracy, NCQ; IMPACT Table 3, Table 7 with "
-         "--sweep-k) of the dense and pruned models, resumable", "analyses.circuits.cli:add_arguments",
-         "analyses.circuits.cli:main")
-register("attribution", "model-level attribution maps (Chefer, AttnLRP, rollout, random) and their insertion/deletion "
-         "AUCs (IMPACT Table 4, Figure 4) of the dense and pruned models, resumable",
-         "analyses.model.cli:add_arguments", "analyses.model.cli:main")
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+from analyses.common.level import BUILTIN, config_class
+from hooked_vit.cli import register
+from hooked_vit.cli_args import output_dir
+
+HELP: dict[str, str] = {
+    "accuracy": "top-1/top-5 of the dense model and its pruned variants (IMPACT Table 1)",
+    "neuron": "neuron level: ablation impact, selectivity, class variance, label entropy of the top units per "
+              "class vs sparsity (IMPACT Figure 2)",
+    "layer": "layer level: BatchTopK SAEs (sae-lens) trained on each model, their quality and latent metrics "
+             "(IMPACT Table 2, Figure 3; Tables 5/6 with --sweep-*)",
+    "circuit": "circuit level: node-mask circuits per class, node and edge fractions, accuracy, NCQ (IMPACT Table 3, "
+               "Table 7 with --sweep-k)",
+    "model": "model level: attribution maps (Chefer, AttnLRP, rollout, random) and their insertion/deletion AUCs "
+             "(IMPACT Table 4, Figure 4)",
+}
+# Earlier subcommand names (kept for one release) -> the level they now run.
+ALIASES: dict[str, str] = {"neuron-metrics": "neuron", "sae-train": "layer", "sae-eval": "layer",
+                           "circuits": "circuit", "attribution": "model"}
+
+
+def level_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    """Level ``name``'s options: its config's fields, ``--out`` and ``--no-progress``."""
+    from analyses.common.options import add_config_options
+
+    add_config_options(parser, config_class(name))
+    parser.add_argument("--out", default=None, type=output_dir, help=f"output folder (default runs/{name}-<model>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_level_command(name: str, args: argparse.Namespace, *, alias: str | None = None) -> int:
+    """``hooked-vit <level>``: build the config from the options (checked before any work), run or
+    resume the level into ``--out``, print its tables and the files written."""
+    from analyses.common.options import given_options
+    from analyses.common.results import config_from_dict
+
+    if alias is not None:
+        print(f"hooked-vit: notice: `{alias}` is now `hooked-vit {name}` (same options); the old name goes in the "
+              "next release", file=sys.stderr)
+    config = config_from_dict(config_class(name), given_options(args, config_class(name)))
+    out = Path(args.out) if args.out else Path("runs") / f"{name}-{Path(config.model.removeprefix('alias:')).name}"
+    from analyses.common.level import get_level, run_level
+
+    result = run_level(get_level(name)(show_progress=not args.no_progress), config, out)
+    print(result.markdown())
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    print(f"\nwrote {out}/: {', '.join(files)}")
+    return 0
+
+
+register("impact", "the whole IMPACT study in one resumable command: the dense and pruned models at every level, "
+         "with report.md/.html (runs under torchrun too)", "analyses.impact.cli:add_arguments",
+         "analyses.impact.cli:main")
+for _name in BUILTIN:
+    register(_name, HELP[_name], partial(level_arguments, _name), partial(run_level_command, _name))
+for _alias, _name in ALIASES.items():
+    register(_alias, f"earlier name of `{_name}` (kept for one release)", partial(level_arguments, _name),
+             partial(run_level_command, _name, alias=_alias))
+
+__all__ = ["ALIASES", "HELP", "level_arguments", "run_level_command"]

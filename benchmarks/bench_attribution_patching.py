@@ -19,7 +19,7 @@ import torch
 from scipy.stats import spearmanr
 
 from analyses.common.ablation import compute_means, resolve_site
-from analyses.neuron.attribution_patching import attribution_patching, exact_patching
+from analyses.common.attribution_patching import attribution_patching, exact_patching
 from hooked_vit import HookedViT
 from timing import timed
 from hooked_vit.data import LabelledImages, load_dataset

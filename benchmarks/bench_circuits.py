@@ -1,4 +1,4 @@
-"""Speed of circuit discovery (analyses.circuits), in one run, on deit3_base (random weights) and the
+"""Speed of circuit discovery (analyses.circuit), in one run, on deit3_base (random weights) and the
 embedded deit3_tiny_digits:
 
 1. a mask-training step over all 96 (embedded: 32) sites (gated forward, backward to the mask
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from analyses.common.ablation import compute_means
-from analyses.circuits.config import CircuitConfig
-from analyses.circuits.discovery import MaskTrainer, frozen
-from analyses.circuits.replacement import site_references
+from analyses.circuit.config import CircuitConfig
+from analyses.circuit.discovery import MaskTrainer, frozen
+from analyses.circuit.replacement import site_references
 from hooked_vit import HookedViT
 from timing import add_malloc_option, apply_malloc_option, interleaved_medians
 

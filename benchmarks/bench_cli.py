@@ -19,13 +19,15 @@ import time
 
 TARGET_SECONDS = 2.0
 ENTRY = "import sys; from hooked_vit.cli import main; sys.exit(main(sys.argv[1:]))"
-SUBCOMMANDS = ("info", "train-default", "evaluate", "sweep-sparsity", "neuron-metrics", "sae-train", "sae-eval")
+SUBCOMMANDS = ("info", "train-default", "evaluate", "sweep-sparsity", "impact", "accuracy", "neuron", "layer",
+               "circuit", "model")
 BAD_OPTIONS = (
     ["train-default", "--epochs", "-1"],
     ["sweep-sparsity", "--sparsities", ""],
-    ["sae-train", "--sweep-k", "abc"],
-    ["neuron-metrics", "--finetune-epochs", "-1"],
-    ["sae-train", "--cache-dir", ""],
+    ["layer", "--sweep-k", "abc"],
+    ["neuron", "--finetune-epochs", "-1"],
+    ["layer", "--sae.cache-dir", ""],
+    ["circuit", "--steps", "0"],
 )
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from analyses.common.variants import load_model
 from analyses.impact import preset, run
-from analyses.impact.report import DONE_FILE, level_dir
-from analyses.model.level import select_images
+from analyses.common.level import DONE_FILE
+from analyses.impact.report import level_dir
+from analyses.model.compute import select_images
 from hooked_vit.data import load_dataset
 from hooked_vit.evaluation import evaluate
 
@@ -28,12 +29,12 @@ from hooked_vit.evaluation import evaluate
 def level_images(name: str, config, model) -> list:
     """The datasets level ``name`` reads (one pass over each is the reference)."""
     if name in ("accuracy", "neuron"):
-        return [load_dataset(config.dataset, split=config.split, model=model)]
+        return [load_dataset(config.data, split=config.split, model=model)]
     if name == "layer":
-        return [load_dataset(config.dataset, split=config.train_split, model=model)]
+        return [load_dataset(config.data, split=config.train_split, model=model)]
     if name == "circuit":
-        return [load_dataset(config.dataset, split=s, model=model) for s in (config.train_split, config.val_split)]
-    return [select_images(load_dataset(config.dataset, split=config.split, model=model), config)]
+        return [load_dataset(config.data, split=s, model=model) for s in (config.train_split, config.val_split)]
+    return [select_images(load_dataset(config.data, split=config.split, model=model), config)]
 
 
 def one_pass(config, name: str) -> tuple[float, int]:

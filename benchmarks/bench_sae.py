@@ -31,7 +31,8 @@ from analyses.layer.activation_store import (  # noqa: E402
     default_hook_name,
     hook_layout,
 )
-from analyses.layer.sae import BatchTopKTrainingSAE, SAETrainConfig  # noqa: E402
+from analyses.layer.config import SAETrainConfig  # noqa: E402
+from analyses.layer.sae import BatchTopKTrainingSAE  # noqa: E402
 from hooked_vit import HookedViT  # noqa: E402
 from hooked_vit.data import LabelledImages  # noqa: E402
 from sae_lens.saes.sae import TrainStepInput  # noqa: E402
@@ -98,8 +99,7 @@ def main() -> None:
              **{name: served / store_times[name] for name in ("store_model", "store_memory", "store_disk")}}
 
     sae_cfg = SAETrainConfig(hook_name=hook, tokens=args.tokens, k=args.k, expansion_factor=args.expansion,
-                             training_samples=args.train_batch * args.steps, train_batch_size=args.train_batch,
-                             progress=False)
+                             training_samples=args.train_batch * args.steps, train_batch_size=args.train_batch)
     d_in = memory.d_in
 
     def trainer_round() -> None:

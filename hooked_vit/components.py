@@ -13,6 +13,8 @@ sub-block output that reaches the residual stream (``hook_attn_out``, ``hook_mlp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -20,6 +22,23 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
+
+READ_ONLY = "_hooked_vit_read_only"  # attribute marking a hook function that never edits its argument
+
+
+def mark_read_only(hook: Callable) -> Callable:
+    """Mark ``hook`` (a function or ``functools.partial``) as one that only reads its activation, as
+    ``run_with_cache``'s caching hooks do: a value hooked only by such hooks needs no private copy."""
+    setattr(hook, READ_ONLY, True)
+    return hook
+
+
+def may_edit(hook_point: HookPoint) -> bool:
+    """Whether a hook on ``hook_point`` may edit its value in place (so that value needs its own
+    memory when autograd reads it later): any backward hook, or a forward hook not marked read-only."""
+    if hook_point.bwd_hooks:
+        return True
+    return any(not getattr(handle.user_hook, READ_ONLY, False) for handle in hook_point.fwd_hooks)
 
 
 class LayerNorm(nn.Module):
@@ -37,13 +56,14 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]: sqrt(var + eps)
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]: LayerNorm output (after w, b)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos *head d_model"]) -> Float[Tensor, "batch pos *head d_model"]:
         if not self.hook_scale.has_hooks():
             out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         else:
             x = x - x.mean(-1, keepdim=True)
             # sqrt's backward reads its output: a copy leaves it intact under in-place hook edits
-            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt().clone())
+            scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            scale = self.hook_scale(scale.clone() if may_edit(self.hook_scale) else scale)
             out = x / scale * self.weight + self.bias
         return self.hook_normalized(out)
 
@@ -100,23 +120,37 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]: pattern-weighted values
         self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output after LayerScale
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        batch, pos, _ = x.shape
-        qkv = self.qkv(x).view(batch, pos, 3, self.n_heads, self.d_head)
-        # Single-view selects (not unbind's multi-views), so a hook may edit q, k or v in place.
-        q, k, v = self.hook_q(qkv[:, :, 0]), self.hook_k(qkv[:, :, 1]), self.hook_v(qkv[:, :, 2])
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "batch pos head d_model"],
+        key_input: Float[Tensor, "batch pos head d_model"] | None = None,
+        value_input: Float[Tensor, "batch pos head d_model"] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``x`` is the normalized residual stream, or (TransformerLens's ``use_attn_in`` /
+        ``use_split_qkv_input``) per-head query inputs ``[batch, pos, head, d_model]``, with per-head
+        ``key_input`` and ``value_input`` (default: ``x``); head ``h``'s q, k, v read slice ``h``."""
+        batch, pos = x.shape[:2]
+        if x.ndim == 4:
+            inputs = (x, x if key_input is None else key_input, x if value_input is None else value_input)
+            q, k, v = (hook(self._per_head_linear(inp, which))
+                       for which, (hook, inp) in enumerate(zip((self.hook_q, self.hook_k, self.hook_v), inputs)))
+        else:
+            qkv = self.qkv(x).view(batch, pos, 3, self.n_heads, self.d_head)
+            # Single-view selects (not unbind's multi-views), so a hook may edit q, k or v in place.
+            q, k, v = self.hook_q(qkv[:, :, 0]), self.hook_k(qkv[:, :, 1]), self.hook_v(qkv[:, :, 2])
         # [batch, head, pos, d_head] views, laid out in memory as timm's are.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
             scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
             # softmax's backward reads its output: a copy leaves it intact under in-place hook edits
-            pattern = self.hook_pattern(scores.softmax(dim=-1).clone())
+            pattern = scores.softmax(dim=-1)
+            pattern = self.hook_pattern(pattern.clone() if may_edit(self.hook_pattern) else pattern)
             z = pattern @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v)
         z = z.transpose(1, 2)
         # sdpa's backward reads its output too; copy (same strides) only when a hook may edit z
-        z = self.hook_z(z.clone() if self.hook_z.has_hooks() else z)
+        z = self.hook_z(z.clone() if may_edit(self.hook_z) else z)
         if not self.use_attn_result:
             return self.layer_scale(self.proj(z.reshape(batch, pos, self.n_heads * self.d_head)))
         result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
@@ -161,6 +195,12 @@ class Attention(nn.Module):
         """``proj`` bias, LayerScale folded in."""
         gamma = _layer_scale_gamma(self.layer_scale)
         return self.proj.bias if gamma is None else self.proj.bias * gamma
+
+    def _per_head_linear(self, x: Float[Tensor, "batch pos head d_model"], which: int
+                         ) -> Float[Tensor, "batch pos head d_head"]:
+        """q (0), k (1) or v (2) of each head from its own input slice: ``x[:, :, h] @ W[h] + b[h]``."""
+        out = torch.einsum("bphm,hmd->bphd", x, self._w_qkv(which))
+        return out + self._b_qkv(which) if self.qkv.bias is not None else out
 
     def _w_qkv(self, which: int) -> Float[Tensor, "head d_model d_head"]:
         weight = self.qkv.weight.view(3, self.n_heads, self.d_head, -1)[which]  # [head, d_head, d_model]
@@ -210,19 +250,34 @@ class MLP(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + ls1(attn(ln1(x)))`` then ``x + ls2(mlp(ln2(x)))`` (the LayerScales
-    are applied inside ``attn`` and ``mlp``)."""
+    are applied inside ``attn`` and ``mlp``).
+
+    TransformerLens's optional inputs (each off by default; its hooks are then left out of
+    ``model.hook_dict``): ``use_attn_in`` hooks ``hook_attn_in``, the residual stream repeated per
+    head ``[batch, pos, head, d_model]``; ``use_split_qkv_input`` hooks a separate copy of it per
+    input, ``hook_q_input``/``hook_k_input``/``hook_v_input``; ``ln1`` then runs on each (its hooks
+    gain the head axis) and head ``h``'s q/k/v read slice ``h``. ``use_hook_mlp_in`` hooks
+    ``hook_mlp_in``, the residual stream entering ``ln2``.
+    """
 
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
         # Registered in execution order, so model.hook_dict lists hooks in the order they fire.
         # (and parameters in timm's order: ln1, attn, ls1, ln2, mlp, ls2).
         ls1, ls2 = (LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity() for _ in range(2))
+        self.use_attn_in, self.use_split_qkv_input = cfg.use_attn_in, cfg.use_split_qkv_input
+        self.use_hook_mlp_in = cfg.use_hook_mlp_in
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_in = HookPoint()  # [batch, pos, head, d_model] (use_attn_in)
+        self.hook_q_input = HookPoint()  # [batch, pos, head, d_model] (use_split_qkv_input)
+        self.hook_k_input = HookPoint()  # [batch, pos, head, d_model] (use_split_qkv_input)
+        self.hook_v_input = HookPoint()  # [batch, pos, head, d_model] (use_split_qkv_input)
         self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.attn = Attention(cfg, ls1)
         self.ls1 = ls1
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]: after LayerScale, before the add
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model] (use_hook_mlp_in)
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = MLP(cfg, ls2)
         self.ls2 = ls2
@@ -231,8 +286,40 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln1(x))))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))
+        if self.use_attn_in or self.use_split_qkv_input:
+            attn_out = self.attn(*self._per_head_inputs(x))
+        else:
+            attn_out = self.attn(self.ln1(x))
+        x = self.hook_resid_mid(x + self.hook_attn_out(attn_out))
+        mlp_in = x
+        if self.use_hook_mlp_in:  # own memory when hooked: an in-place edit must not reach resid_mid
+            mlp_in = self.hook_mlp_in(x.clone() if self.hook_mlp_in.has_hooks() else x)
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(mlp_in))))
+
+    def _per_head_inputs(self, x: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, ...]:
+        """The normalized per-head attention inputs: one tensor (use_attn_in), or q, k, v's."""
+        # A broadcast view; copied (TL's repeat_along_head_dimension) only for a hook, which may edit it.
+        attn_in = x[:, :, None].expand(-1, -1, self.attn.n_heads, -1)
+        if self.use_attn_in:
+            attn_in = self.hook_attn_in(attn_in.clone() if self.hook_attn_in.has_hooks() else attn_in)
+        if not self.use_split_qkv_input:
+            return (self.ln1(attn_in),)
+        inputs = [hook(attn_in.clone() if hook.has_hooks() else attn_in)
+                  for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)]
+        return tuple(self.ln1(inp) for inp in inputs)  # as TL: all three input hooks, then ln1 on each
+
+
+class Unembed(nn.Linear):
+    """The classifier head (timm's ``head``, reading the final-norm CLS token), with
+    TransformerLens's ``unembed.W_U`` ``[d_model, n_classes]`` and ``unembed.b_U`` views."""
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model n_classes"]:
+        return self.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, "n_classes"]:
+        return self.bias
 
 
 class PatchEmbed(nn.Module):

@@ -2,9 +2,9 @@
 
 The numbers mirror timm's ``VisionTransformer`` arguments; ``timm_kwargs`` rebuilds the exact timm
 model (``to_timm``), ``preprocessing`` its eval transform. The fields and constants TransformerLens
-reads from a ``HookedTransformerConfig`` (``normalization_type``, ``attn_only``, ``device``,
-``positional_embedding_type``, ``d_vocab``, ...) are here too, so its ``ActivationCache`` methods,
-weight processing and patching run on a HookedViT.
+reads from a ``HookedTransformerConfig`` (``normalization_type``, ``attn_only``, ``device``, ``dtype``,
+``eps`` (= ``ln_eps``), ``positional_embedding_type``, ``d_vocab``, ``use_split_qkv_input``, ...) are
+here too, so its ``ActivationCache`` methods, weight processing and patching run on a HookedViT.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ class HookedViTConfig:
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     use_attn_result: bool = False
+    # TransformerLens's per-head attention inputs and MLP input hook (off: the hooks are not registered).
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
     model_name: str = "custom"
     timm_name: str | None = None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -45,6 +49,9 @@ class HookedViTConfig:
     normalization_type: str = "LN"
     # Where the model's parameters live; kept current by HookedViT (not saved by to_dict).
     device: str | None = field(default=None, compare=False)
+    # The parameters' torch.dtype (TransformerLens's cfg.dtype); kept current by HookedViT, not saved.
+    # (Typed Any: this module does not import torch.)
+    dtype: Any = field(default=None, compare=False)
 
     # TransformerLens config constants that are fixed for a ViT.
     attn_only: ClassVar[bool] = False
@@ -64,6 +71,15 @@ class HookedViTConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+
+    @property
+    def eps(self) -> float:
+        """TransformerLens's name for the LayerNorm epsilon (``ln_eps``)."""
+        return self.ln_eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.ln_eps = value
 
     @property
     def d_head(self) -> int:
@@ -94,7 +110,7 @@ class HookedViTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        del data["device"]
+        del data["device"], data["dtype"]
         return data
 
     @classmethod

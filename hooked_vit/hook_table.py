@@ -37,23 +37,58 @@ FINAL_HOOKS = [
     ("hook_pooled", "batch d_model", "final-norm CLS token: the classifier head's input"),
 ]
 
+# TransformerLens's optional block hooks: (name, shape, meaning, the config flag that enables it,
+# the default hook they follow). Left out of model.hook_dict (and hook_names) while their flag is off.
+OPTIONAL_BLOCK_HOOKS = [
+    ("hook_attn_in", "batch pos head d_model", "residual stream repeated per head, the attention's input (only "
+     + "with use_attn_in)", "use_attn_in", "hook_resid_pre"),
+    ("hook_q_input", "batch pos head d_model", "per-head query input, before ln1 (only with use_split_qkv_input)",
+     "use_split_qkv_input", "hook_resid_pre"),
+    ("hook_k_input", "batch pos head d_model", "per-head key input, before ln1 (only with use_split_qkv_input)",
+     "use_split_qkv_input", "hook_resid_pre"),
+    ("hook_v_input", "batch pos head d_model", "per-head value input, before ln1 (only with use_split_qkv_input)",
+     "use_split_qkv_input", "hook_resid_pre"),
+    ("hook_mlp_in", "batch pos d_model", "residual stream entering ln2 (only with use_hook_mlp_in)",
+     "use_hook_mlp_in", "hook_resid_mid"),
+]
+OPTIONAL_HOOK_FLAGS = {name: flag for name, _, _, flag, _ in OPTIONAL_BLOCK_HOOKS}
+
 # Hooks without a token-position axis.
 POOLED_HOOKS = tuple(name for name, shape, _ in FINAL_HOOKS if "pos" not in shape.split())
 
 
-def hook_names(n_layers: int) -> list[str]:
-    """All hook names of an ``n_layers``-block model, in the order they fire."""
+def block_hook_names(use_attn_in: bool = False, use_split_qkv_input: bool = False,
+                     use_hook_mlp_in: bool = False) -> list[str]:
+    """A block's hook names (relative to ``blocks.{layer}``) in firing order, with the optional
+    TransformerLens hooks that the flags enable."""
+    flags = {"use_attn_in": use_attn_in, "use_split_qkv_input": use_split_qkv_input,
+             "use_hook_mlp_in": use_hook_mlp_in}
+    names = []
+    for default, _, _ in BLOCK_HOOKS:
+        names.append(default)
+        names += [name for name, _, _, flag, after in OPTIONAL_BLOCK_HOOKS if after == default and flags[flag]]
+    return names
+
+
+def hook_names(n_layers: int, **flags: bool) -> list[str]:
+    """All hook names of an ``n_layers``-block model, in the order they fire (``flags``:
+    ``use_attn_in``, ``use_split_qkv_input``, ``use_hook_mlp_in``, see :func:`block_hook_names`)."""
     return ([name for name, _, _ in EMBED_HOOKS]
-            + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name, _, _ in BLOCK_HOOKS]
+            + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in block_hook_names(**flags)]
             + [name for name, _, _ in FINAL_HOOKS])
 
 
 def hook_shape(name: str, cfg: HookedViTConfig, batch: int) -> tuple[int, ...]:
-    """Concrete shape of hook ``name`` for a batch of ``batch`` images."""
+    """Concrete shape of hook ``name`` for a batch of ``batch`` images (``ln1``'s hooks have a head
+    axis while ``cfg.use_attn_in`` or ``cfg.use_split_qkv_input`` is on, as in TransformerLens)."""
     sizes = {"batch": batch, "pos": cfg.n_ctx, "query_pos": cfg.n_ctx, "key_pos": cfg.n_ctx,
              "d_model": cfg.d_model, "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1}
     suffix = name.split(".", 2)[2] if name.startswith("blocks.") else name
-    shape = {n: s for n, s, _ in EMBED_HOOKS + BLOCK_HOOKS + FINAL_HOOKS}[suffix]
+    shapes = {n: s for n, s, _ in EMBED_HOOKS + BLOCK_HOOKS + FINAL_HOOKS}
+    shapes.update({n: s for n, s, *_ in OPTIONAL_BLOCK_HOOKS})
+    shape = shapes[suffix]
+    if suffix.startswith("ln1.") and (cfg.use_attn_in or cfg.use_split_qkv_input):
+        shape = shape.replace("pos", "pos head")
     return tuple(sizes[dim] for dim in shape.split())
 
 

@@ -16,9 +16,9 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from hooked_vit.cache import ViTActivationCache
-from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock
+from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock, Unembed
 from hooked_vit.config import HookedViTConfig
-from hooked_vit.errors import InvalidArgumentError
+from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.hook_table import hook_table
 from hooked_vit.loading import (
     build_timm_model,
@@ -69,7 +69,7 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_final = LayerNorm(d_model, cfg.ln_eps)
         self.hook_pooled = HookPoint()  # [batch, d_model]: final-norm CLS token, the head's input
-        self.head = nn.Linear(d_model, cfg.n_classes)
+        self.head = Unembed(d_model, cfg.n_classes)  # TL's unembed: W_U, b_U
         self.setup()
         self.sites = SiteRegistry(cfg)
 
@@ -121,6 +121,9 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
 
     # ------------------------------------------------------------------ hooks
     def _check_hook_name(self, name: str) -> None:
+        flag = self.disabled_hooks().get(name) if isinstance(name, str) else None
+        if flag is not None:
+            raise InvalidArgumentError(f"{name} only exists with {flag} on: call model.set_{flag}(True) first")
         check_hook_names([name], self.hook_dict)
         if name.endswith("attn.hook_result") and not self.cfg.use_attn_result:
             raise InvalidArgumentError(f"{name} only fires with per-head results on: call "
@@ -144,6 +147,36 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         self.cfg.use_attn_result = use_attn_result
         for block in self.blocks:
             block.attn.use_attn_result = use_attn_result
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TransformerLens's split q/k/v inputs: each block's attention reads its queries, keys and
+        values from separate per-head copies of the residual stream, hooked as
+        ``blocks.L.hook_q_input``/``hook_k_input``/``hook_v_input`` ``[batch, pos, head, d_model]``
+        (before ``ln1``, which then runs on each), so one head's query, key or value input can be
+        patched. Values equal the unsplit forward's up to fp32 rounding; off again restores it exactly."""
+        self._set_block_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """TransformerLens's ``hook_attn_in`` ``[batch, pos, head, d_model]``: the residual stream
+        repeated per head as the attention's input (before ``ln1``); with split inputs on too, the
+        q/k/v inputs are copies of it."""
+        self._set_block_flag("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """TransformerLens's ``hook_mlp_in`` ``[batch, pos, d_model]``: the residual stream entering
+        ``ln2`` (equal to ``hook_resid_mid``, but editing it changes only the MLP's input)."""
+        self._set_block_flag("use_hook_mlp_in", use_hook_mlp_in)
+
+    def _set_block_flag(self, flag: str, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise InvalidTypeError(f"set_{flag} takes True or False, got {type(value).__name__} {value!r}")
+        setattr(self.cfg, flag, value)
+        for block in self.blocks:
+            setattr(block, flag, value)
+        for name, off_flag in self.disabled_hooks().items():  # hooks switched off keep no hook functions
+            if off_flag == flag and name in self.hook_dict:
+                self.hook_dict[name].remove_hooks("both", including_permanent=True)
+        self.setup()
 
     def run_with_cache(
         self,
@@ -231,6 +264,9 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         use_attn_result: bool = False,
+        use_split_qkv_input: bool = False,
+        use_attn_in: bool = False,
+        use_hook_mlp_in: bool = False,
         sparsity: float | int | None = None,
         method: str = "wanda",
         nm: tuple[int, int] | str | None = None,
@@ -268,6 +304,9 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         ``batch_size`` and ``data``) fine-tunes with the masks held. The result is cached on disk
         (``$HOOKED_VIT_CACHE``, else ``$XDG_CACHE_HOME/hooked_vit``, else ``~/.cache/hooked_vit``)
         unless ``cache=False``; ``sparsity=0`` returns the dense model.
+
+        ``use_attn_result``, ``use_split_qkv_input``, ``use_attn_in``, ``use_hook_mlp_in``: TransformerLens's
+        optional hooks (see :meth:`set_use_split_qkv_input`), off by default.
 
         ``fold_ln``, ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``,
         ``refactor_factored_attn_matrices``: TransformerLens's weight processing (off by default
@@ -318,6 +357,10 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         if fold_layer_scale or any(processing.values()):
             model.process_weights_(**processing, fold_layer_scale=fold_layer_scale)
         model.set_use_attn_result(use_attn_result)
+        for flag, value in (("use_split_qkv_input", use_split_qkv_input), ("use_attn_in", use_attn_in),
+                            ("use_hook_mlp_in", use_hook_mlp_in)):
+            if getattr(model.cfg, flag) != value:
+                model._set_block_flag(flag, value)
         return model.eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

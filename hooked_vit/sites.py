@@ -17,8 +17,8 @@ from torch import Tensor
 
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.errors import UnknownNameError
+from hooked_vit.names import SITE_NAMES  # noqa: F401  (public here)
 
-SITE_NAMES: tuple[str, ...] = ("norm1", "q", "k", "v", "attn_out", "norm2", "mlp_act", "mlp_out")
 
 _SITE_HOOKS: dict[str, str] = {
     "norm1": "ln1.hook_normalized",

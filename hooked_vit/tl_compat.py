@@ -30,8 +30,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.HookedTransformer import HookedTransformer
 
-from hooked_vit.errors import InvalidArgumentError
-from hooked_vit.hook_table import POOLED_HOOKS
+from hooked_vit.components import mark_read_only
+from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
+from hooked_vit.hook_table import OPTIONAL_HOOK_FLAGS, POOLED_HOOKS
 
 
 def _no_meaning(method: str, alternative: str) -> Callable[..., Any]:
@@ -72,7 +73,6 @@ class TransformerLensMixin:
     all_composition_scores = HookedTransformer.all_composition_scores
     all_head_labels = HookedTransformer.all_head_labels
     n_params_total = HookedTransformer.n_params_total
-    tokens_to_residual_directions = HookedTransformer.tokens_to_residual_directions
 
     @property
     def W_U(self) -> Float[Tensor, "d_model n_classes"]:
@@ -85,7 +85,8 @@ class TransformerLensMixin:
 
     @property
     def unembed(self) -> nn.Linear:
-        """The classifier head (TL's ``model.unembed``): ``model.unembed(normalized_resid)``."""
+        """The classifier head (TL's ``model.unembed``): ``model.unembed(normalized_resid)``,
+        ``model.unembed.W_U``, ``model.unembed.b_U``."""
         return self.head
 
     @property
@@ -139,18 +140,45 @@ class TransformerLensMixin:
     def class_residual_directions(
         self, classes: int | str | Sequence[int | str] | Int[Tensor, "*batch"]
     ) -> Float[Tensor, "*batch d_model"]:
-        """Residual directions (columns of ``W_U``) of classes given by index or name, shaped like
-        ``classes`` plus ``d_model``: TL's ``tokens_to_residual_directions`` for classes. They are
-        the logit directions of the final residual stream (after ``apply_ln_to_stack``) once
-        ``fold_ln`` has folded the final LayerNorm's weight into ``W_U``."""
+        """Residual directions of classes given by index or name, shaped like ``classes`` plus
+        ``d_model``: the head's columns times the final LayerNorm's weight, ``ln_final.w * W_U[:, c]``
+        (just ``W_U[:, c]`` after ``fold_ln``, where that weight is folded into ``W_U``). Dotted with
+        a component after ``cache.apply_ln_to_stack`` (centred, over the cached final scale) this is
+        the component's share of logit ``c`` minus ``b_U[c]`` and the LN bias's ``ln_final.b @ W_U[:, c]``."""
         if isinstance(classes, (int, str)):
             return self.tokens_to_residual_directions(classes)
         if not isinstance(classes, Tensor):
-            classes = torch.tensor([c if isinstance(c, int) else self.to_single_token(c) for c in classes])
+            classes = torch.tensor([self._class_index(c) for c in classes], dtype=torch.long)
+        if classes.dtype.is_floating_point or classes.dtype == torch.bool:
+            raise InvalidTypeError(f"classes must be integer class indices, got a {classes.dtype} tensor")
         if classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < self.cfg.n_classes):
             raise InvalidArgumentError(f"class indices must be in 0..{self.cfg.n_classes - 1}, got "
                                        f"{int(classes.min())}..{int(classes.max())}")
-        return self.W_U[:, classes.to(self.W_U.device)].movedim(0, -1)
+        directions = self.W_U[:, classes.to(self.W_U.device)].movedim(0, -1)
+        return directions * self.ln_final.weight if self.cfg.normalization_type == "LN" else directions
+
+    def tokens_to_residual_directions(
+        self, tokens: int | str | Int[Tensor, "*batch"]
+    ) -> Float[Tensor, "*batch d_model"]:
+        """TL's ``tokens_to_residual_directions`` with classes as tokens: the direction ``[d_model]``
+        of one class (an index, a name, or a one-element tensor, as TL), or ``[*shape, d_model]``
+        for a tensor of several; the final LayerNorm's weight is included (see
+        :meth:`class_residual_directions`), so ``cache.logit_attrs`` is right without ``fold_ln``."""
+        if isinstance(tokens, Tensor) and tokens.numel() > 1:
+            return self.class_residual_directions(tokens)
+        if isinstance(tokens, Tensor) and tokens.numel() == 1:
+            tokens = int(tokens.item())
+        if not isinstance(tokens, (int, str)) or isinstance(tokens, bool):
+            raise InvalidTypeError(f"tokens must be a class index, a class name or an integer tensor, "
+                                   f"got {type(tokens).__name__}")
+        return self.class_residual_directions(torch.tensor([self._class_index(tokens)]))[0]
+
+    def _class_index(self, cls: int | str) -> int:
+        if isinstance(cls, str):
+            return self.to_single_token(cls)
+        if not 0 <= cls < self.cfg.n_classes:
+            raise InvalidArgumentError(f"class indices must be in 0..{self.cfg.n_classes - 1}, got {cls}")
+        return cls
 
     def to_str_tokens(self, images: Tensor | str | list[str] | None = None, *args: Any, **kwargs: Any) -> list[str]:
         """Labels of the token positions: ``"CLS"`` then ``"r{row}c{col}"`` per patch (the same for
@@ -171,9 +199,6 @@ class TransformerLensMixin:
     sample_datapoint = _no_meaning("sample_datapoint", "use hooked_vit.data.load_dataset('builtin', model=model)")
     load_sample_training_dataset = _no_meaning("load_sample_training_dataset",
                                                "use hooked_vit.data.load_dataset('builtin', model=model)")
-    set_use_split_qkv_input = _no_meaning("set_use_split_qkv_input", "edit attn.hook_q/hook_k/hook_v instead")
-    set_use_attn_in = _no_meaning("set_use_attn_in", "edit ln1.hook_normalized (the attention's input)")
-    set_use_hook_mlp_in = _no_meaning("set_use_hook_mlp_in", "edit ln2.hook_normalized (the MLP's input)")
 
     # ------------------------------------------------------------------ weight processing
     def process_weights_(
@@ -195,6 +220,43 @@ class TransformerLensMixin:
                          refactor_factored_attn_matrices=refactor_factored_attn_matrices,
                          fold_layer_scale=fold_layer_scale)
 
+    def fold_layer_norm(self, state_dict: dict[str, Tensor], fold_biases: bool = True,
+                        center_weights: bool = True) -> dict[str, Tensor]:
+        """TL's ``fold_layer_norm`` on a state dict laid out as ``model.state_dict()`` (LayerScale
+        folded first): each LayerNorm's weight and bias folded into the weights reading its output,
+        which are centred; the LayerNorms become weight 1, bias 0. Returns a new dict
+        (``model.load_state_dict`` it); ``from_pretrained(fold_ln=True)`` gives the same weights."""
+        if not (fold_biases and center_weights):
+            raise InvalidArgumentError("fold_biases=False and center_weights=False are TransformerLens's options for "
+                                       "RMSNorm; a ViT's LayerNorm folds with both True")
+        return self._processed(state_dict, fold_ln=True)
+
+    def center_writing_weights(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """TL's ``center_writing_weights`` on a ``model.state_dict()``-layout dict: every weight
+        writing to the residual stream (patch embedding and its bias, CLS token, position embedding,
+        ``W_O``, ``W_out`` and their biases) centred over ``d_model``; returns a new dict."""
+        return self._processed(state_dict, center_writing_weights=True)
+
+    def center_unembed(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """TL's ``center_unembed``: ``W_U`` and ``b_U`` centred over the classes (each image's logits
+        shift by a constant, probabilities are unchanged); returns a new dict."""
+        return self._processed(state_dict, center_unembed=True)
+
+    def fold_value_biases(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """TL's ``fold_value_biases``: ``b_O += sum_h b_V[h] @ W_O[h]`` and ``b_V = 0`` (patterns sum
+        to 1, so the output is unchanged); returns a new dict."""
+        return self._processed(state_dict, fold_value_biases=True)
+
+    def refactor_factored_attn_matrices(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """TL's ``refactor_factored_attn_matrices`` (``W_O`` a rotation, QK and OV kept up to the
+        SVDs' rounding); returns a new dict."""
+        return self._processed(state_dict, refactor_factored_attn_matrices=True)
+
+    def _processed(self, state_dict: dict[str, Tensor], **step: bool) -> dict[str, Tensor]:
+        from hooked_vit.weight_processing import processed_state_dict
+
+        return processed_state_dict(self, state_dict, **step)
+
     @classmethod
     def from_pretrained_no_processing(cls, name: Any, **kwargs: Any) -> Any:
         """``from_pretrained`` with every weight-processing flag off (HookedViT's default too)."""
@@ -213,7 +275,8 @@ class TransformerLensMixin:
         pos_slice: Any = None,
     ) -> tuple[dict, list, list]:
         """TL's caching hooks, except for hooks without a position axis (``hook_pooled``, and an
-        SAE's latents at CLS or patch tokens only), which ``pos_slice`` leaves whole."""
+        SAE's latents at CLS or patch tokens only), which ``pos_slice`` leaves whole. The forward
+        hooks are marked read-only (:func:`hooked_vit.components.mark_read_only`)."""
         cache, fwd, bwd = super().get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache,
                                                     pos_slice)
         from hooked_vit.saes import sae_hooks_without_positions
@@ -226,12 +289,24 @@ class TransformerLensMixin:
 
         fwd = [(n, partial(save_whole, is_backward=False) if n in unpositioned else h) for n, h in fwd]
         bwd = [(n, partial(save_whole, is_backward=True) if n in unpositioned else h) for n, h in bwd]
+        for _, hook in fwd:  # they only read: the forward pass need not copy values for them
+            mark_read_only(hook)
         return cache, fwd, bwd
 
-    # ------------------------------------------------------------------ cfg.device kept current
+    # ------------------------------------------------------------------ cfg.device and cfg.dtype kept current
     def setup(self) -> None:
+        """TL's ``setup`` (names every module, builds ``hook_dict``), leaving out the optional hooks
+        whose flag is off (``hook_attn_in``, ``hook_q_input``, ... : see :meth:`set_use_attn_in`)."""
         super().setup()
+        for name in self.disabled_hooks():
+            self.hook_dict.pop(name, None)
+            self.mod_dict.pop(name, None)
         self._sync_device()
+
+    def disabled_hooks(self) -> dict[str, str]:
+        """``{hook name: config flag}`` of the optional TransformerLens hooks that are switched off."""
+        return {f"blocks.{layer}.{name}": flag for layer in range(self.cfg.n_layers)
+                for name, flag in OPTIONAL_HOOK_FLAGS.items() if not getattr(self.cfg, flag)}
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Any:
         out = super()._apply(fn, recurse)
@@ -247,3 +322,5 @@ class TransformerLensMixin:
         param = next(self.parameters(), None)
         if param is not None and param.device.type != "meta":
             self.cfg.device = str(param.device)
+        if param is not None:
+            self.cfg.dtype = param.dtype

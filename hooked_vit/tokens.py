@@ -12,10 +12,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
+from hooked_vit.names import TOKEN_CHOICES, check_tokens  # noqa: F401  (public here)
 from hooked_vit.hook_table import EMBED_HOOKS, hook_shape
 from hooked_vit.validation import check_hook_names
 
-TOKEN_CHOICES: tuple[str, ...] = ("cls", "patch", "all")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 _NO_TOKEN_AXIS = ("attn.hook_attn_scores", "attn.hook_pattern")
 
@@ -56,14 +56,6 @@ def hook_layout(model: nn.Module, hook_name: str) -> HookLayout:
         stop = None
     has_positions = len(shape) > 2
     return HookLayout(hook_name, stop, has_positions, math.prod(shape[2:] if has_positions else shape[1:]))
-
-
-def check_tokens(tokens: str) -> str:
-    """``tokens`` if it is one of :data:`TOKEN_CHOICES`, else a ``ValueError``."""
-    if tokens not in TOKEN_CHOICES:
-        raise InvalidArgumentError(f"tokens must be one of {', '.join(TOKEN_CHOICES)} (CLS only, patch tokens, or both); "
-                         f"got {tokens!r}")
-    return tokens
 
 
 def token_positions(tokens: str, n_ctx: int) -> Int[Tensor, "n_tok"]:

@@ -152,3 +152,40 @@ def process_weights_(
     load_tl_state_dict_(model, sd)
     if fold_ln:
         model.cfg.normalization_type = "LNPre"
+
+
+def processed_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    *,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+    refactor_factored_attn_matrices: bool = False,
+) -> dict[str, Tensor]:
+    """``state_dict`` (laid out as ``model.state_dict()``) after the given steps, as
+    :func:`process_weights_` would leave a model holding it (LayerScale folded first); ``model``
+    and ``state_dict`` are left as they are. ``model.load_state_dict(result)`` then gives the model
+    that ``from_pretrained`` with the same flags gives. Same refusals (pruned models, no q/k/v bias)."""
+    import copy
+
+    from hooked_vit.loading import check_state_dict
+    from hooked_vit.pruning.masks import MASK_SUFFIX, prepare_for_state_dict
+
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise InvalidArgumentError(f"state_dict must be a dict of tensors as model.state_dict() gives, got "
+                                   f"{type(state_dict).__name__}")
+    with torch.device("meta"):  # parameters are assigned from state_dict below
+        work = type(model)(copy.deepcopy(model.cfg))
+    prepare_for_state_dict(work, state_dict)  # a pruned model's weight_mask buffers
+    check_state_dict(state_dict, work, "state_dict")
+    check_processing_flags(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                           center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                           fold_layer_scale=None, pruned=any(k.endswith(MASK_SUFFIX) for k in state_dict),
+                           refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+    work.load_state_dict({k: v.detach().clone() for k, v in state_dict.items()}, assign=True)
+    process_weights_(work, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                     center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                     refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+    return work.state_dict()

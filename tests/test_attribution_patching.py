@@ -1,4 +1,4 @@
-"""Attribution patching (analyses.neuron.attribution_patching): exact where the metric is linear in the
+"""Attribution patching (analyses.common.attribution_patching): exact where the metric is linear in the
 site (hook_pooled feeds the linear head), the formula against TransformerLens's cached gradients
 at a head site, per-image independence, no parameter gradients, and high rank correlation with
 exact activation patching on the embedded model."""
@@ -47,7 +47,7 @@ def pooled_setup(small_hooked, images_64):
 
 @pytest.mark.parametrize("reference", ["mean", "zero", "corrupted"])
 def test_exact_when_the_metric_is_linear_in_the_site(small_hooked, images_64, pooled_setup, reference):
-    from analyses.neuron.attribution_patching import attribution_patching, exact_patching
+    from analyses.common.attribution_patching import attribution_patching, exact_patching
 
     site, means = pooled_setup
     targets = torch.tensor([3, 0, 999])  # logit = W[t] . pooled + b: linear in every unit
@@ -70,7 +70,7 @@ def test_exact_when_the_metric_is_linear_in_the_site(small_hooked, images_64, po
 
 
 def test_head_units_match_transformer_lens_gradients(small_hooked, images_64, pooled_setup):
-    from analyses.neuron.attribution_patching import attribution_patching
+    from analyses.common.attribution_patching import attribution_patching
 
     _, means = pooled_setup
     small_hooked.zero_grad(set_to_none=True)
@@ -91,7 +91,7 @@ def test_head_units_match_transformer_lens_gradients(small_hooked, images_64, po
 
 
 def test_per_image_estimates_do_not_depend_on_the_batch(small_hooked, images_64, pooled_setup):
-    from analyses.neuron.attribution_patching import attribution_patching
+    from analyses.common.attribution_patching import attribution_patching
 
     _, means = pooled_setup
     site = (1, "attn_head")
@@ -103,7 +103,7 @@ def test_per_image_estimates_do_not_depend_on_the_batch(small_hooked, images_64,
 
 
 def test_argument_errors(small_hooked, images_64, pooled_setup):
-    from analyses.neuron.attribution_patching import attribution_patching, exact_patching
+    from analyses.common.attribution_patching import attribution_patching, exact_patching
 
     _, means = pooled_setup
     with pytest.raises(ValueError, match="targets="):
@@ -122,7 +122,7 @@ def test_rank_correlation_with_exact_patching_on_the_embedded_model(digits_model
     """Mean-ablation effects of the 384 MLP neurons of the last block on 8 validation images."""
     from scipy.stats import spearmanr
 
-    from analyses.neuron.attribution_patching import attribution_patching, exact_patching
+    from analyses.common.attribution_patching import attribution_patching, exact_patching
 
     images, labels = digits_val.subset(list(range(0, 360, 45))).tensors(show_progress=False)
     site = digits_model.sites[-1, "mlp_act"]

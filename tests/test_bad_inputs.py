@@ -55,45 +55,62 @@ CLI_BAD_INPUTS = [
     (["sweep-sparsity", "--methods", "magnitude_col"], "argument --methods: unknown method 'magnitude_col'"),
     (["sweep-sparsity", "--batch-size", "0"], "argument --batch-size: must be a whole number >= 1"),
     (["sweep-sparsity", "--out", ""], "argument --out: must be a folder path"),
-    # neuron-metrics
-    (["neuron-metrics", "--finetune-epochs", "-1"], "argument --finetune-epochs: must be a whole number >= 0"),
-    (["neuron-metrics", "--method", "sparsegpt"], "argument --method: invalid choice: 'sparsegpt'"),
-    (["neuron-metrics", "--sparsities", ""], "argument --sparsities: must list at least one number"),
-    (["neuron-metrics", "--top-k", "0"], "argument --top-k: must be a whole number >= 1"),
-    (["neuron-metrics", "--blocks", ""], "argument --blocks: must list at least one number"),
-    (["neuron-metrics", "--blocks", "-1"], "block indices must be >= 0"),
-    (["neuron-metrics", "--blocks", "first"], "argument --blocks: must be comma-separated numbers"),
-    (["neuron-metrics", "--sites", "neurons"], "argument --sites: unknown site 'neurons'"),
-    (["neuron-metrics", "--classes", ""], "argument --classes: must be comma-separated class indices"),
-    (["neuron-metrics", "--classes", "-1"], "class indices must be >= 0"),
-    (["neuron-metrics", "--n-means-images", "0"], "argument --n-means-images: must be a whole number >= 1"),
-    (["neuron-metrics", "--selection", "best"], "argument --selection: invalid choice: 'best'"),
-    (["neuron-metrics", "--data", "nowhere"], "argument --data: unknown dataset source 'nowhere'"),
-    (["neuron-metrics", "--n-calib", "0"], "argument --n-calib: must be a whole number >= 1"),
-    (["neuron-metrics", "--calib-sampling", "all"], "argument --calib-sampling: invalid choice: 'all'"),
-    (["sae-train", "--finetune-epochs", "1.5"], "argument --finetune-epochs: must be a whole number >= 0"),
-    (["sae-train", "--dead-window", "0"], "argument --dead-window: must be a whole number >= 1"),
-    # sae-train
-    (["sae-train", "--sweep-k", "abc"], "argument --sweep-k: must be comma-separated numbers"),
-    (["sae-train", "--sweep-k", "0,16"], "each k must be > 0"),
-    (["sae-train", "--sweep-expansion", "0"], "each expansion factor must be >= 1"),
-    (["sae-train", "--sweep-expansion", "1.5"], "argument --sweep-expansion: must be comma-separated numbers"),
-    (["sae-train", "--sweep-tokens", "cls,image"], "argument --sweep-tokens: unknown token choice 'image'"),
-    (["sae-train", "--cache-dir", ""], "argument --cache-dir: must be a folder path"),
-    (["sae-train", "--k", "0"], "argument --k: must be a number > 0"),
-    (["sae-train", "--k", "inf"], "argument --k: must be a number > 0"),
-    (["sae-train", "--expansion", "0"], "argument --expansion: must be a whole number >= 1"),
-    (["sae-train", "--samples", "-1"], "argument --samples: must be a whole number >= 1"),
-    (["sae-train", "--lr", "-0.1"], "argument --lr: must be a number > 0"),
-    (["sae-train", "--checkpoints", "-1"], "argument --checkpoints: must be a whole number >= 0"),
-    (["sae-train", "--lr-warm-up-steps", "-1"], "argument --lr-warm-up-steps: must be a whole number >= 0"),
-    (["sae-train", "--finetune-epochs", "-1"], "argument --finetune-epochs: must be a whole number >= 0"),
-    (["sae-train", "--tokens", "image"], "argument --tokens: invalid choice: 'image'"),
-    # sae-eval
-    (["sae-eval", "--top-k", "0"], "argument --top-k: must be a whole number >= 1"),
-    (["sae-eval", "--out", ""], "argument --out: must be a folder path"),
-    (["sae-eval", "--batch-size", "-5"], "argument --batch-size: must be a whole number >= 1"),
-    (["sae-eval", "--out", "/no/such/run"], "/no/such/run holds no layer-level run"),  # run
+    # the levels: options from their configs' fields (type, list and choice errors while parsing; value
+    # errors when the config is built, before any model is loaded)
+    (["neuron", "--finetune-epochs", "-1"], "finetune_epochs must be a whole number >= 0, got -1"),
+    (["neuron", "--method", "sparsegpt"], "argument --method: expected one of wanda, magnitude, magnitude_row"),
+    (["neuron", "--sparsities", ""], "argument --sparsities: expected a comma-separated list (a,b,c), got ''"),
+    (["neuron", "--sparsities", "0,1.5"], "sparsities must lie in [0, 1), got 1.5"),
+    (["neuron", "--sparsities", "0,half"], "argument --sparsities: expected float or int, got 'half'"),
+    (["neuron", "--top-k", "0"], "top_k must be a whole number >= 1, got 0"),
+    (["neuron", "--blocks", ""], "argument --blocks: expected a comma-separated list (a,b,c)"),
+    (["neuron", "--blocks", "first"], "argument --blocks: expected int, got 'first'"),
+    (["neuron", "--sites", "neurons"], "argument --sites: expected one of norm1, q, k, v, attn_out"),
+    (["neuron", "--classes", ""], "argument --classes: expected a comma-separated list (a,b,c)"),
+    (["neuron", "--classes", "-1"], "class indices must be >= 0, got [-1]"),
+    (["neuron", "--n-means-images", "0"], "n_means_images must be a whole number >= 1 (or None), got 0"),
+    (["neuron", "--selection", "best"], "argument --selection: expected one of drop, absolute, got 'best'"),
+    (["neuron", "--data", "nowhere"], "unknown dataset source 'nowhere'"),  # run
+    (["neuron", "--n-calib", "0"], "n_calib must be a whole number >= 1, got 0"),
+    (["neuron", "--calib-sampling", "all"], "argument --calib-sampling: expected one of quick, reference"),
+    (["neuron", "--out", ""], "argument --out: must be a folder path"),
+    (["neuron", "--out", "pyproject.toml"], "argument --out: 'pyproject.toml' is a file"),
+    (["neuron", "--model", ""], "model name must be a non-empty alias"),
+    (["layer", "--finetune-epochs", "1.5"], "argument --finetune-epochs: expected int, got '1.5'"),
+    (["layer", "--sae.dead-feature-window", "0"], "dead_feature_window must be >= 1, got 0"),
+    (["layer", "--sweep-k", "abc"], "argument --sweep-k: expected float or int, got 'abc'"),
+    (["layer", "--sweep-k", "0,16"], "sweep_k: each k must be > 0"),
+    (["layer", "--sweep-expansion-factor", "0"], "each expansion factor must be a whole number >= 1"),
+    (["layer", "--sweep-expansion-factor", "1.5"], "argument --sweep-expansion-factor: expected int, got '1.5'"),
+    (["layer", "--sweep-tokens", "cls,image"], "argument --sweep-tokens: expected one of cls, patch, all, got 'image'"),
+    (["layer", "--sae.cache-dir", ""], "cache_dir must be a folder path"),
+    (["layer", "--sae.k", "0"], "k must be positive, got 0.0"),
+    (["layer", "--sae.k", "inf"], "k must be positive, got inf"),
+    (["layer", "--sae.expansion-factor", "0"], "expansion_factor must be a whole number >= 1, got 0"),
+    (["layer", "--sae.training-samples", "-1"], "training_samples must be a whole number >= 1, got -1"),
+    (["layer", "--sae.lr", "-0.1"], "lr must be a number > 0, got -0.1"),
+    (["layer", "--sae.n-checkpoints", "-1"], "n_checkpoints must be >= 0, got -1"),
+    (["layer", "--sae.lr-warm-up-steps", "-1"], "lr_warm_up_steps must be >= 0, got -1"),
+    (["layer", "--sae.tokens", "image"], "argument --sae.tokens: expected one of cls, patch, all, got 'image'"),
+    (["layer", "--top-k", "0"], "top_k must be a whole number >= 1, got 0"),
+    (["layer", "--batch-size", "-5"], "batch_size must be a whole number >= 1 (or None), got -5"),
+    (["layer", "--sae.hook-name", "blocks.99.x", "--sparsities", "0"], "Unknown hook name(s): 'blocks.99.x'"),  # run
+    (["accuracy", "--batch-size", "0"], "batch_size must be a whole number >= 1 (or None), got 0"),
+    (["accuracy", "--sparsities", "0.1,1"], "sparsities must lie in [0, 1), got 1.0"),
+    (["accuracy", "--split", "nosuch", "--sparsities", "0"], "digits has splits train, val, all; got split='nosuch'"),  # run
+    (["circuit", "--steps", "0"], "steps=0 is invalid: must be a finite number > 0"),
+    (["circuit", "--loss", "mse"], "argument --loss: expected one of bce_margin, ce_true_label, got 'mse'"),
+    (["circuit", "--k", "-1"], "k=-1.0 is invalid: must be a finite number >= 0"),
+    (["circuit", "--classes", "0,x"], "unknown class 'x' for dataset 'digits'"),  # run
+    (["model", "--methods", "gradcam"], "argument --methods: expected one of chefer, attnlrp, cp_lrp, rollout"),
+    (["model", "--n-images", "0"], "n_images must be >= 1 (or None for all), got 0"),
+    (["model", "--reference", "noise"], "argument --reference: expected one of zero, black, blur, mean, got 'noise'"),
+    (["model", "--step", "0"], "step must be >= 1 pixel, got 0"),
+    # impact
+    (["impact", "--levels", "neuron,pixels"], "unknown level(s) ['pixels']; choose from accuracy, neuron, layer"),
+    (["impact", "--sparsities", "0.3,0.5"], "sparsities must include 0"),
+    (["impact", "--methods", "sparsegpt"], "argument --methods: expected one of wanda, magnitude, magnitude_row"),
+    (["impact", "--preset", "slow"], "argument --preset: expected one of quick, full, paper, got 'slow'"),
     # the top level
     (["no-such-command"], "argument COMMAND: invalid choice: 'no-such-command'"),
     ([], "the following arguments are required: COMMAND"),
@@ -126,7 +143,8 @@ def test_help_and_option_errors_do_not_import_torch():
         import sys, contextlib, io
         import hooked_vit.cli as cli
         cli.build_parser()  # every subcommand's options
-        for argv in (["--help"], ["sae-train", "--help"], ["train-default", "--epochs", "-1"]):
+        for argv in (["--help"], ["layer", "--help"], ["circuit", "--help"], ["train-default", "--epochs", "-1"],
+                     ["neuron", "--top-k", "0"], ["circuit", "--steps", "0"]):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 cli.main(argv)
         heavy = sorted(m for m in ("torch", "timm", "transformer_lens", "sae_lens", "numpy") if m in sys.modules)
@@ -161,18 +179,24 @@ def test_project_errors_print_one_line_and_debug_shows_the_traceback(cli, capsys
 def test_every_subcommand_is_registered_by_name_only(cli):
     import hooked_vit.cli_args  # noqa: F401
 
-    assert set(cli.SUBCOMMANDS) >= {"info", "train-default", "evaluate", "sweep-sparsity", "neuron-metrics",
-                                    "sae-train", "sae-eval"}
-    for command in cli.SUBCOMMANDS.values():
-        assert isinstance(command.configure, str) and isinstance(command.run, str)
+    assert set(cli.SUBCOMMANDS) >= {"info", "train-default", "evaluate", "sweep-sparsity", "impact", "accuracy",
+                                    "neuron", "layer", "circuit", "model"}
+    for command in cli.SUBCOMMANDS.values():  # names, or the level subcommands' partials over a level's name
+        for target in (command.configure, command.run):
+            assert isinstance(target, str) or isinstance(getattr(target, "args", (None,))[0], str), command.name
         assert callable(cli.resolve(command.configure)) and callable(cli.resolve(command.run))
 
 
+@pytest.mark.parametrize("old, new", [("neuron-metrics", "neuron"), ("sae-train", "layer"), ("sae-eval", "layer"),
+                                      ("circuits", "circuit"), ("attribution", "model")])
+def test_earlier_subcommand_names_are_aliases_with_a_notice(cli, capsys, old, new):
+    assert cli.main([old, "--top-k" if new in ("neuron", "layer") else "--batch-size", "0"]) == 2
+    notice, error = capsys.readouterr().err.strip().splitlines()
+    assert notice == f"hooked-vit: notice: `{old}` is now `hooked-vit {new}` (same options); the old name goes in the next release"
+    assert error.startswith(f"hooked-vit {old}: error: ")
+
+
 def test_light_copies_of_defaults_agree_with_the_heavy_modules():
-    from analyses import layer_level, layer_level_cli, neuron_level, neuron_level_cli, sae
-    from analyses.common.ablation import ALL_SITE_NAMES
-    from analyses.layer.activation_store import TOKEN_CHOICES
-    from analyses.neuron.metrics import NEGATIVE_RULES
     from hooked_vit import cli_args, training
     from hooked_vit.data import BUILTIN_DATASETS
     from hooked_vit.pruning import DEFAULT_CALIB_SEED, DEFAULT_N_CALIB, METHODS
@@ -182,17 +206,6 @@ def test_light_copies_of_defaults_agree_with_the_heavy_modules():
     assert cli_args.BUILTIN_DATASETS == tuple(BUILTIN_DATASETS) and cli_args.PRUNING_METHODS == METHODS
     assert (cli_args.DEFAULT_N_CALIB, cli_args.DEFAULT_CALIB_SEED) == (DEFAULT_N_CALIB, DEFAULT_CALIB_SEED)
     assert cli_args.SWEEP_SPARSITIES == DEFAULT_SPARSITIES
-    assert neuron_level_cli.DEFAULT_SPARSITIES == neuron_level.DEFAULT_SPARSITIES
-    assert neuron_level_cli.NEURON_SITES == neuron_level.NEURON_SITES
-    assert neuron_level_cli.SITE_NAMES == ALL_SITE_NAMES and neuron_level_cli.SELECTIONS == neuron_level.SELECTIONS
-    assert neuron_level_cli.NEGATIVE_RULES == layer_level_cli.NEGATIVE_RULES == NEGATIVE_RULES
-    assert layer_level_cli.DEFAULT_SPARSITIES == layer_level.DEFAULT_SPARSITIES
-    assert layer_level_cli.TOKEN_CHOICES == TOKEN_CHOICES and layer_level_cli.LR_SCHEDULERS == sae.LR_SCHEDULERS
-    defaults = sae.SAETrainConfig(dead_feature_window=None)
-    assert defaults.dead_feature_window == sae.dead_window_steps(defaults.train_batch_size, defaults.training_samples)
-    light = {**layer_level_cli.SAE_DEFAULTS, "dead_feature_window": defaults.dead_feature_window}
-    assert layer_level_cli.SAE_DEFAULTS["dead_feature_window"] is None  # resolved by SAETrainConfig
-    assert {k: getattr(defaults, k) for k in layer_level_cli.SAE_DEFAULTS} == light
     from hooked_vit.pruning.calibration import SAMPLINGS
 
     assert cli_args.CALIB_SAMPLINGS == SAMPLINGS
@@ -280,9 +293,9 @@ def _store_config(**kwargs):
 
 
 def _result_load(directory):
-    from analyses.neuron.level import NeuronLevelResult
+    from analyses.neuron import NeuronResult
 
-    return lambda model: NeuronLevelResult.load(directory)
+    return lambda model: NeuronResult.load(directory)
 
 
 def _read_info(directory):
@@ -379,11 +392,11 @@ def test_project_errors_keep_the_builtin_types_callers_catch():
     assert str(errors.UnknownNameError("no hook 'x'")) == "no hook 'x'"  # no KeyError quotes
 
 
-def test_sae_train_checks_the_sweep_before_training(tmp_path, capsys):
-    """`sae-train --sweep-k abc` used to fail only after training every SAE."""
+def test_layer_checks_the_sweep_before_training(tmp_path, capsys):
+    """`layer --sweep-k abc` (`sae-train` once failed only after training every SAE)."""
     from hooked_vit.cli import main
 
     start = json.dumps(sorted(p.name for p in tmp_path.iterdir()))
-    assert main(["sae-train", "--out", str(tmp_path / "run"), "--samples", "64", "--sweep-k", "abc"]) == 2
+    assert main(["layer", "--out", str(tmp_path / "run"), "--sae.training-samples", "64", "--sweep-k", "abc"]) == 2
     assert "argument --sweep-k" in capsys.readouterr().err
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == start  # nothing written

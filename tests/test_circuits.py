@@ -1,4 +1,4 @@
-"""Circuit level (analyses.circuits): exactness of the gates (all on == unmasked, all off == the
+"""Circuit level (analyses.circuit): exactness of the gates (all on == unmasked, all off == the
 all-means model), the surrogate gradient of eq. 13, edge counts against a loop over weights,
 batched classes == one class at a time, save/load, the objective, and bad input."""
 
@@ -54,7 +54,7 @@ QUICK = dict(steps=6, batch_size=4, lr=0.2, n_eval=6)
 
 # ----------------------------------------------------------------------------- gates
 def test_all_masks_on_give_the_unmasked_logits_exactly(tiny, tiny_means):
-    from analyses.circuits.replacement import gated_logits, site_references
+    from analyses.circuit.replacement import gated_logits, site_references
 
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_all_masks_on_give_the_unmasked_logits_exactly(tiny, tiny_means):
 
 
 def test_all_masks_off_give_the_all_means_model(tiny, tiny_means):
-    from analyses.circuits.replacement import gated_logits, site_references
+    from analyses.circuit.replacement import gated_logits, site_references
 
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     # Independent: every site's activation replaced wholesale by its per-position mean.
@@ -82,7 +82,7 @@ def test_all_masks_off_give_the_all_means_model(tiny, tiny_means):
 
 
 def test_each_image_sees_only_its_own_mask_row(tiny, tiny_means):
-    from analyses.circuits.replacement import gated_logits, site_references
+    from analyses.circuit.replacement import gated_logits, site_references
 
     refs = site_references(tiny, "mean", tiny_means)
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))
@@ -103,7 +103,7 @@ def test_each_image_sees_only_its_own_mask_row(tiny, tiny_means):
 
 
 def test_surrogate_gradient_matches_eq13():
-    from analyses.circuits.gates import heaviside_gate
+    from analyses.circuit.gates import heaviside_gate
 
     m = torch.tensor([-1.0, -0.3, -1e-3, 0.0, 2e-3, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
     for tau in (1.0, 2.5):
@@ -118,7 +118,7 @@ def test_surrogate_gradient_matches_eq13():
 
 
 def test_node_masks_init_and_clamp(tiny):
-    from analyses.circuits.gates import NodeMasks
+    from analyses.circuit.gates import NodeMasks
 
     masks = NodeMasks(tiny.sites, 3, generator=torch.Generator().manual_seed(0))
     assert masks.logits.shape == (3, tiny.sites.n_units)
@@ -134,7 +134,7 @@ def test_node_masks_init_and_clamp(tiny):
 
 # ----------------------------------------------------------------------------- edges
 def test_edge_count_matches_a_loop_over_weights(tiny):
-    from analyses.circuits.edges import dense_edge_count, edge_counts
+    from analyses.circuit.edges import dense_edge_count, edge_counts
     from hooked_vit import HookedViT
     from hooked_vit.pruning.masks import set_mask
 
@@ -182,7 +182,7 @@ def test_edge_count_matches_a_loop_over_weights(tiny):
 def test_dense_edge_count_of_deit3_base_is_the_issue_number():
     import timm
 
-    from analyses.circuits.edges import dense_edge_count
+    from analyses.circuit.edges import dense_edge_count
     from hooked_vit import HookedViT
 
     with torch.device("meta"):
@@ -193,7 +193,7 @@ def test_dense_edge_count_of_deit3_base_is_the_issue_number():
 
 # ----------------------------------------------------------------------------- objective and metrics
 def test_task_losses_match_their_definitions():
-    from analyses.circuits.discovery import task_loss
+    from analyses.circuit.discovery import task_loss
 
     logits = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     classes = torch.tensor([1, 3])
@@ -214,7 +214,7 @@ def test_task_losses_match_their_definitions():
 
 
 def test_balanced_accuracy_and_ncq():
-    from analyses.circuits.metrics import balanced_accuracy, ncq_edges, ncq_eq12
+    from analyses.circuit.metrics import balanced_accuracy, ncq_edges, ncq_eq12
 
     predicted = torch.tensor([True, False, True, True, False, False])
     is_target = torch.tensor([True, True, False, False, True, False])
@@ -226,8 +226,8 @@ def test_balanced_accuracy_and_ncq():
 
 
 def test_step_and_linear_schedules():
-    from analyses.circuits.config import CircuitConfig
-    from analyses.circuits.discovery import lr_schedule
+    from analyses.circuit.config import CircuitConfig
+    from analyses.circuit.discovery import lr_schedule
 
     for schedule, expected in (("step", [1e-2] * 2 + [2e-3] * 2 + [4e-4] * 2),
                                ("linear", [1e-2 * (1 - s / 6) for s in range(6)])):
@@ -244,7 +244,7 @@ def test_step_and_linear_schedules():
 
 # ----------------------------------------------------------------------------- discovery
 def test_batched_classes_equal_one_class_at_a_time(digits_model, digits, digits_means):
-    from analyses.circuits import CircuitConfig, discover_circuits
+    from analyses.circuit import CircuitConfig, discover_circuits
 
     train, val = digits
     config = CircuitConfig(**QUICK)
@@ -261,7 +261,7 @@ def test_batched_classes_equal_one_class_at_a_time(digits_model, digits, digits_
 
 
 def test_discovery_freezes_the_model_and_keeps_pruned_weights_zero(digits, tmp_path):
-    from analyses.circuits import CircuitConfig, discover_circuit
+    from analyses.circuit import CircuitConfig, discover_circuit
     from hooked_vit import HookedViT
     from hooked_vit.data import train_val_split
     from hooked_vit.pruning import prune
@@ -285,8 +285,9 @@ def test_discovery_freezes_the_model_and_keeps_pruned_weights_zero(digits, tmp_p
 
 
 def test_circuit_applied_save_and_load_round_trip(digits_model, digits, digits_means, tmp_path):
-    from analyses.circuits import Circuit, CircuitConfig, discover_circuit
-    from analyses.circuits.replacement import gated_logits
+    from analyses.circuit import CircuitConfig, discover_circuit
+    from analyses.circuit.circuit import ClassCircuit
+    from analyses.circuit.replacement import gated_logits
 
     train, val = digits
     circuit = discover_circuit(digits_model, train, "3", CircuitConfig(**QUICK), val=val, means=digits_means,
@@ -302,7 +303,7 @@ def test_circuit_applied_save_and_load_round_trip(digits_model, digits, digits_m
         assert torch.equal(inside, gated_logits(digits_model, images, gates, circuit.references))
         assert not torch.equal(inside, digits_model(images))  # hooks removed on exit
     circuit.save(tmp_path / "c3")
-    loaded = Circuit.load(tmp_path / "c3", digits_model, means=digits_means)
+    loaded = ClassCircuit.load(tmp_path / "c3", digits_model, means=digits_means)
     assert loaded.class_id == 3 and loaded.metrics == circuit.metrics and loaded.config == circuit.config
     assert all(torch.equal(loaded.nodes[n], circuit.nodes[n]) for n in circuit.nodes)
     assert torch.equal(loaded.mask_logits, circuit.mask_logits)
@@ -316,8 +317,8 @@ def test_circuit_applied_save_and_load_round_trip(digits_model, digits, digits_m
 
 
 def test_options_ce_loss_pooled_zero_and_frozen_layer_norm(digits_model, digits, digits_means):
-    from analyses.circuits import CircuitConfig, discover_circuit
-    from analyses.circuits.replacement import gated_logits, site_references
+    from analyses.circuit import CircuitConfig, discover_circuit
+    from analyses.circuit.replacement import gated_logits, site_references
 
     train, val = digits
     for options in (dict(loss="ce_true_label"), dict(reference="pooled_mean"), dict(reference="zero"),
@@ -340,7 +341,7 @@ def test_options_ce_loss_pooled_zero_and_frozen_layer_norm(digits_model, digits,
     (dict(reference="median"), "reference"), (dict(schedule="cosine"), "schedule"), (dict(lr=0.0), "lr=0.0"),
 ])
 def test_bad_config_is_a_one_line_error(kwargs, message):
-    from analyses.circuits import CircuitConfig
+    from analyses.circuit import CircuitConfig
 
     with pytest.raises(ValueError, match=message) as info:
         CircuitConfig(**kwargs)
@@ -348,7 +349,8 @@ def test_bad_config_is_a_one_line_error(kwargs, message):
 
 
 def test_bad_class_and_foreign_mask_are_errors(digits_model, digits, digits_means, tiny, tmp_path):
-    from analyses.circuits import Circuit, CircuitConfig, discover_circuit
+    from analyses.circuit import CircuitConfig, discover_circuit
+    from analyses.circuit.circuit import ClassCircuit
 
     train, val = digits
     with pytest.raises(ValueError, match=r"class index 12 out of range \[0, 10\)"):
@@ -357,6 +359,6 @@ def test_bad_class_and_foreign_mask_are_errors(digits_model, digits, digits_mean
                                means=digits_means, show_progress=False)
     circuit.save(tmp_path / "c0")
     with pytest.raises(ValueError, match="another architecture"):
-        Circuit.load(tmp_path / "c0", tiny)
+        ClassCircuit.load(tmp_path / "c0", tiny)
     with pytest.raises(FileNotFoundError, match="holds no complete circuit"):
-        Circuit.load(tmp_path / "nothing", digits_model)
+        ClassCircuit.load(tmp_path / "nothing", digits_model)

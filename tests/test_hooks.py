@@ -24,7 +24,41 @@ def test_hook_names_are_pinned_in_execution_order(hooked_deit3_base):
     assert hook_names(12) == expected
 
 
-def test_hooks_fire_in_listed_order_with_listed_shapes(small_hooked, images_64):
+def test_optional_tl_hook_names_are_pinned_and_listed_only_when_enabled(small_hooked):
+    """TransformerLens's optional inputs: listed in hook_dict (in firing order) only while enabled."""
+    import copy
+
+    from hooked_vit.hook_table import hook_names
+
+    model = copy.deepcopy(small_hooked)
+    assert hook_names(2) == list(model.hook_dict)
+    model.set_use_attn_in(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    block = (BLOCK_HOOKS[:1] + ["hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"] + BLOCK_HOOKS[1:12]
+             + ["hook_mlp_in"] + BLOCK_HOOKS[12:])
+    expected = (["hook_embed", "hook_pos_embed", "hook_full_embed"]
+                + [f"blocks.{layer}.{name}" for layer in range(2) for name in block]
+                + ["ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled"])
+    assert list(model.hook_dict) == expected
+    assert hook_names(2, use_attn_in=True, use_split_qkv_input=True, use_hook_mlp_in=True) == expected
+    model.set_use_split_qkv_input(False)
+    assert hook_names(2, use_attn_in=True, use_hook_mlp_in=True) == list(model.hook_dict)
+    assert "blocks.0.hook_attn_in" in model.hook_dict and "blocks.0.hook_q_input" not in model.hook_dict
+
+
+@pytest.mark.parametrize("optional", [False, True], ids=["default", "tl_inputs"])
+def test_hooks_fire_in_listed_order_with_listed_shapes(small_hooked, images_64, optional):
+    import copy
+
+    if optional:  # a copy with TL's optional input hooks on (ln1's hooks then have a head axis)
+        small_hooked = copy.deepcopy(small_hooked)
+        small_hooked.set_use_attn_in(True)
+        small_hooked.set_use_hook_mlp_in(True)
+    _check_firing_order(small_hooked, images_64)
+
+
+def _check_firing_order(small_hooked, images_64):
     from hooked_vit.hook_table import hook_shape
 
     small_hooked.set_use_attn_result(True)

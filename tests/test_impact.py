@@ -72,7 +72,7 @@ def test_one_run_writes_every_level_and_the_report(reference):
         assert (out / level / "wanda" / table).is_file(), level
         assert (out / level / "wanda" / "done.json").is_file(), level
     text = (out / "report.md").read_text()
-    for heading in ("## Accuracy (Table 1)", "## Neuron level (Table/Figure 2)", "## Layer level (Table 2, Figure 3)",
+    for heading in ("## Accuracy (Table 1)", "## Neuron level (Figure 2)", "## Layer level (Table 2, Figure 3)",
                     "## Circuit level (Table 3)", "## Model level (Table 4, Figure 4)", "## Wall time",
                     "## Choices where the paper is silent", "Reduced from the full protocol"):
         assert heading in text, heading
@@ -84,6 +84,72 @@ def test_one_run_writes_every_level_and_the_report(reference):
     linked = [line for line in text.splitlines() if line.startswith("![")]
     assert linked and page.count('src="data:image/png;base64,') == len(linked)
     assert (out / "study.toml").is_file() and (out / "study.json").is_file()
+    # each level's page travels with the report (markdown and HTML), so its links work where it is moved
+    for level in LEVEL_TABLES:
+        assert f"Explained on [its page](docs/{level}.md)." in text
+        assert (out / "docs" / f"{level}.md").is_file() and (out / "docs" / f"{level}.html").is_file()
+        assert f'href="docs/{level}.html"' in page
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).is_file()), None)
+# Chromium on this closed network: no background connections, no sandbox as root (the machines' own flags).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]')")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium to drive (apt-get install chromium; .ci/run installs it)")
+    return sync_playwright
+
+
+def test_the_report_and_its_docs_pages_work_in_a_real_browser(reference, tmp_path):
+    """report.html, moved to another folder, opened in headless Chromium: every figure decodes, every
+    level's table is there, every link (to the copied docs pages, and their links and anchors in
+    turn) resolves, and the console shows no error."""
+    import shutil
+
+    sync_playwright = _browser_or_skip()
+    moved = tmp_path / "shared report"
+    shutil.copytree(reference[0], moved)  # a report that is moved or shared keeps working
+    errors: list[str] = []
+    seen: set[str] = set()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        pending = [(moved / "report.html").as_uri()]
+        while pending:
+            url = pending.pop()
+            address, _, anchor = url.partition("#")
+            if address not in seen:
+                seen.add(address)
+                response = page.goto(address)
+                assert response is not None and response.ok, address
+                images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+                assert all(complete and width > 0 for complete, width in images), address
+                if address.endswith("report.html"):
+                    assert len(images) >= 5 and page.locator("table").count() >= 8
+                    headings = page.locator("h2").all_inner_texts()
+                    assert {"Accuracy (Table 1)", "Circuit level (Table 3)", "Config"} <= set(headings)
+                links = page.evaluate("Array.from(document.links).map(a => a.href)")
+                for link in links:
+                    assert link.startswith("file://"), f"{address} links outside the report: {link}"
+                    target = Path(__import__("urllib.parse").parse.unquote(link.partition("#")[0][len("file://"):]))
+                    assert target.is_file() and target.is_relative_to(moved), f"{address}: broken link {link}"
+                    pending.append(link)
+            if anchor:
+                if page.url.partition("#")[0] != address:
+                    page.goto(address)
+                assert page.locator(f"[id='{anchor}']").count() == 1, f"no anchor #{anchor} in {address}"
+        browser.close()
+    assert len(seen) >= 6  # the report and the level pages it links (and the pages those link)
+    assert errors == []
 
 
 def test_report_only_rebuilds_the_same_report_from_saved_results(reference, tmp_path):

@@ -1,5 +1,6 @@
 """Layer level: quality formulas against hand-computed values, streaming evaluation, sweeps, the
-end-to-end run over a dense and a pruned model, and the sae-train / sae-eval commands."""
+end-to-end run over a dense and a pruned model (through the level driver), resume after a kill
+inside a unit, and the `hooked-vit layer` command."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def quality():
 
 @pytest.fixture(scope="module")
 def layer():
-    import analyses.layer.level as layer
+    import analyses.layer.latents as layer
 
     return layer
 
@@ -93,7 +94,8 @@ def test_streaming_accumulator_matches_one_shot(quality):
 
 def test_evaluate_sae_matches_direct_computation(models, data, quality):
     from analyses.layer.activation_store import ActivationStore, ActivationStoreConfig
-    from analyses.layer.sae import BatchTopKTrainingSAE, SAETrainConfig, to_inference_sae
+    from analyses.layer.config import SAETrainConfig
+    from analyses.layer.sae import BatchTopKTrainingSAE, to_inference_sae
 
     model, held_out = models[0.0], data[1]
     cfg = SAETrainConfig(hook_name=HOOK, tokens="patch", k=4, expansion_factor=2, training_samples=256,
@@ -117,7 +119,7 @@ def test_evaluate_sae_matches_direct_computation(models, data, quality):
 
 
 def test_sweep_settings_vary_one_factor_at_a_time(quality):
-    from analyses.layer.sae import SAETrainConfig
+    from analyses.layer.config import SAETrainConfig
 
     base = SAETrainConfig(tokens="cls", k=4, expansion_factor=2)
     sweep = quality.SweepConfig(base=base, ks=(2, 4, 8), expansion_factors=(2, 4), tokens=("cls", "all"))
@@ -130,20 +132,42 @@ def test_sweep_settings_vary_one_factor_at_a_time(quality):
         quality.SweepConfig(tokens=("cls", "image"))
 
 
-def test_layer_level_end_to_end(models, data, layer, quality, tmp_path):
-    from analyses.layer.sae import SAETrainConfig
+SAE = dict(hook_name=HOOK, tokens="all", k=4, expansion_factor=2, training_samples=128 * 40, train_batch_size=128,
+           buffer_size=512, lr=1e-2, topk_threshold_lr=0.1, log_every=20, dead_feature_window=20)
+
+
+def level(models, data, loader=None):
+    from analyses.layer import Layer
 
     train, held_out = data
-    sae = SAETrainConfig(hook_name=HOOK, tokens="all", k=4, expansion_factor=2, training_samples=128 * 40,
-                         train_batch_size=128, buffer_size=512, lr=1e-2, topk_threshold_lr=0.1, log_every=20,
-                         dead_feature_window=20, progress=False)
-    config = layer.LayerLevelConfig(model="tiny", sparsities=(0.0, 0.5), method="magnitude", sae=sae, top_k=5,
-                                    batch_size=8)
-    loader = lambda cfg, sparsity: models[sparsity]  # noqa: E731
-    runs = layer.train_layer_level(config, tmp_path, model_loader=loader, train_dataset=train)
-    assert [r.out_dir for r in runs] == [tmp_path / "sparsity_0" / "blocks.0.hook_resid_post-all-k4-x2",
-                                         tmp_path / "sparsity_0.5" / "blocks.0.hook_resid_post-all-k4-x2"]
-    result = layer.run_layer_level(config, tmp_path, model_loader=loader, dataset=held_out, show_progress=False)
+    return Layer(show_progress=False, model_loader=loader or (lambda config, variant: models[variant.sparsity]),
+                 datasets={"train": train, "val": held_out})
+
+
+@pytest.fixture(scope="module")
+def config():
+    from analyses.layer import LayerConfig
+
+    return LayerConfig(model="tiny", sparsities=(0.0, 0.5), method="magnitude", sae=SAE, top_k=5, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def finished(models, data, config, tmp_path_factory):
+    """The level run once, uninterrupted: its output folder and result."""
+    from analyses.common.level import run_level
+
+    out = tmp_path_factory.mktemp("layer")
+    return out, run_level(level(models, data), config, out)
+
+
+def test_layer_level_end_to_end(models, data, layer, config, finished):
+    from analyses.layer import LayerResult
+
+    held_out = data[1]
+    tmp_path, result = finished
+    for sparsity in ("0", "0.5"):
+        assert (tmp_path / f"sparsity_{sparsity}" / "blocks.0.hook_resid_post-all-k4-x2" / "cfg.json").is_file()
+        assert (tmp_path / f"sparsity_{sparsity}" / "sae.json").is_file()
 
     assert [q["sparsity"] for q in result.quality] == [0.0, 0.5]
     for q in result.quality:
@@ -155,18 +179,18 @@ def test_layer_level_end_to_end(models, data, layer, quality, tmp_path):
         assert r["class_variance"] >= 0.0 and math.isfinite(r["ablation"])
     latent = result.latents[0]
     assert len(latent["latents"]) == 5 and latent["scores"] == sorted(latent["scores"], reverse=True)
-    for name in ("result.json", "quality.csv", "per_class.csv", "summary.csv", "summary.md", "figure.png"):
+    for name in ("result.json", "quality.csv", "per_class.csv", "summary.csv", "summary.md", "figure.png", "done.json"):
         assert (tmp_path / name).is_file(), name
     assert "| dense |" in (tmp_path / "summary.md").read_text()
-    loaded = layer.LayerLevelResult.load(tmp_path)
+    loaded = LayerResult.load(tmp_path)
     assert loaded.config == config and loaded.quality == result.quality and loaded.rows == result.rows
+    assert not (tmp_path / "sweep").exists() and result.sweep == []
 
     # The top latent of class 0: its ablation impact is the logit drop of zeroing it, measured.
     model = models[0.0]
-    sae_dir = runs[0].out_dir
     from analyses.layer.sae import load_sae
 
-    trained = load_sae(sae_dir)
+    trained = load_sae(tmp_path / "sparsity_0" / "blocks.0.hook_resid_post-all-k4-x2")
     images = held_out.subset(torch.nonzero(held_out.labels == 0).reshape(-1)).tensors(show_progress=False)[0]
     clean = model(images)
     none = layer.ablated_logits(model, trained, images, torch.tensor([], dtype=torch.long), batch_size=8)
@@ -174,32 +198,98 @@ def test_layer_level_end_to_end(models, data, layer, quality, tmp_path):
     every = layer.ablated_logits(model, trained, images, torch.arange(64), batch_size=8)
     assert (every - clean).abs().max() > 1e-3
 
-    # An SAE trained on other weights is refused.
-    swapped = lambda cfg, sparsity: models[0.5 if sparsity == 0.0 else 0.0]  # noqa: E731
+
+def test_an_sae_of_other_weights_is_refused(models, data, config, finished):
+    import dataclasses
+
+    from analyses.common.level import run_level
+
+    tmp_path, _ = finished
+    swapped = lambda cfg, variant: models[0.5 if variant.sparsity == 0.0 else 0.0]  # noqa: E731
+    before = (tmp_path / "sparsity_0" / "sae.json").read_bytes()
     with pytest.raises(ValueError, match="trained on other weights"):
-        layer.run_layer_level(config, tmp_path, model_loader=swapped, dataset=held_out, features=False,
-                              show_progress=False)
+        run_level(level(models, data, swapped), dataclasses.replace(config, quality_only=True), tmp_path)
+    assert (tmp_path / "sparsity_0" / "sae.json").read_bytes() == before
 
 
-def test_sae_train_and_eval_commands(tmp_path, capsys):
+def test_killed_inside_a_unit_resumes_with_the_same_numbers(models, data, config, finished, tmp_path, monkeypatch):
+    """Killed while evaluating the second model (its SAE trained and saved): the rerun keeps the first
+    model's unit file as it is, loads the second SAE from disk instead of retraining it, and gives
+    the uninterrupted run's numbers."""
+    import analyses.layer.latents as latents
+    from analyses.common.level import run_level
+
+    evaluate = latents.evaluate_layer
+    calls = []
+
+    def killed(model, sae, dataset, cfg, **kwargs):
+        calls.append(kwargs["sparsity"])
+        if kwargs["sparsity"] == 0.5:
+            raise KeyboardInterrupt("killed")
+        return evaluate(model, sae, dataset, cfg, **kwargs)
+
+    monkeypatch.setattr(latents, "evaluate_layer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_level(level(models, data), config, tmp_path)
+    first = tmp_path / "sparsity_0" / "sae.json"
+    saved = (first.read_bytes(), first.stat().st_mtime_ns)
+    assert not (tmp_path / "sparsity_0.5" / "sae.json").exists()
+    assert (tmp_path / "sparsity_0.5" / "blocks.0.hook_resid_post-all-k4-x2" / "training.json").is_file()
+    monkeypatch.setattr(latents, "evaluate_layer", evaluate)
+
+    result = run_level(level(models, data), config, tmp_path)
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == saved
+    assert json.loads((tmp_path / "sparsity_0.5" / "sae.json").read_text())["record"]["loaded"] is True
+    _, reference = finished
+    assert result.quality == reference.quality and result.rows == reference.rows
+    assert result.latents == reference.latents
+
+
+def test_sweep_units_reuse_the_main_sae_and_write_the_sweep_table(models, data, config, finished):
+    """The sweep (Tables 5/6) adds units to a finished run: the main SAE units are kept (the sweep
+    settings do not change them), the base row is the main SAE's quality."""
+    import dataclasses
+
+    from analyses.common.level import run_level
+    from analyses.layer import Layer
+
+    tmp_path, reference = finished
+    swept = dataclasses.replace(config, sweep_k=(2,), sweep_tokens=("all", "cls"))
+    assert Layer().units(swept) == ["sae", "sweep/blocks.0.hook_resid_post-all-k2-x2",
+                                    "sweep/blocks.0.hook_resid_post-cls-k4-x2"]
+    before = (tmp_path / "sparsity_0" / "sae.json").read_bytes()
+    result = run_level(level(models, data), swept, tmp_path)
+    assert (tmp_path / "sparsity_0" / "sae.json").read_bytes() == before
+    assert result.quality == reference.quality
+    assert [(r["model"], r["tokens"], r["k"]) for r in result.sweep] == [
+        ("dense", "all", 4), ("dense", "all", 2), ("dense", "cls", 4),
+        ("magnitude 0.5", "all", 4), ("magnitude 0.5", "all", 2), ("magnitude 0.5", "cls", 4)]
+    base = result.sweep[0]
+    assert base["fve"] == reference.quality[0]["explained_variance"] and base["d_sae"] == 64
+    assert result.sweep[2]["n_tokens"] == 24 and result.sweep[1]["n_tokens"] == 24 * 17
+    for name in ("sweep.csv", "sweep.md", "result.json"):
+        assert (tmp_path / "sweep" / name).is_file(), name
+    assert "| dense | cls | 4 | 2 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert (tmp_path / "sparsity_0.5" / "blocks.0.hook_resid_post-cls-k4-x2" / "cfg.json").is_file()
+
+
+def test_layer_command(tmp_path, capsys):
     from hooked_vit.cli import main
 
     out = tmp_path / "run"
-    args = ["sae-train", "--model", "deit3_tiny_digits", "--sparsities", "0", "--k", "4", "--expansion", "2",
-            "--train-split", "val",
-            "--samples", "2048", "--train-batch-size", "256", "--checkpoints", "1", "--log-every", "4",
+    args = ["layer", "--model", "deit3_tiny_digits", "--sparsities", "0", "--sae.k", "4", "--sae.expansion-factor", "2",
+            "--train-split", "val", "--sae.training-samples", "2048", "--sae.train-batch-size", "256",
+            "--sae.n-checkpoints", "1", "--sae.log-every", "4", "--top-k", "3", "--classes", "0,1",
             "--out", str(out), "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "dense: trained in" in printed and "d_sae 192" in printed
+    assert "| dense |" in printed and "/ 192 (0." in printed  # dead latents: count of d_sae and fraction
     sae_dir = out / "sparsity_0" / "last_resid_post-cls-k4-x2"
     cfg = json.loads((sae_dir / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu" and cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
-    assert main(args) == 0 and "dense: loaded (already trained)" in capsys.readouterr().out
-    assert main(["sae-eval", "--out", str(out), "--top-k", "3", "--classes", "0,1", "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "| dense |" in printed and "/ 192 (0." in printed  # dead latents: count of d_sae and fraction
+    assert json.loads((out / "sparsity_0" / "sae.json").read_text())["record"]["training"]["steps"] == 8
     rows = (out / "quality.csv").read_text()
     assert "n_tokens" in rows and ",360," in rows  # the 360 held-out CLS tokens are the dead-latent window
-    assert main(["sae-eval", "--out", str(tmp_path / "missing")]) == 2
-    assert "no layer-level run" in capsys.readouterr().err
+    assert main(args) == 0 and "| dense |" in capsys.readouterr().out  # done: the saved result
+    assert main(["layer", "--sae.k", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "k must be positive" in capsys.readouterr().err and not (tmp_path / "bad").exists()

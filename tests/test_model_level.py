@@ -1,9 +1,9 @@
-"""The model-level runner (analyses.model.level) and its CLI on the embedded deit3_tiny_digits: outputs
-and their reload, per-image numbers recomputed directly, resume after an interruption, clear errors."""
+"""The model level (analyses.model, run by the driver analyses.common.level.run_level) and its
+subcommand on the embedded deit3_tiny_digits: outputs and their reload, the saved units, per-image
+numbers recomputed directly, resume after an interruption, clear errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -30,38 +30,44 @@ def digits_val(digits_model):
 def loader(calibration):
     """Dense embedded model, or it Wanda-pruned on ``calibration`` (small, not cached)."""
 
-    def load(config, sparsity):
+    def load(config, variant):
         from hooked_vit import HookedViT
         from hooked_vit.pruning import prune
 
         model = HookedViT.from_pretrained(config.model)
-        if sparsity:
-            prune(model, config.method, sparsity, calibration=calibration, n_calib=calibration.shape[0])
+        if variant.sparsity:
+            prune(model, config.method, variant.sparsity, calibration=calibration, n_calib=calibration.shape[0])
         return model
 
     return load
 
 
+def level(load, digits_val):
+    from analyses.model import Model
+
+    return Model(show_progress=False, model_loader=load, datasets={"val": digits_val})
+
+
 @pytest.fixture(scope="module")
 def config():
-    from analyses.model.level import ModelLevelConfig
+    from analyses.model import ModelConfig
 
-    return ModelLevelConfig(sparsities=(0.0, 0.5), methods=("chefer", "random"), n_images=N_IMAGES,
-                            chunk_size=CHUNK, step=STEP, batch_size=128, figure_classes=(1, 4))
+    return ModelConfig(sparsities=(0.0, 0.5), methods=("chefer", "random"), n_images=N_IMAGES,
+                       chunk_size=CHUNK, step=STEP, batch_size=128, figure_classes=(1, 4))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, config, digits_val):
-    from analyses.model.level import run_model_level
+    from analyses.common.level import run_level
 
     calibration = digits_val.tensors(show_progress=False)[0][:32]
     out = tmp_path_factory.mktemp("model_level")
-    result = run_model_level(config, out, model_loader=loader(calibration), dataset=digits_val, show_progress=False)
+    result = run_level(level(loader(calibration), digits_val), config, out)
     return out, result, loader(calibration)
 
 
 def test_outputs_and_reload(run, config):
-    from analyses.model.level import ModelLevelResult
+    from analyses.model import ModelResult
 
     out, result, _ = run
     for name in ("result.json", "table4.csv", "table4.md", "per_image.csv", "figure4.png", "curves.png"):
@@ -74,18 +80,36 @@ def test_outputs_and_reload(run, config):
     assert "chefer" in (out / "table4.md").read_text() and "± " in (out / "table4.md").read_text()
     assert len(result.figure["maps"]["0.5"]) == 2 and len(result.figure["maps"]["0.5"][0]) == 8  # 2 rows, 8x8 grid
     assert len(result.curves["0"]["chefer"]["insertion"]) == 5  # 32 x 32 pixels, 256 per step
-    loaded = ModelLevelResult.load(out)
+    loaded = ModelResult.load(out)
     assert loaded == result
     assert json.loads((out / "result.json").read_text())["config"]["methods"] == ["chefer", "random"]
 
 
-def test_numbers_match_direct_computation(run, config, digits_val, digits_model):
-    """The second chunk of the dense model, recomputed with the library functions called directly."""
-    from analyses.model.faithfulness import insertion_deletion
-    from analyses.model.lrp import random_map, transformer_attribution
-    from analyses.model.level import select_images
+def test_units_are_the_chunks_and_the_figure(run, config, digits_val):
+    """One file per image chunk and one for the Figure 4 maps, per model; the result is combined from them."""
+    from analyses.common.level import combine_units
+    from analyses.model import ModelResult
 
     out, result, _ = run
+
+    def no_model(config, variant):
+        raise AssertionError("combining loads no model")
+
+    for key in ("sparsity_0", "sparsity_0.5"):
+        assert sorted(p.name for p in (out / key / "chunks").glob("*.json")) == ["000000.json", "000002.json"]
+        saved = json.loads((out / key / "figure" / "1,4.json").read_text())["record"]
+        assert saved["maps"] == result.figure["maps"][key.removeprefix("sparsity_")]
+    combined = combine_units(level(no_model, digits_val), config, out)  # the saved records alone
+    assert isinstance(combined, ModelResult) and combined.rows == result.rows and combined.figure == result.figure
+
+
+def test_numbers_match_direct_computation(run, config, digits_val, digits_model):
+    """The second chunk of the dense model, recomputed with the library functions called directly."""
+    from analyses.model.compute import select_images
+    from analyses.model.faithfulness import insertion_deletion
+    from analyses.model.lrp import random_map, transformer_attribution
+
+    _, result, _ = run
     model = digits_model
     images = select_images(digits_val, config).subset([2, 3]).tensors(show_progress=False)[0]
     chefer = insertion_deletion(model, images, transformer_attribution(model, images), "zero", step=STEP)
@@ -104,11 +128,12 @@ class Killed(Exception):
 def test_resume_after_interruption(tmp_path, config, digits_val, run, monkeypatch):
     import dataclasses
 
-    import analyses.model.level as ml
+    import analyses.model.compute as mc
+    from analyses.common.level import run_level
 
     _, result, load = run
     config = dataclasses.replace(config, sparsities=(0.0,), methods=("random",))  # dense model, 2 chunks
-    original = ml.chunk_record
+    original = mc.chunk_record
     calls = []
 
     def failing(*args, **kwargs):
@@ -118,43 +143,53 @@ def test_resume_after_interruption(tmp_path, config, digits_val, run, monkeypatc
         return original(*args, **kwargs)
 
     resuming = False
-    monkeypatch.setattr(ml, "chunk_record", failing)
+    monkeypatch.setattr(mc, "chunk_record", failing)
     with pytest.raises(Killed):
-        ml.run_model_level(config, tmp_path, model_loader=load, dataset=digits_val, show_progress=False)
-    assert len(list((tmp_path / "sparsity_0" / "chunks").glob("*.json"))) == 1
+        run_level(level(load, digits_val), config, tmp_path)
+    finished = sorted((tmp_path / "sparsity_0" / "chunks").glob("*.json"))
+    assert len(finished) == 1
     assert not list((tmp_path / "sparsity_0" / "chunks").glob(".*"))  # no half-written file
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished}
     calls.clear()
     resuming = True
-    resumed = ml.run_model_level(config, tmp_path, model_loader=load, dataset=digits_val, show_progress=False)
+    resumed = run_level(level(load, digits_val), config, tmp_path)
     assert len(calls) == 1  # the chunk not saved before the kill
     assert resumed.rows == [r for r in result.rows if r["sparsity"] == 0.0 and r["method"] == "random"]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in finished} == before  # finished units untouched
 
 
 def test_config_errors():
-    from analyses.model.level import ModelLevelConfig
+    from analyses.model import ModelConfig
 
     for kwargs, needle in [({"methods": ("chefer", "gradcam")}, "gradcam"), ({"reference": "noise"}, "noise"),
                            ({"layerscale_rule": "fold"}, "fold"), ({"sparsities": (0, 1.0)}, "1.0"),
-                           ({"n_images": 0}, "n_images")]:
+                           ({"n_images": 0}, "n_images"), ({"start_layer": -1}, "start_layer"),
+                           ({"chunk_size": 0}, "chunk_size"), ({"batch_size": 0}, "batch_size"),
+                           ({"classes": (3, -1)}, "-1")]:
         with pytest.raises(ValueError, match=needle):
-            ModelLevelConfig(**kwargs)
+            ModelConfig(**kwargs)
+
+
+def test_data_errors_come_before_any_work(tmp_path, digits_val, run):
+    """Too many images or a figure class without images: one-line errors before a unit is computed."""
+    from analyses.common.level import run_level
+    from analyses.model import ModelConfig
+
+    _, _, load = run
+    for kwargs, needle in [({"n_images": 10_000}, "n_images=10000"),
+                           ({"classes": (1, 2), "figure_classes": (5,)}, "figure class")]:
+        with pytest.raises(ValueError, match=needle):
+            run_level(level(load, digits_val), ModelConfig(sparsities=(0.0,), **kwargs), tmp_path / needle[:6])
+        assert not list((tmp_path / needle[:6]).rglob("*.json"))
 
 
 # ----------------------------------------------------------------------------- command line
-def parser():
-    from analyses.model.cli import add_arguments
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p
-
-
 def test_cli_runs_and_prints_table(tmp_path, capsys):
-    from analyses.model.cli import main
+    from hooked_vit.cli import main
 
-    args = parser().parse_args(["--sparsities", "0", "--methods", "rollout,random", "--n-images", "4",
-                                "--chunk-size", "4", "--step", "256", "--out", str(tmp_path), "--no-progress"])
-    assert main(args) == 0
+    argv = ["model", "--sparsities", "0", "--methods", "rollout,random", "--n-images", "4", "--chunk-size", "4",
+            "--step", "256", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "rollout" in printed and "Insertion" in printed and (tmp_path / "table4.md").is_file()
 
@@ -164,34 +199,41 @@ def test_cli_runs_and_prints_table(tmp_path, capsys):
     (["--reference", "noise"], "noise"),
     (["--layerscale-rule", "fold"], "fold"),
     (["--sparsities", "0,1.5"], "1.5"),
-    (["--n-images", "0"], "--n-images"),
-    (["--start-layer", "-1"], "--start-layer"),
+    (["--n-images", "0"], "n_images"),
+    (["--start-layer", "-1"], "start_layer"),
 ])
-def test_cli_rejects_bad_arguments_while_parsing(argv, needle, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        parser().parse_args(argv)
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "error: argument" in message and needle in message
+def test_cli_rejects_bad_arguments_before_any_work(argv, needle, capsys, tmp_path):
+    from hooked_vit.cli import main
+
+    assert main(["model", *argv, "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "error:" in message[0] and needle in message[0]
+    assert not (tmp_path / "out").exists()
 
 
-def test_cli_module_is_light_and_mirrors_the_library():
-    code = "import sys, analyses.model.cli; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
-    from analyses import model_level_cli as cli
+def test_config_module_is_light_and_names_the_real_constants():
+    code = "import sys, analyses.model.config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    import dataclasses
+
+    from analyses.model import ModelConfig
+    from analyses.model.config import ATTRIBUTION_METHODS
     from analyses.model.faithfulness import REFERENCES
     from analyses.model.lrp import LAYERSCALE_RULES, METHODS
 
-    assert cli.METHOD_CHOICES == tuple(METHODS)
-    assert cli.REFERENCE_CHOICES == REFERENCES and cli.LAYERSCALE_CHOICES == LAYERSCALE_RULES
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(ModelConfig)}
+    assert tuple(METHODS) == ATTRIBUTION_METHODS and choices["methods"] is ATTRIBUTION_METHODS
+    assert choices["reference"] is REFERENCES and choices["layerscale_rule"] is LAYERSCALE_RULES
 
 
 @pytest.mark.slow
 def test_quick_table4_on_digits(tmp_path):
     """The quick setting of the README: 100 stratified val images, 5 models, chefer + rollout + random."""
-    from analyses.model.level import ModelLevelConfig, run_model_level
+    from analyses.common.level import run_level
+    from analyses.model import Model, ModelConfig
 
-    result = run_model_level(ModelLevelConfig(n_images=100), tmp_path, show_progress=False)
+    result = run_level(Model(show_progress=False), ModelConfig(n_images=100), tmp_path)
     table = {(r["sparsity"], r["method"]): r for r in result.summary()}
     assert table[(0.0, "chefer")]["insertion_mean"] > table[(0.0, "random")]["insertion_mean"]
     assert table[(0.0, "chefer")]["deletion_mean"] < table[(0.0, "random")]["deletion_mean"]

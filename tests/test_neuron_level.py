@@ -1,6 +1,7 @@
-"""The neuron-level runner (analyses.neuron.level) on the embedded deit3_tiny_digits: outputs and
-their reload, per-class numbers recomputed independently (top-K by attribution, ablation impact,
-selectivity), resume after an interruption, the CLI, and clear errors."""
+"""The neuron level (analyses.neuron, run by the driver analyses.common.level.run_level) on the
+embedded deit3_tiny_digits: outputs and their reload, per-class numbers recomputed independently
+(top-K by attribution, ablation impact, selectivity), resume after an interruption, the CLI, and
+clear errors."""
 
 from __future__ import annotations
 
@@ -35,40 +36,51 @@ def digits_train(digits_model):
     return calibration_sample(load_dataset("digits", split="train", model=digits_model), 200, seed=0)
 
 
-@pytest.fixture(scope="module")
-def means_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("means")
-
-
 def loader(calibration):
-    """Models for the runner: the dense embedded model, or it Wanda-pruned on ``calibration``
+    """Models for the driver: the dense embedded model, or it Wanda-pruned on ``calibration``
     (a small dataset, for speed; not cached)."""
 
-    def load(config, sparsity):
+    def load(config, variant):
         from hooked_vit import HookedViT
         from hooked_vit.pruning import prune
 
         model = HookedViT.from_pretrained(config.model)
-        if sparsity:
-            prune(model, config.method, sparsity, calibration=calibration.tensors(show_progress=False)[0])
+        if variant.sparsity:
+            prune(model, config.method, variant.sparsity, calibration=calibration.tensors(show_progress=False)[0])
         return model
 
     return load
 
 
+def level(digits_val, digits_train, model_loader=None):
+    """The neuron level on the given images (val analysed, train for the means)."""
+    from analyses.neuron import Neuron
+
+    return Neuron(show_progress=False, model_loader=model_loader or loader(digits_train),
+                  datasets={"val": digits_val, "train": digits_train})
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, digits_val, digits_train, means_dir):
-    from analyses.neuron.level import NeuronLevelConfig, run_neuron_metrics
+def run(tmp_path_factory, digits_val, digits_train):
+    from analyses.common.level import run_level
+    from analyses.neuron import NeuronConfig
 
     out = tmp_path_factory.mktemp("neuron_level")
-    config = NeuronLevelConfig(classes=CLASSES, top_k=8, sparsities=(0.0, 0.5))
-    result = run_neuron_metrics(config, out, model_loader=loader(digits_train), dataset=digits_val,
-                                means_dataset=digits_train, means_directory=means_dir, show_progress=False)
+    config = NeuronConfig(classes=CLASSES, top_k=8, sparsities=(0.0, 0.5))
+    result = run_level(level(digits_val, digits_train), config, out)
     return config, out, result
 
 
+def test_config_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, analyses.neuron; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_default_blocks():
-    from analyses.neuron.level import default_blocks
+    from analyses.neuron.analysis import default_blocks
 
     assert default_blocks(12) == (2, 7, 11)  # the paper's blocks of DeiT-III B
     assert default_blocks(4) == (1, 2, 3)  # the embedded model
@@ -77,8 +89,9 @@ def test_default_blocks():
 
 
 def test_runner_writes_tables_figure_and_reloads(run):
-    from analyses.neuron.level import METRICS, NeuronLevelResult
     from analyses.common.results import read_csv
+    from analyses.common.vocabulary import METRICS
+    from analyses.neuron import NeuronResult
 
     config, out, result = run
     for name in ("result.json", "per_class.csv", "summary.csv", "summary.md", "figure.png"):
@@ -91,7 +104,7 @@ def test_runner_writes_tables_figure_and_reloads(run):
         assert all(math.isfinite(row[m]) for m in METRICS)
         assert 0 <= row["selectivity"] <= 1 and 0 <= row["label_entropy"] <= math.log(10) + 1e-6
         assert row["class_variance"] >= 0
-    loaded = NeuronLevelResult.load(out)
+    loaded = NeuronResult.load(out)
     assert loaded.config == config and loaded.rows == result.rows
     summary = read_csv(out / "summary.csv")
     assert len(summary) == 3 * 2 and {r["n_classes"] for r in summary} == {len(CLASSES)}
@@ -102,18 +115,18 @@ def test_runner_writes_tables_figure_and_reloads(run):
     assert dense != pruned
 
 
-def test_class_numbers_recomputed_independently(run, digits_model, digits_val, digits_train, means_dir):
+def test_class_numbers_recomputed_independently(run, digits_model, digits_val, digits_train):
     """Class 3, block 2 of the dense model: top-K = largest mean estimated logit drop over the
     mlp_act neurons and heads; ablation impact and selectivity recomputed from scratch."""
     from sklearn.metrics import roc_auc_score
 
     from analyses.common.ablation import load_or_compute_means, mean_ablation_hooks
-    from analyses.neuron.attribution_patching import attribution_patching
+    from analyses.common.attribution_patching import attribution_patching
     from analyses.common.results import read_json
 
     _, out, _ = run
     record = read_json(out / "sparsity_0" / "classes" / "3.json")["record"]["blocks"]["2"]
-    means = load_or_compute_means(digits_model, digits_train, directory=means_dir, show_progress=False)
+    means = load_or_compute_means(digits_model, digits_train, directory=out / "means", show_progress=False)
     images, labels = digits_val.tensors(show_progress=False)
     own = images[labels == 3]
     est = attribution_patching(digits_model, own, [(2, "mlp_act"), (2, "attn_head")], targets=3,
@@ -146,15 +159,15 @@ def test_class_numbers_recomputed_independently(run, digits_model, digits_val, d
     assert record["unit_selectivity"][0] == pytest.approx(auc, abs=1e-6)
 
 
-def test_interrupted_run_resumes_without_recomputing(tmp_path, digits_val, digits_train, means_dir, monkeypatch):
-    import analyses.neuron.level as nl
+def test_interrupted_run_resumes_without_recomputing(tmp_path, digits_val, digits_train, monkeypatch):
+    import analyses.neuron.analysis as na
+    from analyses.common.level import run_level
+    from analyses.neuron import NeuronConfig
 
-    config = nl.NeuronLevelConfig(classes=(1, 2, 5, 9), top_k=5, sparsities=(0.0,), blocks=(3,))
-    kwargs = dict(model_loader=loader(digits_train), dataset=digits_val, means_dataset=digits_train,
-                  means_directory=means_dir, show_progress=False)
-    reference = nl.run_neuron_metrics(config, tmp_path / "uninterrupted", **kwargs)
+    config = NeuronConfig(classes=(1, 2, 5, 9), top_k=5, sparsities=(0.0,), blocks=(3,))
+    reference = run_level(level(digits_val, digits_train), config, tmp_path / "uninterrupted")
 
-    original = nl._ModelAnalysis.class_record
+    original = na.ModelAnalysis.class_record
     calls: list[int] = []
 
     def interrupt_after_two(self, target):
@@ -163,33 +176,34 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, digits_val, digit
         calls.append(target)
         return original(self, target)
 
-    monkeypatch.setattr(nl._ModelAnalysis, "class_record", interrupt_after_two)
+    monkeypatch.setattr(na.ModelAnalysis, "class_record", interrupt_after_two)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        nl.run_neuron_metrics(config, out, **kwargs)
+        run_level(level(digits_val, digits_train), config, out)
     done = sorted((out / "sparsity_0" / "classes").glob("*.json"))
     assert [p.stem for p in done] == ["1", "2"] and not (out / "result.json").exists()
     stamps = {p: p.stat().st_mtime_ns for p in done}
 
     calls.clear()
-    monkeypatch.setattr(nl._ModelAnalysis, "class_record",
+    monkeypatch.setattr(na.ModelAnalysis, "class_record",
                         lambda self, target: calls.append(target) or original(self, target))
-    resumed = nl.run_neuron_metrics(config, out, **kwargs)
+    resumed = run_level(level(digits_val, digits_train), config, out)
     assert calls == [5, 9]  # only the classes not done before
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
     assert resumed.rows == reference.rows
     # A different setting (top_k) recomputes instead of reusing stale records.
     calls.clear()
-    nl.run_neuron_metrics(nl.NeuronLevelConfig(classes=(1,), top_k=4, sparsities=(0.0,), blocks=(3,)), out, **kwargs)
+    run_level(level(digits_val, digits_train), NeuronConfig(classes=(1,), top_k=4, sparsities=(0.0,), blocks=(3,)),
+              out)
     assert calls == [1]
 
 
-def test_cli_neuron_metrics(tmp_path, capsys):
+def test_cli_neuron(tmp_path, capsys):
     from analyses.common.results import read_csv
     from hooked_vit.cli import main
 
     out = tmp_path / "cli"
-    code = main(["neuron-metrics", "--model", "deit3_tiny_digits", "--sparsities", "0", "--classes", "4,6",
+    code = main(["neuron", "--model", "deit3_tiny_digits", "--sparsities", "0", "--classes", "4,6",
                  "--blocks", "3", "--top-k", "6", "--n-means-images", "100", "--out", str(out), "--no-progress"])
     assert code == 0
     assert "Ablation impact" in capsys.readouterr().out
@@ -197,12 +211,13 @@ def test_cli_neuron_metrics(tmp_path, capsys):
     assert [(r["class"], r["block"]) for r in rows] == [(4, 3), (6, 3)]
 
 
-def test_errors_are_clear(digits_model, digits_val, digits_train):
-    from analyses.neuron.level import NeuronLevelConfig, neuron_level
+def test_errors_are_clear(tmp_path, digits_model, digits_val, digits_train):
+    from analyses.common.level import run_level
+    from analyses.neuron import NeuronConfig
 
     def run(dataset=digits_val, **config):
-        return neuron_level(digits_model, dataset, NeuronLevelConfig(**config), means_dataset=digits_train,
-                            show_progress=False)
+        return run_level(level(dataset, digits_train, model_loader=lambda config, variant: digits_model),
+                         NeuronConfig(sparsities=(0.0,), **config), tmp_path / "errors")
 
     with pytest.raises(ValueError, match="unknown class 'eleven'"):
         run(classes=("eleven",))
@@ -215,17 +230,18 @@ def test_errors_are_clear(digits_model, digits_val, digits_train):
     with pytest.raises(ValueError, match="block 4 out of range"):
         run(classes=(0,), blocks=(4,))
     with pytest.raises(ValueError, match="sites must be"):
-        NeuronLevelConfig(sites=("mlp",))
+        NeuronConfig(sites=("mlp",))
     with pytest.raises(ValueError, match="selection"):
-        NeuronLevelConfig(selection="largest")
+        NeuronConfig(selection="largest")
+    assert not (tmp_path / "errors").exists()  # every error came before any work
 
 
-def test_metrics_per_unit_type_split_the_joint_top_k(run, digits_model, digits_val, digits_train, means_dir):
+def test_metrics_per_unit_type_split_the_joint_top_k(run, digits_model, digits_val, digits_train):
     """The joint top-K of heads and MLP neurons is kept; ``by_type`` re-averages its per-unit
     metrics over each type's members, and ablates only that type's units (re-derived here)."""
     from analyses.common.ablation import load_or_compute_means, mean_ablation_hooks
-    from analyses.neuron.level import NeuronLevelResult
     from analyses.common.results import read_json
+    from analyses.neuron import NeuronResult
 
     config, out, result = run
     record = read_json(out / "sparsity_0" / "classes" / "3.json")["record"]
@@ -245,7 +261,7 @@ def test_metrics_per_unit_type_split_the_joint_top_k(run, digits_model, digits_v
     block = record["blocks"]["2"]
     mlp = [int(u.split(":")[1]) for u in block["units"] if u.startswith("mlp_act:")]
     assert mlp, "premise: the top-K holds MLP neurons"
-    means = load_or_compute_means(digits_model, digits_train, directory=means_dir, show_progress=False)
+    means = load_or_compute_means(digits_model, digits_train, directory=out / "means", show_progress=False)
     images, labels = digits_val.tensors(show_progress=False)
     own = images[labels == 3]
     with torch.no_grad():
@@ -257,7 +273,7 @@ def test_metrics_per_unit_type_split_the_joint_top_k(run, digits_model, digits_v
     # tables and markdown carry the split, and it survives a reload
     assert {r["unit_type"] for r in result.type_rows} == set(config.sites)
     assert "MLP neurons" in result.markdown() and "heads" in result.markdown()
-    assert NeuronLevelResult.load(out).type_rows == result.type_rows
+    assert NeuronResult.load(out).type_rows == result.type_rows
     assert (out / "summary_by_type.csv").is_file()
 
 
@@ -266,7 +282,9 @@ def test_analyses_build_fine_tuned_variants_from_an_imagenet_style_folder(tmp_pa
     its train split, for the preset's epochs (2, as the paper), with no other argument."""
     from PIL import Image
 
-    from analyses import layer_level, neuron_level
+    from analyses.accuracy import AccuracyConfig
+    from analyses.common.variants import load_model
+    from analyses.neuron import NeuronConfig
     from hooked_vit.data.digits import digits_arrays
 
     monkeypatch.setenv("HOOKED_VIT_CACHE", str(tmp_path / "cache"))
@@ -277,14 +295,14 @@ def test_analyses_build_fine_tuned_variants_from_an_imagenet_style_folder(tmp_pa
             (root / split / str(c)).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(images[offset + 10 * i + c]).save(root / split / str(c) / f"{i}.png")
-    config = neuron_level.NeuronLevelConfig(dataset=str(root))
+    config = NeuronConfig(data=str(root))
     assert (config.finetune_epochs, config.n_calib, config.calib_sampling) == (2, 128, "quick")
-    model = neuron_level.load_model(config, 0.5)
+    model = load_model(config, 0.5)
     info = model.pruning_info
     assert info.calibration["path"] == str(root.resolve()) and info.calibration["n"] == 30  # its 30 train images
     assert len(info.finetune) == 1 and info.finetune[0]["epochs"] == 2
     assert info.finetune[0]["data"] == {"name": "folder", "split": "train", "len": 30}
-    again = layer_level.load_model(layer_level.LayerLevelConfig(dataset=str(root)), 0.5)  # the same cached variant
+    again = load_model(AccuracyConfig(data=str(root)), 0.5)  # another level's config: the same cached variant
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
-    assert neuron_level.NeuronLevelConfig(model="deit3_base").finetune_epochs == 2  # the paper's, for DeiT-III
-    assert neuron_level.NeuronLevelConfig(dataset=str(root), finetune_epochs=0).finetune_epochs == 0
+    assert NeuronConfig(model="deit3_base").finetune_epochs == 2  # the paper's, for DeiT-III
+    assert NeuronConfig(data=str(root), finetune_epochs=0).finetune_epochs == 0

@@ -1,4 +1,4 @@
-"""The four neuron-level metrics (analyses.neuron.metrics) against hand-computed values on tiny
+"""The four neuron-level metrics (analyses.common.metrics) against hand-computed values on tiny
 tensors, their conventions for negative and zero activations (never NaN), and their errors."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def brute_force_auroc(scores: list[float], positive: list[bool]) -> float:
 
 
 def test_selectivity_hand_values():
-    from analyses.neuron.metrics import selectivity
+    from analyses.common.metrics import selectivity
 
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     cls = torch.tensor([
@@ -43,7 +43,7 @@ def test_selectivity_hand_values():
 
 
 def test_class_variance_hand_values_and_conventions():
-    from analyses.neuron.metrics import class_variance
+    from analyses.common.metrics import class_variance
 
     labels = torch.tensor([1, 1, 1, 0, 0])
     m = torch.tensor([
@@ -72,7 +72,7 @@ def test_class_variance_hand_values_and_conventions():
 
 
 def test_label_entropy_hand_values_and_conventions():
-    from analyses.neuron.metrics import class_distribution, label_entropy
+    from analyses.common.metrics import class_distribution, label_entropy
 
     labels = torch.tensor([0, 0, 1, 1, 2])
     m = torch.tensor([
@@ -99,7 +99,7 @@ def test_label_entropy_hand_values_and_conventions():
 
 
 def test_normalized_logit_change_hand_values():
-    from analyses.neuron.metrics import normalized_logit_change
+    from analyses.common.metrics import normalized_logit_change
 
     clean = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-6.0, 8.0]])
     ablated = torch.tensor([[1.0, 4.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -110,7 +110,7 @@ def test_normalized_logit_change_hand_values():
 
 
 def test_no_nan_for_all_negative_and_all_zero_units():
-    from analyses.neuron.metrics import class_variance, label_entropy, selectivity
+    from analyses.common.metrics import class_variance, label_entropy, selectivity
 
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     table = torch.stack([torch.zeros(6), -torch.rand(6, generator=torch.Generator().manual_seed(0)) - 0.1,
@@ -124,7 +124,7 @@ def test_no_nan_for_all_negative_and_all_zero_units():
 
 
 def test_metric_errors_are_clear():
-    from analyses.neuron.metrics import class_variance, label_entropy, response, selectivity
+    from analyses.common.metrics import class_variance, label_entropy, response, selectivity
 
     labels = torch.tensor([0, 0, 1])
     acts = torch.rand(3, 2)
@@ -148,7 +148,7 @@ def test_rank_based_selectivity_equals_sklearn():
     """The runner's fast path (one ranking shared by all classes) gives scikit-learn's AUROC."""
     from scipy.stats import rankdata
 
-    from analyses.neuron.metrics import average_ranks, selectivity, selectivity_from_ranks
+    from analyses.common.metrics import average_ranks, selectivity, selectivity_from_ranks
 
     generator = torch.Generator().manual_seed(0)
     acts = torch.randint(-3, 4, (120, 9), generator=generator).float()  # many ties

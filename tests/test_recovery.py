@@ -121,12 +121,12 @@ def test_sweep_killed_before_renaming_the_table_keeps_the_old_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_sae_train_killed_while_writing_store_state_resumes(tmp_path, monkeypatch, capsys):
+def test_layer_killed_while_writing_store_state_resumes(tmp_path, monkeypatch, capsys):
     """Killed while writing a checkpoint's store_state.json (before: a 0-byte file and every rerun
     failed): the rerun resumes from the last complete checkpoint and finishes."""
-    argv = ["sae-train", "--sparsities", "0", "--samples", "512", "--train-batch-size", "64", "--expansion", "2",
-            "--k", "4", "--checkpoints", "3", "--buffer-size", "256", "--log-every", "2", "--batch-size", "128",
-            "--out", str(tmp_path / "run")]
+    argv = ["layer", "--sparsities", "0", "--sae.training-samples", "512", "--sae.train-batch-size", "64",
+            "--sae.expansion-factor", "2", "--sae.k", "4", "--sae.n-checkpoints", "3", "--sae.buffer-size", "256",
+            "--sae.log-every", "2", "--batch-size", "128", "--sae.image-batch-size", "128", "--out", str(tmp_path / "run")]
     env = {"HOOKED_VIT_CACHE": str(tmp_path / "cache")}
     killed = run_killed(argv, at="store_state.json", phase="write", cwd=tmp_path, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -137,7 +137,7 @@ def test_sae_train_killed_while_writing_store_state_resumes(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOOKED_VIT_CACHE", env["HOOKED_VIT_CACHE"])
     assert main(argv) == 0
-    assert "trained in" in capsys.readouterr().out
+    assert "| dense |" in capsys.readouterr().out
     assert "training.json" in all_json_whole(tmp_path / "run")
 
 
@@ -427,11 +427,7 @@ def test_checkpoints_load_weights_only(tmp_path):
 
 
 # Modules whose writes go through hooked_vit.atomic.
-ATOMIC_MODULES = ["hooked_vit/**/*.py", "analyses/ablation.py", "analyses/activation_store.py",
-                  "analyses/attribution_patching.py", "analyses/layer_level.py", "analyses/models.py",
-                  "analyses/neuron_level.py", "analyses/neuron_metrics.py", "analyses/results.py", "analyses/sae.py",
-                  "analyses/sae_quality.py", "analyses/circuits/*.py", "analyses/lrp.py", "analyses/faithfulness.py",
-                  "analyses/model_level*.py"]
+ATOMIC_MODULES = ["hooked_vit/**/*.py", "analyses/**/*.py"]
 RAW_WRITE = r"(?<!atomic)\.write_(text|bytes)\(|(?<![\w.])save_file\(|torch\.save\(|\.savefig\(|np\.save\(|json\.dump\(|open\([^)]*[\"']w"
 
 

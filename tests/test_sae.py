@@ -36,7 +36,7 @@ def sae_module():
 def small_config(sae_module, **overrides):
     base = dict(hook_name=HOOK, tokens="all", k=8, expansion_factor=4, training_samples=128 * 60,
                 train_batch_size=128, buffer_size=512, lr=1e-2, topk_threshold_lr=0.1, log_every=10,
-                dead_feature_window=20, progress=False)
+                dead_feature_window=20)
     return sae_module.SAETrainConfig(**{**base, **overrides})
 
 
@@ -48,7 +48,7 @@ def nmse(x, x_hat):
 def trained(tiny, dataset, sae_module, tmp_path_factory):
     out = tmp_path_factory.mktemp("sae") / "run"
     cfg = small_config(sae_module, n_checkpoints=3, keep_checkpoints=5)
-    return sae_module.train_sae(tiny, dataset, cfg, out_dir=out, resume=False)
+    return sae_module.train_sae(tiny, dataset, cfg, out_dir=out, resume=False, progress=False)
 
 
 def all_activations(model, dataset, sae_module, tokens="all"):
@@ -94,11 +94,11 @@ def test_saved_sae_loads_with_sae_lens_identically(tiny, dataset, sae_module, tr
         assert torch.equal(loaded(x), trained.sae(x))
     threshold = float(trained.training_sae.topk_threshold)
     assert threshold > 0 and torch.allclose(loaded.threshold, torch.full_like(loaded.threshold, threshold))
-    again = sae_module.train_sae(tiny, dataset, trained.config, out_dir=trained.out_dir)  # finished: loaded
+    again = sae_module.train_sae(tiny, dataset, trained.config, out_dir=trained.out_dir, progress=False)  # finished: loaded
     assert again.training_sae is None and torch.equal(again.sae.W_dec, loaded.W_dec) and again.log == trained.log
     with pytest.raises(ValueError, match="config.k"):
         sae_module.train_sae(tiny, dataset, small_config(sae_module, k=3, n_checkpoints=3, keep_checkpoints=5),
-                             out_dir=trained.out_dir)
+                             out_dir=trained.out_dir, progress=False)
 
 
 def test_training_resumes_from_a_checkpoint_exactly(tiny, dataset, sae_module, trained, tmp_path):
@@ -111,7 +111,7 @@ def test_training_resumes_from_a_checkpoint_exactly(tiny, dataset, sae_module, t
         (crashed / name).unlink()
     for later in checkpoints[1:]:
         shutil.rmtree(crashed / "checkpoints" / later.name)
-    resumed = sae_module.train_sae(tiny, dataset, trained.config, out_dir=crashed)
+    resumed = sae_module.train_sae(tiny, dataset, trained.config, out_dir=crashed, progress=False)
     assert resumed.resumed_from == crashed / "checkpoints" / "2048"
     for name, value in trained.sae.state_dict().items():
         assert torch.equal(resumed.sae.state_dict()[name], value), name
@@ -247,5 +247,5 @@ def test_default_window_lets_the_aux_loss_act_during_a_short_run(tiny, dataset, 
     cfg = small_config(sae_module, k=2, expansion_factor=8, training_samples=128 * 30, log_every=3,
                        dead_feature_window=None)
     assert cfg.dead_feature_window == 3
-    run = sae_module.train_sae(tiny, dataset, cfg, out_dir=tmp_path / "run", resume=False)
+    run = sae_module.train_sae(tiny, dataset, cfg, out_dir=tmp_path / "run", resume=False, progress=False)
     assert max(r["aux_loss"] for r in run.log) > 0 and max(r["dead_latents"] for r in run.log) > 0

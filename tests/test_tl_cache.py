@@ -69,6 +69,40 @@ def test_logit_attrs_of_the_decomposition_sum_to_logit_minus_bias(digits):
         torch.testing.assert_close(diff, expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["unfolded", "fold_ln"])
+def test_logit_attrs_sum_to_the_logit_difference_without_fold_ln(digits, folded):
+    """TL's identity on the default (unfolded, timm-equal) model too: the attributions of the full
+    residual decomposition at CLS sum to the logit difference minus the head's bias difference and
+    the final LayerNorm bias's share, ln_final.b @ (W_U[:, c] - W_U[:, c']) (zero after fold_ln).
+    Each attribution is re-derived: the centred component over the cached final scale, dotted with
+    the head's row times the final LayerNorm's weight."""
+    model = digits[1] if folded else digits[0]
+    images, labels = digits[2], digits[3]
+    wrong = (labels + 1) % 10
+    head_w, head_b = model.head.weight, model.head.bias  # [n_classes, d_model], [n_classes]
+    ln_w, ln_b = model.ln_final.weight, model.ln_final.bias
+    if not folded:  # the default model's final LayerNorm is far from the identity: the test can fail
+        assert (ln_w - 1).abs().max() > 0.1 and ln_b.abs().max() > 0.01
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(images)
+        full = cache.get_full_resid_decomposition(pos_slice=0, expand_neurons=True)  # [component, batch, d_model]
+        attrs = cache.logit_attrs(full, tokens=labels, incorrect_tokens=wrong, pos_slice=0)
+        assert attrs.shape == (full.shape[0], 4)
+        bias_share = head_b[labels] - head_b[wrong] + ((head_w[labels] - head_w[wrong]) * ln_b).sum(-1)
+        target = logits.gather(1, labels[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0] - bias_share
+        torch.testing.assert_close(attrs.sum(0), target, rtol=0, atol=ATOL)
+        scale = cache["ln_final.hook_scale"][:, 0]  # [batch, 1] at CLS
+        for component in (0, full.shape[0] // 2, full.shape[0] - 1):
+            centred = full[component] - full[component].mean(-1, keepdim=True)
+            expected = (centred / scale * ln_w * (head_w[labels] - head_w[wrong])).sum(-1)
+            torch.testing.assert_close(attrs[component], expected, rtol=0, atol=1e-5)
+        single = cache.logit_attrs(full, tokens=7, pos_slice=0).sum(0)
+        torch.testing.assert_close(single, logits[:, 7] - head_b[7] - head_w[7] @ ln_b, rtol=0, atol=ATOL)
+        assert model.tokens_to_residual_directions(7).shape == (model.cfg.d_model,)
+        torch.testing.assert_close(model.tokens_to_residual_directions(labels), head_w[labels] * ln_w,
+                                   rtol=0, atol=0)
+
+
 def test_accumulated_resid_and_apply_ln_to_stack(digits, run):
     model, _, _, _ = digits
     logits, cache = run

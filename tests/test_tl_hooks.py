@@ -131,3 +131,26 @@ def test_remove_batch_dim_pos_slice_and_return_cache_object(tiny):
     assert one.patch_grid("blocks.0.hook_resid_post").shape == (1, 4, 4, 32)
     first = tiny.run_with_cache(images[:1])[1].remove_batch_dim()
     assert isinstance(first, ViTActivationCache) and first["hook_pooled"].shape == (32,)
+
+
+def test_caching_hooks_only_read_so_the_cache_skips_copies_and_changes_no_value(tiny):
+    """run_with_cache's hooks are marked read-only, so LN scales, patterns and z are not copied for
+    them; every cached value and the logits equal those captured by ordinary (copying) hooks."""
+    from hooked_vit.components import may_edit
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(31))
+    pattern = tiny.blocks[0].attn.hook_pattern
+    _, fwd, _ = tiny.get_caching_hooks(names_filter=["blocks.0.attn.hook_pattern"])
+    with tiny.hooks(fwd_hooks=fwd):
+        assert pattern.has_hooks() and not may_edit(pattern)
+    with tiny.hooks(fwd_hooks=fwd + [("blocks.0.attn.hook_pattern", lambda act, hook: None)]):
+        assert may_edit(pattern)  # an unmarked hook might edit in place: the value gets its own copy
+    with torch.no_grad():
+        logits, cache = tiny.run_with_cache(images)
+        captured = {}
+        copied_logits = tiny.run_with_hooks(images, fwd_hooks=[(lambda name: True, lambda act, hook: captured.
+                                                                 __setitem__(hook.name, act.clone()))])
+    assert torch.equal(logits, copied_logits)
+    assert captured.keys() == cache.keys()
+    for name, value in captured.items():
+        assert torch.equal(cache[name], value), name

@@ -18,7 +18,7 @@ def _sae(seed: int, tokens: str, tmp_path_factory):
     from sae_lens import SAE, BatchTopKTrainingSAE
 
     cfg = SAETrainConfig(hook_name=HOOK, tokens=tokens, k=8, expansion_factor=2, training_samples=256,
-                         train_batch_size=128, progress=False)
+                         train_batch_size=128)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         training = BatchTopKTrainingSAE(cfg.sae_config(32, "cpu"))

@@ -41,6 +41,8 @@ def test_weight_views_reproduce_the_forward_pass(tiny, run):
             mlp_out = cache["post", layer] @ tiny.W_out[layer] + tiny.b_out[layer]
             torch.testing.assert_close(mlp_out, cache["mlp_out", layer], rtol=0, atol=1e-5)
         torch.testing.assert_close(cache["hook_pooled"] @ tiny.W_U + tiny.b_U, logits, rtol=0, atol=1e-5)
+        # TL's module-level names: model.unembed.W_U / b_U are the head's, as model.W_U / b_U.
+        assert torch.equal(tiny.unembed.W_U, tiny.head.weight.T) and torch.equal(tiny.unembed.b_U, tiny.head.bias)
         assert torch.equal(cache["hook_pos_embed"][0], tiny.W_pos) and not tiny.W_pos[0].any()
         # W_E on each patch's pixels flattened (channel, row, column), plus the conv bias.
         patches = F.unfold(images, kernel_size=8, stride=8).transpose(1, 2)  # [batch, n_patches, 3*8*8]
@@ -86,12 +88,25 @@ def test_tl_config_fields_and_device(tiny):
     assert "device" not in cfg.to_dict()  # where a model lives is not part of what it is
 
 
+def test_tl_config_eps_and_dtype(tiny):
+    """A TL notebook reads cfg.eps and cfg.dtype; ln_eps stays as the project's name of the same value."""
+    import copy
+
+    cfg = tiny.cfg
+    assert cfg.eps == cfg.ln_eps == tiny.blocks[0].ln1.eps == 1e-6
+    assert cfg.dtype == torch.float32 and "dtype" not in cfg.to_dict() and "ln_eps" in cfg.to_dict()
+    half = copy.deepcopy(tiny).to(torch.float64)
+    assert half.cfg.dtype == torch.float64 and tiny.cfg.dtype == torch.float32
+    other = copy.deepcopy(cfg)
+    other.eps = 1e-5
+    assert other.ln_eps == 1e-5
+
+
 def test_methods_without_meaning_raise_naming_the_alternative(tiny):
     for call, alternative in [(lambda: tiny.to_tokens("a cat"), "image batch"),
                               (lambda: tiny.generate(torch.zeros(1, 3, 32, 32)), r"model\(images\)"),
                               (lambda: tiny.to_string([1]), "to_single_str_token"),
-                              (lambda: tiny.to_str_tokens("a cat"), "image batch"),
-                              (lambda: tiny.set_use_split_qkv_input(True), "hook_q")]:
+                              (lambda: tiny.to_str_tokens("a cat"), "image batch")]:
         with pytest.raises(NotImplementedError, match=alternative):
             call()
 
@@ -224,3 +239,69 @@ def test_fold_ln_without_qkv_bias_is_refused_before_any_work():
     with pytest.raises(ValueError, match="no q/k/v bias"):
         model.process_weights_()
     assert torch.all(model.blocks[0].ls1.gamma == 0.5)
+
+
+STEP_FLAGS = {"fold_layer_norm": "fold_ln", "center_writing_weights": "center_writing_weights",
+              "center_unembed": "center_unembed", "fold_value_biases": "fold_value_biases"}
+
+
+@pytest.mark.parametrize("method", list(STEP_FLAGS))
+def test_state_dict_processing_methods_match_the_from_pretrained_flags(digits, method):
+    """TL's ``model.fold_layer_norm(state_dict)`` etc.: a new state dict (the input and the model
+    untouched) with exactly the weights ``from_pretrained(<flag>=True)`` loads."""
+    from hooked_vit import HookedViT
+
+    model, images, reference = digits
+    before = copy.deepcopy(model.state_dict())
+    state_dict = model.state_dict()
+    processed = getattr(model, method)(state_dict)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed in place
+    expected = HookedViT.from_pretrained("deit3_tiny_digits", **{STEP_FLAGS[method]: True}).state_dict()
+    assert processed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(processed[name], value), name
+    loaded = copy.deepcopy(model)
+    loaded.load_state_dict(processed)
+    with torch.no_grad():
+        logits = loaded(images)
+    if method == "center_unembed":
+        torch.testing.assert_close(logits.log_softmax(-1), reference.log_softmax(-1), rtol=0, atol=PROCESSING_ATOL)
+    else:
+        torch.testing.assert_close(logits, reference, rtol=0, atol=PROCESSING_ATOL)
+
+
+def test_chained_state_dict_methods_equal_process_weights(digits):
+    """TL's process_weights_ order (fold_ln, center_writing_weights, center_unembed,
+    fold_value_biases) as four method calls gives the weights of process_weights_ (each step
+    round-trips through the timm layout: equal to fp32 rounding, measured ~1e-11)."""
+    model = digits[0]
+    chained = model.fold_value_biases(model.center_unembed(model.center_writing_weights(
+        model.fold_layer_norm(model.state_dict()))))
+    in_place = copy.deepcopy(model)
+    in_place.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True,
+                              fold_value_biases=True)
+    assert in_place.cfg.normalization_type == "LNPre" and model.cfg.normalization_type == "LN"
+    for name, value in in_place.state_dict().items():
+        torch.testing.assert_close(chained[name], value, rtol=0, atol=1e-6, msg=name)
+    assert not in_place.b_V.any() and torch.all(in_place.ln_final.w == 1)
+
+
+def test_state_dict_methods_refuse_as_process_weights_does(digits):
+    from hooked_vit.errors import CheckpointMismatchError, InvalidArgumentError
+    from hooked_vit.pruning.masks import set_mask
+
+    model, _, _ = digits
+    pruned = copy.deepcopy(model)
+    linear = pruned.blocks[0].mlp.fc1
+    set_mask(linear, torch.rand(linear.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5)
+    state_dict = pruned.state_dict()
+    for method in ("fold_layer_norm", "center_writing_weights", "refactor_factored_attn_matrices"):
+        with pytest.raises(InvalidArgumentError, match="fill in pruned"):
+            getattr(pruned, method)(state_dict)
+    kept = pruned.fold_value_biases(state_dict)  # allowed: pruned weights stay zero, masks kept
+    assert torch.equal(kept["blocks.0.mlp.fc1.weight_mask"], linear.weight_mask)
+    assert not kept["blocks.0.mlp.fc1.weight"][~linear.weight_mask].any()
+    with pytest.raises(CheckpointMismatchError, match="missing keys"):
+        model.fold_layer_norm({k: v for k, v in model.state_dict().items() if k != "head.bias"})
+    with pytest.raises(InvalidArgumentError, match="RMSNorm"):
+        model.fold_layer_norm(model.state_dict(), fold_biases=False)

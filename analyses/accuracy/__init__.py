@@ -1,1 +1,7 @@
-"""Accuracy level (IMPACT Table 1): top-1 / top-5 of the dense model and every pruned variant."""
+"""Accuracy level (IMPACT Table 1): config, the level's computation, its result."""
+
+from analyses.accuracy.compute import Accuracy
+from analyses.accuracy.config import AccuracyConfig
+from analyses.accuracy.result import AccuracyResult
+
+__all__ = ["Accuracy", "AccuracyConfig", "AccuracyResult"]

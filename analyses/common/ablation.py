@@ -40,10 +40,9 @@ from hooked_vit.data import make_loader, progress
 from hooked_vit.errors import CorruptFileError, InvalidArgumentError, InvalidTypeError, UnknownNameError
 from hooked_vit.pruning.cached import cache_root, state_digest, take_lock
 from hooked_vit.reading import load_safetensors
+from analyses.common.vocabulary import ALL_SITE_NAMES, HEAD_SITE  # noqa: F401  (public here too)
 from hooked_vit.sites import SITE_NAMES, Site
 
-HEAD_SITE = "attn_head"
-ALL_SITE_NAMES: tuple[str, ...] = (*SITE_NAMES, HEAD_SITE)
 REFERENCES: tuple[str, ...] = ("mean", "zero")
 HookFn = Callable[..., Tensor]
 _HEAD_HOOK = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")

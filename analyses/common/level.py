@@ -1,77 +1,294 @@
-"""The one shape every level of the study has, and the registry of the five levels.
+"""The one shape of every analysis, and the one driver that runs them.
 
-A level is a config dataclass (a :class:`~analyses.common.variants.ModelFamily` plus its own
-settings), a ``run(config, out, *, shard, show_progress)`` over the model variants that saves each
-unit of work under ``out`` as it goes (and returns the combined result, saved to ``out``, when the
-shard is whole), and a result type (:class:`~analyses.common.results.AnalysisResult`) that loads
-from ``out``, prints its tables (``markdown()``) and has written its figures (``FIGURES``: file ->
-caption). The study runner, its CLI and the report work only through :data:`LEVELS`; the level
-modules are imported when a level is used (names are ``"module:attribute"`` strings).
+A level is a :class:`Level` subclass registered under its name (:func:`register_level`)::
+
+    @register_level("toy")
+    class Toy(Level):
+        Config = ToyConfig      # a dataclass extending ModelFamily; its fields are the CLI options and TOML keys
+        Result = ToyResult      # an AnalysisResult: save/load, markdown(), its figures
+        def units(self, config): ...                 # the units of work of one model variant (names)
+        def compute(self, unit, model, data): ...    # one unit's record (JSON-able), saved by the driver
+        def combine(self, config, records): ...      # the Result, from the saved records alone
+
+:func:`run_level` is the driver: for each model variant (:meth:`Level.variants`, by default one per
+sparsity) it loads the model once per process, skips the units already saved with the same
+settings, builds the per-model ``data`` (:meth:`Level.prepare`) only if a unit is left, computes and
+saves each unit as soon as it is done (``<out>/<variant>/<unit>.json``, atomically), takes only its
+share of the units under ``torchrun`` (:class:`~analyses.common.units.Shard`), and, once every unit is
+saved, combines them without loading a model, saves the result and writes ``done.json``.
+
+The built-in levels live in ``analyses/<name>/`` and are imported when used; the command line
+imports only their config module (:data:`BUILTIN`), so ``--help`` never imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
+from analyses.common.results import config_to_dict, read_json, settings_without, write_json
+from analyses.common.units import Shard, load_unit, read_unit, save_unit
+from hooked_vit.errors import InvalidArgumentError, MissingFileError
 
-def _resolve(target: str) -> Any:
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+DONE_FILE = "done.json"
+# Built-in levels: name -> (module defining the Level, light module defining its Config).
+BUILTIN: dict[str, tuple[str, str]] = {
+    "accuracy": ("analyses.accuracy", "analyses.accuracy.config"),
+    "neuron": ("analyses.neuron", "analyses.neuron.config"),
+    "layer": ("analyses.layer", "analyses.layer.config"),
+    "circuit": ("analyses.circuit", "analyses.circuit.config"),
+    "model": ("analyses.model", "analyses.model.config"),
+}
+LEVELS: dict[str, type[Level]] = {}
 
 
 @dataclass(frozen=True)
-class Level:
-    """One level of the study: ``name`` (``--levels``), ``title``, the ``paper``'s tables and
-    figures it reproduces, its ``unit`` of work, and where its config class, run function and
-    result class live."""
+class Variant:
+    """One model a level analyses: its folder name under the level's output (``key``), the
+    ``sparsity`` it is pruned to, and its ``label`` in tables."""
 
-    name: str
-    title: str
-    paper: str
+    key: str
+    sparsity: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One saved unit: the variant and unit it belongs to, its record, the settings it was computed
+    with (including the weights' ``model_key``) and the seconds it took."""
+
+    variant: Variant
     unit: str
-    config: str
-    run: str
-    result: str
-    docs: str  # the README section that explains it
-
-    @property
-    def config_class(self) -> type:
-        return _resolve(self.config)
-
-    @property
-    def result_class(self) -> type:
-        return _resolve(self.result)
-
-    def __call__(self, config: Any, out: Any, **options: Any) -> Any:
-        """``run(config, out, shard=..., show_progress=...)``: the combined result (whole shard) or ``None``."""
-        return _resolve(self.run)(config, out, **options)
+    record: Any
+    settings: dict[str, Any]
+    seconds: float
 
 
-def _run_layer(config: Any, out: Any, *, shard: Any, show_progress: bool = True) -> Any:
-    """The layer level as one run: train (or resume) each model's SAE, then evaluate them."""
-    from analyses.layer.level import run_layer_level, train_layer_level
+class Level:
+    """Base of every level (see the module docstring). Class attributes: ``name`` (set by
+    :func:`register_level`), ``title``, ``paper`` (the tables/figures it reproduces), ``unit`` (what
+    one unit of work is), ``Config``, ``Result``, ``run_only`` (config fields a unit's numbers do not
+    depend on, so a resumed run may change them), ``open_choices`` (settings the paper leaves open,
+    as dotted paths into the config, for the report), ``figures`` (file -> caption) and
+    ``paper_numbers`` (the paper's own table, markdown, shown beside ours in the paper's setting)."""
 
-    train_layer_level(config, out, shard=shard)
-    return run_layer_level(config, out, shard=shard, show_progress=show_progress)
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    unit: ClassVar[str] = "model"
+    Config: ClassVar[type]
+    Result: ClassVar[type]
+    run_only: ClassVar[tuple[str, ...]] = ("sparsities", "device")
+    open_choices: ClassVar[tuple[str, ...]] = ()
+    figures: ClassVar[dict[str, str]] = {}
+    paper_numbers: ClassVar[str | None] = None
+
+    def __init__(self, *, show_progress: bool = True, model_loader: Callable[[Any, Variant], Any] | None = None,
+                 datasets: Mapping[str, Any] | None = None):
+        """``model_loader(config, variant)`` replaces :meth:`load` and ``datasets`` (split name ->
+        :class:`~hooked_vit.data.LabelledImages`) replace :meth:`dataset`'s loading (tests, notebooks)."""
+        self.show_progress = show_progress
+        self.model_loader = model_loader
+        self.datasets = dict(datasets or {})
+        self.pending: tuple[str, ...] = ()  # set by the driver before prepare: this process's units left to compute
+
+    # -- what a level defines
+    def units(self, config: Any) -> list[str]:
+        """The units of work of one model variant, as names usable in a path (``"classes/3"``)."""
+        return ["model"]
+
+    def prepare(self, config: Any, model: Any, variant: Variant, out: Path) -> Any:
+        """Per-model state every unit of ``variant`` needs (built only when one is left to compute;
+        :attr:`pending` then names this process's units of ``variant`` left to compute, in order,
+        for a level that computes several in one go)."""
+        return None
+
+    def compute(self, unit: str, model: Any, data: Any) -> Any:
+        """One unit's record (JSON-able)."""
+        raise NotImplementedError(f"level {self.name!r} does not define compute")
+
+    def combine(self, config: Any, records: list[Record]) -> Any:
+        """The level's result from every saved record (no model is loaded)."""
+        raise NotImplementedError(f"level {self.name!r} does not define combine")
+
+    # -- what a level may refine
+    def variant_units(self, config: Any, variant: Variant) -> list[str]:
+        """The units of ``variant`` (default :meth:`units`, the same for every model)."""
+        return self.units(config)
+
+    def variants(self, config: Any) -> list[Variant]:
+        """The models analysed: the dense model and each pruned variant of ``config.sparsities``."""
+        from analyses.common.labels import model_label
+
+        return [Variant(f"sparsity_{float(s):g}", float(s), model_label(s, config.method)) for s in config.sparsities]
+
+    def load(self, config: Any, variant: Variant) -> Any:
+        """The model of ``variant`` (built or loaded from the variant cache)."""
+        if self.model_loader is not None:
+            return self.model_loader(config, variant)
+        from analyses.common.variants import load_model
+
+        return load_model(config, variant.sparsity)
+
+    def dataset(self, config: Any, split: str, model: Any) -> Any:
+        """Split ``split`` of ``config.data`` (or the dataset given for it)."""
+        if split in self.datasets:
+            return self.datasets[split]
+        from hooked_vit.data import load_dataset
+
+        return load_dataset(config.data, split=split, model=model)
+
+    def describe_choice(self, config: Any, path: str) -> str | None:
+        """How the report shows open choice ``path`` when its value needs explaining (``None``: as is)."""
+        return None
+
+    def settings(self, config: Any, model: Any, variant: Variant) -> dict[str, Any]:
+        """What a unit's record depends on besides its name: the config without :attr:`run_only`,
+        and the weights (``model_key``). A saved unit with other settings is recomputed."""
+        from analyses.common.ablation import model_key
+
+        return {**settings_without(config, self.run_only), "model_key": model_key(model), "variant": variant.key}
 
 
-LEVELS: dict[str, Level] = {level.name: level for level in (
-    Level("accuracy", "Accuracy", "Table 1", "model",
-          "analyses.accuracy.level:AccuracyConfig", "analyses.accuracy.level:run_accuracy",
-          "analyses.accuracy.level:AccuracyResult", "#accuracy-vs-sparsity-impact-table-1"),
-    Level("neuron", "Neuron level", "Table/Figure 2", "model x class",
-          "analyses.neuron.level:NeuronLevelConfig", "analyses.neuron.level:run_neuron_metrics",
-          "analyses.neuron.level:NeuronLevelResult", "#neuron-level-impact-sec-32--42"),
-    Level("layer", "Layer level", "Table 2, Figure 3", "model (one SAE, its checkpoints, its evaluation)",
-          "analyses.layer.level:LayerLevelConfig", "analyses.common.level:_run_layer",
-          "analyses.layer.level:LayerLevelResult", "#layer-level-batchtopk-saes-through-sae-lens-impact-sec-33--43-appendix-b"),
-    Level("circuit", "Circuit level", "Table 3", "model x class",
-          "analyses.circuits.config:CircuitConfig", "analyses.circuits.runner:run_circuits",
-          "analyses.circuits.runner:CircuitResult", "#circuit-level-node-masks-edges-ncq-impact-sec-34-44-tables-3-and-7"),
-    Level("model", "Model level", "Table 4, Figure 4", "model x image chunk",
-          "analyses.model.level:ModelLevelConfig", "analyses.model.level:run_model_level",
-          "analyses.model.level:ModelLevelResult", "#model-level-transformer-attribution-attnlrp-insertiondeletion-table-4-figure-4"),
-)}
-LEVEL_NAMES: tuple[str, ...] = tuple(LEVELS)
+def register_level(name: str) -> Callable[[type[Level]], type[Level]]:
+    """Register the decorated :class:`Level` subclass as level ``name`` (its folder, subcommand,
+    ``--levels`` entry and config section)."""
+
+    def decorate(cls: type[Level]) -> type[Level]:
+        if not name.isidentifier():
+            raise InvalidArgumentError(f"a level name must be an identifier, got {name!r}")
+        cls.name = name
+        LEVELS[name] = cls
+        return cls
+
+    return decorate
+
+
+def level_names() -> tuple[str, ...]:
+    """Every level: the built-in ones, then those registered since."""
+    return tuple(dict.fromkeys([*BUILTIN, *LEVELS]))
+
+
+def get_level(name: str) -> type[Level]:
+    """The :class:`Level` class registered as ``name`` (a built-in one is imported now)."""
+    if name not in LEVELS and name in BUILTIN:
+        importlib.import_module(BUILTIN[name][0])
+    if name not in LEVELS:
+        raise InvalidArgumentError(f"unknown level {name!r}; choose from {', '.join(level_names())}")
+    return LEVELS[name]
+
+
+def config_class(name: str) -> type:
+    """Level ``name``'s config dataclass, importing only its light config module for built-in levels."""
+    if name in LEVELS:
+        return LEVELS[name].Config
+    if name in BUILTIN:
+        module = importlib.import_module(BUILTIN[name][1])
+        return module.CONFIG
+    raise InvalidArgumentError(f"unknown level {name!r}; choose from {', '.join(level_names())}")
+
+
+# ------------------------------------------------------------------------------------------ driver
+def unit_path(out: Path, variant: Variant, unit: str) -> Path:
+    """Where one unit's record is saved."""
+    return out / variant.key / f"{unit}.json"
+
+
+def _plan(level: Level, config: Any) -> list[tuple[Variant, str]]:
+    plan = []
+    for variant in level.variants(config):
+        units = level.variant_units(config, variant)
+        if len(set(units)) != len(units):
+            raise InvalidArgumentError(f"level {level.name!r} names a unit of {variant.key} twice: {units}")
+        plan += [(variant, unit) for unit in units]
+    return plan
+
+
+def _by_variant(plan: Iterable[tuple[Variant, str]]) -> dict[Variant, list[str]]:
+    grouped: dict[Variant, list[str]] = {}
+    for variant, unit in plan:
+        grouped.setdefault(variant, []).append(unit)
+    return grouped
+
+
+def compute_units(level: Level, config: Any, out: str | os.PathLike, shard: Shard = Shard()) -> None:
+    """This process's share of the level's units: each variant's model loaded once, saved units with
+    the same settings kept, the others computed and saved one by one."""
+    from hooked_vit.data import progress
+
+    out = Path(out)
+    for variant, units in _by_variant(shard.take(_plan(level, config))).items():
+        model = level.load(config, variant)
+        settings = level.settings(config, model, variant)
+        pending = [u for u in units
+                   if load_unit(unit_path(out, variant, u), settings, f"a {level.name}-level unit (JSON)") is None]
+        if pending:
+            level.pending = tuple(pending)
+            data = level.prepare(config, model, variant, out)
+            for unit in progress(pending, desc=f"{level.name}: {variant.label}", total=len(pending),
+                                 enabled=level.show_progress and len(pending) > 1):
+                start = time.perf_counter()
+                record = level.compute(unit, model, data)
+                save_unit(unit_path(out, variant, unit), settings, record, seconds=time.perf_counter() - start)
+            del data
+        del model
+
+
+def combine_units(level: Level, config: Any, out: str | os.PathLike) -> Any:
+    """The level's result from the records saved under ``out`` (every unit must be there), saved to ``out``."""
+    out = Path(out)
+    records = []
+    for variant, unit in _plan(level, config):
+        path = unit_path(out, variant, unit)
+        saved = read_unit(path, f"a {level.name}-level unit (JSON)")
+        if saved is None:
+            raise MissingFileError(f"{path} is missing: run the {level.name} level first (hooked-vit {level.name})")
+        records.append(Record(variant, unit, saved["record"], saved["settings"], float(saved.get("seconds", 0.0))))
+    result = level.combine(config, records)
+    result.save(out)
+    return result
+
+
+def run_level(
+    level: str | Level,
+    config: Any,
+    out: str | os.PathLike,
+    *,
+    shard: Shard = Shard(),
+    barrier: Callable[[], None] = lambda: None,
+    done_settings: dict[str, Any] | None = None,
+) -> Any | None:
+    """Run (or resume) ``level`` (a name, or an instance carrying its options) on ``config`` into
+    ``out``: this process's units, then, on the first process once ``barrier()`` has seen every share
+    saved, the combined result (returned; other processes return ``None``) and ``done.json``. A level
+    whose ``done.json`` holds ``done_settings`` (default: the config) is not run again: its result
+    is loaded."""
+    level = get_level(level)() if isinstance(level, str) else level
+    if not isinstance(config, level.Config):
+        raise InvalidArgumentError(f"the {level.name} level needs a {level.Config.__name__}, "
+                                   f"got {type(config).__name__}")
+    out = Path(out)
+    settings = config_to_dict(config) if done_settings is None else done_settings
+    done = out / DONE_FILE
+    if done.is_file() and read_json(done).get("settings") == settings:
+        return level.Result.load(out) if shard.rank == 0 else None
+    resumed = out.is_dir()
+    start = time.perf_counter()
+    compute_units(level, config, out, shard)
+    barrier()
+    result = None
+    if shard.rank == 0:
+        result = combine_units(level, config, out)
+        write_json(done, {"settings": settings, "seconds": time.perf_counter() - start, "processes": shard.world,
+                          "resumed": resumed})
+    barrier()
+    return result
+
+
+__all__ = ["BUILTIN", "DONE_FILE", "LEVELS", "Level", "Record", "Variant", "combine_units", "compute_units",
+           "config_class", "get_level", "level_names", "register_level", "run_level", "unit_path"]

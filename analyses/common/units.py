@@ -44,12 +44,16 @@ class Shard:
 
 def load_unit(path: str | os.PathLike, settings: dict[str, Any], what: str) -> Any | None:
     """The record saved in ``path`` if it was made with ``settings``, else ``None`` (recompute)."""
+    saved = read_unit(path, what)
+    return saved["record"] if saved is not None and saved["settings"] == settings else None
+
+
+def read_unit(path: str | os.PathLike, what: str) -> dict[str, Any] | None:
+    """The saved unit in ``path`` (``{"settings", "record", "seconds"}``), or ``None`` if there is none."""
     saved = read_resumable_json(path, what)
-    if isinstance(saved, dict) and saved.get("settings") == settings and "record" in saved:
-        return saved["record"]
-    return None
+    return saved if isinstance(saved, dict) and "record" in saved and "settings" in saved else None
 
 
-def save_unit(path: str | os.PathLike, settings: dict[str, Any], record: Any) -> None:
-    """Save one finished unit (whole or not at all)."""
-    write_json(path, {"settings": settings, "record": record})
+def save_unit(path: str | os.PathLike, settings: dict[str, Any], record: Any, *, seconds: float = 0.0) -> None:
+    """Save one finished unit (whole or not at all), with the seconds it took."""
+    write_json(path, {"settings": settings, "record": record, "seconds": seconds})

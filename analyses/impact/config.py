@@ -5,7 +5,7 @@ level receives.
 The model family (``model``, ``data``, ``methods``, ``sparsities`` and the variant protocol) is
 set once and shared by every level, so the levels always analyse the same variants. A level's own
 settings (``[level.<name>]`` in TOML) are keyword arguments of its config class
-(:data:`analyses.common.level.LEVELS`). A preset fills in what the config leaves out.
+(:func:`analyses.common.level.config_class`). A preset fills in what the config leaves out.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES
-from analyses.common.level import LEVEL_NAMES, LEVELS
+from analyses.common.family import DEFAULT_MODEL, DEFAULT_SPARSITIES, setting
+from analyses.common.level import BUILTIN, config_class, level_names
+from hooked_vit.cli_args import PRUNING_METHODS
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
+from hooked_vit.protocol import SAMPLINGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,22 +82,28 @@ class StudyConfig:
     ``sparsities`` (0 = dense), Wanda calibrated on ``n_calib`` images drawn by ``calib_sampling``
     from the train split of ``data`` (``"builtin"`` or an ImageNet-style folder), then
     ``finetune_epochs`` of masked fine-tuning (``None``: the model preset's protocol). ``levels``:
-    which of :data:`LEVEL_NAMES` to run. ``level``: per level name, settings of its config class
+    which levels to run (:func:`~analyses.common.level.level_names`; default the built-in ones). ``level``: per level name, settings of its config class
     (e.g. ``{"circuit": {"steps": 100}}``). ``preset``: the preset these came from (recorded).
     ``device``: default CUDA when available (under torchrun, each process's local GPU).
     """
 
-    model: str = DEFAULT_MODEL
-    data: str = "builtin"
-    methods: tuple[str, ...] = ("wanda",)
-    sparsities: tuple[float | int, ...] = DEFAULT_SPARSITIES
-    finetune_epochs: int | None = None
-    n_calib: int | None = None
-    calib_sampling: str | None = None
-    levels: tuple[str, ...] = LEVEL_NAMES
-    level: dict[str, dict[str, Any]] = field(default_factory=dict)
-    preset: str | None = None
-    device: str | None = None
+    model: str = setting(DEFAULT_MODEL, "model alias or saved model folder (default: the preset's)")
+    data: str = setting("builtin", "'builtin' (the model's own dataset) or an ImageNet-style folder root")
+    methods: tuple[str, ...] = setting(("wanda",), "pruning methods", choices=PRUNING_METHODS)
+    sparsities: tuple[float | int, ...] = setting(DEFAULT_SPARSITIES, "fractions in [0, 1), 0 (dense) included")
+    finetune_epochs: int | None = setting(None, "masked fine-tuning epochs of each variant (default: the model "
+                                          "preset's, 2)")
+    n_calib: int | None = setting(None, "Wanda calibration images (default: the preset's)")
+    calib_sampling: str | None = setting(None, "calibration sampling (default: the preset's)", choices=SAMPLINGS)
+    levels: tuple[str, ...] = setting(tuple(BUILTIN), "levels to run (the built-in ones and any registered level)")
+    level: dict[str, dict[str, Any]] = setting(help="per level, settings of its config ([level.<name>] in TOML)",
+                                               factory=dict)
+    preset: str | None = setting(None, "quick: the embedded model, reduced where a level's full run takes long "
+                                 "(minutes on a CPU); full: the embedded model, every level's full protocol; paper: "
+                                 "deit3_base with the paper's settings (needs --data, an ImageNet folder). Default: "
+                                 "quick, or the config file's", choices=("quick", "full", "paper"))
+    device: str | None = setting(None, "torch device (default CUDA if available, else CPU; under torchrun each "
+                                 "process's own GPU)")
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -103,9 +111,10 @@ class StudyConfig:
         self.levels = tuple(self.levels)
         if not self.methods:
             raise InvalidArgumentError("methods must name at least one pruning method (e.g. wanda)")
-        unknown = [name for name in (*self.levels, *self.level) if name not in LEVELS]
+        unknown = [name for name in (*self.levels, *self.level) if name not in level_names()]
         if unknown or not self.levels:
-            raise InvalidArgumentError(f"unknown level(s) {unknown or list(self.levels)}; choose from {', '.join(LEVEL_NAMES)}")
+            raise InvalidArgumentError(f"unknown level(s) {unknown or list(self.levels)}; choose from "
+                                       f"{', '.join(level_names())}")
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidArgumentError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         if self.preset == "paper" and self.data == "builtin":
@@ -114,21 +123,26 @@ class StudyConfig:
         if 0 not in [float(s) for s in self.sparsities]:
             raise InvalidArgumentError(f"sparsities must include 0 (the dense model every table compares with), "
                                        f"got {list(self.sparsities)}")
-        for name in LEVEL_NAMES:  # every setting checked now, before any work starts
+        for name in self.compared_levels():  # every setting checked now, before any work starts
             for method in self.methods:
                 self.level_config(name, method)
+
+    def compared_levels(self) -> tuple[str, ...]:
+        """The levels whose settings a study records: the built-in ones (so a rerun that adds one
+        compares it too) and any other level it runs."""
+        return tuple(dict.fromkeys([*BUILTIN, *self.levels]))
 
     def level_config(self, name: str, method: str) -> Any:
         """The config of level ``name`` for the variants pruned with ``method``."""
         options = dict(self.level.get(name, {}))
-        family = {"model": self.model, "dataset": self.data, "sparsities": self.sparsities, "method": method,
+        family = {"model": self.model, "data": self.data, "sparsities": self.sparsities, "method": method,
                   "finetune_epochs": self.finetune_epochs, "n_calib": self.n_calib,
                   "calib_sampling": self.calib_sampling, "device": self.device}
         clash = sorted(set(options) & set(family))
         if clash:
             raise InvalidArgumentError(f"level {name!r} sets {', '.join(clash)}, which the study sets for every level; "
                                        "set them at the top of the config")
-        cls = LEVELS[name].config_class
+        cls = config_class(name)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -144,7 +158,7 @@ class StudyConfig:
         from analyses.common.results import config_to_dict
 
         data = {k: v for k, v in config_to_dict(self).items() if k not in (*RUN_ONLY, "level")}
-        for name in LEVEL_NAMES:
+        for name in self.compared_levels():
             for method in self.methods:
                 resolved = config_to_dict(self.level_config(name, method))
                 data[f"level.{name}.{method}"] = {k: v for k, v in resolved.items() if k not in LEVEL_RUN_ONLY}

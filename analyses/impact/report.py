@@ -10,38 +10,20 @@ import base64
 import html
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analyses.common.level import LEVELS
+from analyses.common.level import DONE_FILE, get_level
 from analyses.common.results import config_to_dict, read_json
 from analyses.impact.config import REDUCTIONS, StudyConfig, to_toml
-from analyses.impact.paper import PAPER_MODEL, PAPER_TABLES
+from analyses.impact.docs import DOCS_DIR, PROTOCOL_PAGE, render, write_docs
 from hooked_vit import atomic
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-DONE_FILE = "done.json"
-README = Path(__file__).resolve().parents[2] / "README.md"  # where each level is explained (source checkouts)
-PROTOCOL_DOC = "docs/protocol.md"
-# Per level, the settings the paper leaves open (dotted paths into the level's config).
-OPEN_CHOICES: dict[str, tuple[str, ...]] = {
-    "accuracy": ("method", "finetune_epochs", "n_calib", "calib_sampling", "split"),
-    "neuron": ("blocks", "sites", "top_k", "selection", "negatives", "pooled_means", "n_means_images"),
-    "layer": ("sae.hook_name", "sae.tokens", "sae.k", "sae.expansion_factor", "sae.training_samples",
-              "sae.normalize_activations", "sae.dead_feature_window", "top_k", "negatives"),
-    "circuit": ("k", "loss", "reference", "steps", "batch_size", "lr", "schedule", "tau", "n_means_images"),
-    "model": ("methods", "reference", "step", "start_layer", "layerscale_rule", "n_images"),
-}
-FIGURES: dict[str, dict[str, str]] = {
-    "neuron": {"figure.png": "Figure 2: neuron metrics vs sparsity (early, middle, late block)"},
-    "layer": {"figure.png": "Figure 3: SAE latent metrics vs sparsity"},
-    "circuit": {"metrics.png": "circuit node and edge fractions, accuracy and NCQ vs sparsity",
-                "heatmap.png": "circuit membership per site and block"},
-    "model": {"figure4.png": "Figure 4: attribution maps of the dense and sparse models",
-              "curves.png": "insertion and deletion curves"},
-}
+PAPER_MODEL = "deit3_base"  # the paper's setting: its own numbers are shown beside ours
 
 
 def level_dir(out: str | os.PathLike, level: str, method: str) -> Path:
@@ -56,13 +38,12 @@ def _lookup(config: Any, path: str) -> Any:
     return value
 
 
-def _choice(level: str, path: str, config: Any) -> str:
-    """A setting's value as the report shows it (``None`` defaults spelt out where they resolve late)."""
+def _choice(level: Any, path: str, config: Any) -> str:
+    """A setting's value as the report shows it (the level explains values that resolve late)."""
+    described = level.describe_choice(config, path)
+    if described is not None:
+        return described
     value = _lookup(config, path)
-    if level == "circuit" and path == "k" and value is None:
-        from analyses.circuits.config import resolve_k
-
-        return f"model preset: dense `{resolve_k(config, 0.0):g}`, sparse `{resolve_k(config, 0.5):g}`"
     if value is None:
         return "default (resolved per model; see the level's result)"
     return f"`{json.dumps(value)}`"
@@ -91,51 +72,52 @@ def build_markdown(config: StudyConfig, out: Path) -> tuple[str, list[tuple[str,
     lines += [f"Dense model and its variants ({variants}) on `{config.data}`; each variant calibrated on "
               f"{family.n_calib} train images ({family.calib_sampling}) and fine-tuned {family.finetune_epochs} "
               f"epoch(s) with its masks. Preset: `{config.preset}`. The resolved config is `study.toml` "
-              f"beside this report; choices the paper leaves open are explained in `{PROTOCOL_DOC}`.", ""]
+              f"beside this report; choices the paper leaves open are explained in [the protocol]({PROTOCOL_PAGE}).",
+              ""]
     reduced = REDUCTIONS.get(config.preset or "", {})
     if any(name in reduced for name in config.levels):
         lines += ["**Reduced from the full protocol** (this preset):", ""]
-        lines += [f"- {LEVELS[name].title}: {reduced[name]}" for name in config.levels if name in reduced]
+        lines += [f"- {get_level(name).title}: {reduced[name]}" for name in config.levels if name in reduced]
         lines += [""]
     lines += ["## Wall time", "", "| Level | Variants | Wall time | Processes | Resumed |", "|---|---|---:|---:|---|"]
     for name in config.levels:
         for method in config.methods:
             done = level_dir(out, name, method) / DONE_FILE
             info = read_json(done) if done.is_file() else {}
-            lines.append(f"| {LEVELS[name].title} | {method} | "
+            lines.append(f"| {get_level(name).title} | {method} | "
                          f"{_seconds(info['seconds']) if 'seconds' in info else 'not run'} | "
                          f"{info.get('processes', '')} | {'yes' if info.get('resumed') else 'no' if info else ''} |")
     lines += [""]
     lines += ["## Choices where the paper is silent", "",
-              f"The paper's words beside each choice, its alternatives and their measured effects: `{PROTOCOL_DOC}`.", "",
+              f"The paper's words beside each choice, its alternatives and their measured effects: "
+              f"[the protocol]({PROTOCOL_PAGE}).", "",
               "| Level | Setting | Value |", "|---|---|---|"]
     for name in config.levels:
-        level_config = config.level_config(name, config.methods[0])
-        for path in OPEN_CHOICES[name]:
-            lines.append(f"| {LEVELS[name].title} | `{path}` | {_choice(name, path, level_config)} |")
+        level, level_config = get_level(name)(), config.level_config(name, config.methods[0])
+        for path in level.open_choices:
+            lines.append(f"| {level.title} | `{path}` | {_choice(level, path, level_config)} |")
     lines += [""]
+    pages = write_docs(out, config.levels)
     for name in config.levels:
-        level = LEVELS[name]
-        where = (f"[{level.title}]({Path(os.path.relpath(README, out)).as_posix()}{level.docs})" if README.is_file()
-                 else f"section {level.title}")
-        lines += [f"## {level.title} ({level.paper})", "", f"Unit of work: {level.unit}. Explained in the README, {where}.",
-                  ""]
+        level = get_level(name)
+        where = f"[its page]({pages[name]})" if name in pages else "its page in the project's docs"
+        lines += [f"## {level.title} ({level.paper})", "", f"Unit of work: {level.unit}. Explained on {where}.", ""]
         for method in config.methods:
             directory = level_dir(out, name, method)
             if not (directory / DONE_FILE).is_file():
                 lines += [f"*{method}: not run yet.*", ""]
                 continue
-            result = level.result_class.load(directory)
+            result = level.Result.load(directory)
             if len(config.methods) > 1:
                 lines += [f"### {method}", ""]
             lines += [result.markdown().strip(), ""]
-            for file, caption in FIGURES.get(name, {}).items():
+            for file, caption in level.figures.items():
                 if (directory / file).is_file():
                     rel = (directory / file).relative_to(out).as_posix()
                     figures.append((rel, caption))
                     lines += [f"![{caption}]({rel})", "", f"*{caption}.*", ""]
-        if config.model == PAPER_MODEL and name in PAPER_TABLES:
-            lines += ["The paper's numbers (DeiT-III B/16, ImageNet-1K):", "", PAPER_TABLES[name], ""]
+        if config.model == PAPER_MODEL and level.paper_numbers:
+            lines += ["The paper's numbers (DeiT-III B/16, ImageNet-1K):", "", level.paper_numbers, ""]
     return "\n".join(lines), figures
 
 
@@ -147,19 +129,13 @@ def _inline_figures(body: str, out: Path, figures: list[tuple[str, str]]) -> str
 
 
 def write_report(config: StudyConfig, out: str | os.PathLike) -> Report:
-    """Write ``report.md`` and ``report.html`` into ``out`` from the results saved there."""
-    import markdown
-
+    """Write ``report.md`` and ``report.html`` into ``out`` from the results saved there (the HTML
+    with its figures inline and its links to the copied docs pages' HTML versions)."""
     out = Path(out)
     text, figures = build_markdown(config, out)
-    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
-    page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>IMPACT study of {html.escape(config.model)}</title>\n<style>"
-            "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
-            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.2em .5em}"
-            "img{max-width:100%}code{background:#f4f4f4}</style></head><body>\n"
-            f"{_inline_figures(body, out, figures)}\n<h2>Config</h2>\n<pre>{html.escape(to_toml(config))}</pre>\n"
-            "</body></html>\n")
+    html_text = re.sub(rf"\]\(({DOCS_DIR}/[\w-]+)\.md", r"](\1.html", text)
+    page = render(html_text + f"\n\n## Config\n\n```toml\n{to_toml(config)}```\n",
+                  f"IMPACT study of {config.model}")
     md = atomic.write_text(out / REPORT_MD, text + "\n")
-    page_path = atomic.write_text(out / REPORT_HTML, page)
+    page_path = atomic.write_text(out / REPORT_HTML, _inline_figures(page, out, figures))
     return Report(text, Path(md), Path(page_path))

@@ -13,17 +13,14 @@ unit. A rerun into a folder made with another config is refused with the list of
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 from pathlib import Path
 
-from analyses.common.level import LEVELS
+from analyses.common.level import get_level, run_level
+from analyses.common.processes import Processes, start, stop
 from analyses.common.results import config_to_dict, read_json, write_json
-from analyses.common.units import Shard
 from analyses.impact.config import StudyConfig, differences, to_toml
-from analyses.impact.distributed import Processes, start, stop
-from analyses.impact.report import DONE_FILE, Report, level_dir, write_report
+from analyses.impact.report import Report, level_dir, write_report
 from hooked_vit import atomic
 from hooked_vit.errors import InvalidArgumentError
 
@@ -48,30 +45,15 @@ def claim(out: Path, config: StudyConfig, processes: Processes) -> None:
     processes.barrier()
 
 
-def run_level(name: str, method: str, config: StudyConfig, out: Path, processes: Processes,
-              show_progress: bool = True) -> None:
-    """Level ``name`` on the ``method`` variants: this process's units, then (main process, once all
-    are saved) the combined result and ``done.json``. Skipped when already done with these settings."""
-    level = LEVELS[name]
-    directory = level_dir(out, name, method)
+def run_study_level(name: str, method: str, config: StudyConfig, out: Path, processes: Processes,
+                    show_progress: bool = True) -> None:
+    """Level ``name`` on the ``method`` variants through the one driver
+    (:func:`analyses.common.level.run_level`): this process's units, then the combined result and
+    ``done.json`` on the main process; skipped when already done with these settings."""
     level_config = config.level_config(name, method)
     level_config.device = processes.device(config.device)
-    if name == "layer":  # the SAE trainer's own progress bar and device follow the run's
-        level_config.sae = dataclasses.replace(level_config.sae, progress=show_progress, device=level_config.device)
-    settings = config.identity()[f"level.{name}.{method}"]
-    done = directory / DONE_FILE
-    if done.is_file() and read_json(done).get("settings") == settings:
-        return
-    resumed = directory.is_dir()
-    start_time = time.perf_counter()
-    level(level_config, directory, shard=processes.shard, show_progress=show_progress)
-    processes.barrier()
-    if processes.is_main:
-        if not processes.shard.whole:  # every share is saved: assemble them (nothing is recomputed)
-            level(level_config, directory, shard=Shard(), show_progress=False)
-        write_json(done, {"settings": settings, "seconds": time.perf_counter() - start_time,
-                          "processes": processes.shard.world, "resumed": resumed})
-    processes.barrier()
+    run_level(get_level(name)(show_progress=show_progress), level_config, level_dir(out, name, method),
+              shard=processes.shard, barrier=processes.barrier, done_settings=config.identity()[f"level.{name}.{method}"])
 
 
 def run(config: StudyConfig, out: str | os.PathLike, *, report_only: bool = False,
@@ -93,8 +75,9 @@ def run(config: StudyConfig, out: str | os.PathLike, *, report_only: bool = Fals
             for name in config.levels:
                 for method in config.methods:
                     if processes.is_main and log is not None:
-                        log(f"[impact] {LEVELS[name].title} ({LEVELS[name].paper}), {method} variants")
-                    run_level(name, method, config, out, processes, show_progress=show_progress and processes.is_main)
+                        level = get_level(name)
+                        log(f"[impact] {level.title} ({level.paper}), {method} variants")
+                    run_study_level(name, method, config, out, processes, show_progress=show_progress and processes.is_main)
         return write_report(config, out) if processes.is_main else None
     finally:
         stop(processes)
@@ -110,4 +93,4 @@ def stored_config(out: str | os.PathLike) -> StudyConfig:
     return config_from_dict(StudyConfig, read_json(path)["config"])
 
 
-__all__ = ["STUDY_JSON", "STUDY_TOML", "claim", "run", "run_level", "stored_config"]
+__all__ = ["STUDY_JSON", "STUDY_TOML", "claim", "run", "run_study_level", "stored_config"]

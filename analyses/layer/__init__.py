@@ -1,1 +1,8 @@
-"""Layer level (IMPACT sec. 3.3 / 4.3, Table 2, Figure 3): the activation store, BatchTopK SAEs through sae-lens, their quality and latent metrics."""
+"""Layer level (IMPACT sec. 3.3 / 4.3, Table 2, Figure 3; Tables 5/6): BatchTopK SAEs through sae-lens
+on each model, their quality and latent metrics. Config, the level's computation, its result."""
+
+from analyses.layer.compute import Layer
+from analyses.layer.config import LayerConfig
+from analyses.layer.result import LayerResult
+
+__all__ = ["Layer", "LayerConfig", "LayerResult"]

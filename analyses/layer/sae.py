@@ -22,13 +22,12 @@ as one edits neurons.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,8 @@ from torch.utils.data import Dataset
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # sae-lens imports wandb; never log to it from here
 
-from sae_lens import SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig  # noqa: E402
-from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
+from sae_lens import SAE, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig  # noqa: E402, F401  (config.py uses these)
+from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402, F401
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 
@@ -58,12 +57,13 @@ from hooked_vit.saes import (  # noqa: E402, F401  (the splice lives in hooked_v
     spliced,
 )
 
-from analyses.layer.activation_store import (  # noqa: E402
-    ActivationStore,
-    ActivationStoreConfig,
-    check_tokens,
-    default_hook_name,
-    hook_layout,
+from analyses.layer.activation_store import ActivationStore, hook_layout  # noqa: E402
+from analyses.layer.config import (  # noqa: E402, F401  (the SAE's settings live in the light config module)
+    LR_SCHEDULERS,
+    NORMALIZATIONS,
+    OPERATIONAL_FIELDS,
+    SAETrainConfig,
+    dead_window_steps,
 )
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -71,151 +71,6 @@ TRAINING_FILE = "training.json"
 LOG_FILE = "training_log.jsonl"
 STORE_STATE_FILE = "store_state.json"
 CHECKPOINT_DIR = "checkpoints"
-LR_SCHEDULERS: tuple[str, ...] = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
-NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
-# Config fields that do not change what is learned (may differ when resuming).
-OPERATIONAL_FIELDS = frozenset({"n_checkpoints", "keep_checkpoints", "log_every", "device", "image_batch_size",
-                                 "memory_limit_bytes", "cache_dir", "progress"})
-
-
-# ----------------------------------------------------------------------------- config
-# BatchTopK's reference (bartbussmann/BatchTopK) counts a latent dead after 5 batches of 4,096
-# activations without firing.
-DEAD_AFTER_BATCHES, REFERENCE_BATCH = 5, 4096
-
-
-def dead_window_steps(train_batch_size: int, training_samples: int) -> int:
-    """sae-lens's ``dead_feature_window`` (a latent is dead after MORE than that many steps without
-    firing) matching BatchTopK's reference: dead after ``5 * 4096`` activations without firing, i.e.
-    ``ceil(20480 / train_batch_size) - 1`` steps; at most a tenth of the run's steps (so latents can
-    be counted dead, and revived, during a short run), at least 1."""
-    reference = max(1, math.ceil(DEAD_AFTER_BATCHES * REFERENCE_BATCH / train_batch_size) - 1)
-    return max(1, min(reference, (training_samples // train_batch_size) // 10))
-
-
-# ----------------------------------------------------------------------------- config
-@dataclass
-class SAETrainConfig:
-    """A BatchTopK SAE and how sae-lens trains it. Defaults are the paper's probe (sec. 4.3):
-    CLS token of the last block's residual stream, ``k=128``, expansion factor 32.
-
-    ``hook_name``: default ``blocks.{n_layers-1}.hook_resid_post``. ``tokens``: ``cls``,
-    ``patch`` or ``all``. ``k``: mean active latents per activation (BatchTopK keeps the
-    ``k * batch`` largest over a batch). ``d_sae = expansion_factor * d_in``.
-    ``training_samples``: activations seen in training (steps = ``training_samples //
-    train_batch_size``). ``lr`` (Adam, sae-lens's clip at grad norm 1), ``lr_scheduler`` one of
-    ``constant``, ``cosineannealing``, ``cosineannealingwarmrestarts``, with ``lr_warm_up_steps``
-    / ``lr_decay_steps`` / ``lr_end``. ``aux_loss_coefficient``: weight of the auxiliary loss that
-    revives dead latents (1/32 as in the BatchTopK paper); a latent counts as dead for it after
-    more than ``dead_feature_window`` steps without firing (default: :func:`dead_window_steps`,
-    BatchTopK's rule of 5 batches of 4,096 activations, scaled to ``train_batch_size`` and capped
-    at a tenth of the run, so the auxiliary loss can act). ``topk_threshold_lr``: EMA rate of the
-    threshold used at inference. ``normalize_activations``: ``none`` or
-    ``expected_average_only_in`` (scale inputs to norm ``sqrt(d_in)``, folded in at the end).
-    Store: ``buffer_size``, ``image_batch_size``, ``memory_limit_bytes``, ``cache_dir`` (see
-    :class:`~analyses.layer.activation_store.ActivationStoreConfig`). ``n_checkpoints`` evenly spaced
-    checkpoints (kept: the last ``keep_checkpoints``). ``seed`` seeds the SAE init and the stream.
-    """
-
-    hook_name: str | None = None
-    tokens: str = "cls"
-    k: float | int = 128
-    expansion_factor: int = 32
-    training_samples: int = 2**22
-    train_batch_size: int = 4096
-    lr: float | int = 3e-4
-    lr_scheduler: str = "constant"
-    lr_warm_up_steps: int = 0
-    lr_decay_steps: int = 0
-    lr_end: float | int | None = None
-    aux_loss_coefficient: float | int = 1 / 32
-    topk_threshold_lr: float | int = 0.01
-    dead_feature_window: int | None = None
-    feature_sampling_window: int = 2000
-    decoder_init_norm: float | int | None = 0.1
-    rescale_acts_by_decoder_norm: bool = True
-    normalize_activations: str = "none"
-    n_batches_for_norm_estimate: int = 100
-    buffer_size: int = 2**16
-    image_batch_size: int | None = None
-    memory_limit_bytes: int = 2 * 2**30
-    cache_dir: str | None = None
-    n_checkpoints: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 100
-    seed: int = 0
-    device: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        check_tokens(self.tokens)
-        if self.dead_feature_window is None and self.train_batch_size >= 1:
-            self.dead_feature_window = dead_window_steps(self.train_batch_size, self.training_samples)
-        if not self.k > 0:
-            raise InvalidArgumentError(f"k must be positive, got {self.k}")
-        if self.expansion_factor < 1:
-            raise InvalidArgumentError(f"expansion_factor must be >= 1, got {self.expansion_factor}")
-        if self.train_batch_size < 1 or self.training_samples < self.train_batch_size:
-            raise InvalidArgumentError(f"training_samples ({self.training_samples}) must be at least one batch "
-                                       f"(train_batch_size {self.train_batch_size} >= 1)")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise InvalidArgumentError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        if self.normalize_activations not in NORMALIZATIONS:
-            raise InvalidArgumentError(f"normalize_activations must be one of {', '.join(NORMALIZATIONS)}, "
-                                       f"got {self.normalize_activations!r}")
-        for name in ("log_every", "dead_feature_window", "feature_sampling_window", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise InvalidArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_checkpoints < 0:
-            raise InvalidArgumentError(f"n_checkpoints must be >= 0, got {self.n_checkpoints}")
-
-    @property
-    def training_steps(self) -> int:
-        return self.training_samples // self.train_batch_size
-
-    def resolved_hook(self, model: nn.Module) -> str:
-        """``hook_name``, or the paper's default for ``model``."""
-        return self.hook_name if self.hook_name is not None else default_hook_name(model)
-
-    def store_config(self, model: nn.Module) -> ActivationStoreConfig:
-        """The training stream's :class:`ActivationStoreConfig` (shuffled, seeded with ``seed``)."""
-        return ActivationStoreConfig(
-            hook_names=(self.resolved_hook(model),), tokens=self.tokens, train_batch_size=self.train_batch_size,
-            buffer_size=max(self.buffer_size, self.train_batch_size), shuffle=True, seed=self.seed,
-            image_batch_size=self.image_batch_size, memory_limit_bytes=self.memory_limit_bytes,
-            cache_dir=self.cache_dir, device=self.device, progress=self.progress,
-        )
-
-    def sae_config(self, d_in: int, device: str) -> BatchTopKTrainingSAEConfig:
-        """sae-lens's BatchTopK training config for activations of width ``d_in``."""
-        d_sae = self.expansion_factor * d_in
-        if self.k > d_sae:
-            raise InvalidArgumentError(f"k={self.k} exceeds the dictionary size d_sae={d_sae} ({self.expansion_factor} x {d_in})")
-        return BatchTopKTrainingSAEConfig(
-            d_in=d_in, d_sae=d_sae, k=self.k, topk_threshold_lr=self.topk_threshold_lr,
-            aux_loss_coefficient=self.aux_loss_coefficient, decoder_init_norm=self.decoder_init_norm,
-            rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
-            normalize_activations=self.normalize_activations, device=device,
-        )
-
-    def trainer_config(self, device: str, checkpoint_path: Path | None) -> SAETrainerConfig:
-        """sae-lens's trainer config: no wandb, checkpoints under ``checkpoint_path`` if given."""
-        return SAETrainerConfig(
-            total_training_samples=self.training_steps * self.train_batch_size,
-            train_batch_size_samples=self.train_batch_size,
-            lr=self.lr, lr_end=self.lr if self.lr_end is None else self.lr_end,
-            lr_scheduler_name=self.lr_scheduler, lr_warm_up_steps=self.lr_warm_up_steps,
-            lr_decay_steps=self.lr_decay_steps, device=device,
-            dead_feature_window=self.dead_feature_window, feature_sampling_window=self.feature_sampling_window,
-            n_checkpoints=self.n_checkpoints if checkpoint_path is not None else 0,
-            checkpoint_path=str(checkpoint_path) if checkpoint_path is not None else None,
-            save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False),
-            n_batches_for_norm_estimate=self.n_batches_for_norm_estimate,
-        )
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that determine what is learned (compared when resuming)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in OPERATIONAL_FIELDS}
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -346,9 +201,12 @@ def train_sae(
     *,
     out_dir: str | os.PathLike | None = None,
     resume: bool = True,
+    device: str | None = None,
+    progress: bool = True,
 ) -> SAETrainingRun:
     """Train a BatchTopK SAE with sae-lens on ``model``'s activations over ``dataset`` (items
-    ``(image, label)``) at ``cfg``'s hook and tokens.
+    ``(image, label)``) at ``cfg``'s hook and tokens, on ``device`` (default: the model's), with
+    the activation store's progress bars if ``progress``.
 
     With ``out_dir``: the final SAE is saved there in sae-lens's format (plus ``sparsity``,
     ``train_config.json``, ``training.json`` and the log), checkpoints go to
@@ -365,7 +223,7 @@ def train_sae(
         finished = _check_out_dir(out, identity, resume)
         if finished is not None:
             return finished
-    store = ActivationStore(model, dataset, cfg.store_config(model))
+    store = ActivationStore(model, dataset, cfg.store_config(model, device=device, progress=progress))
     device = str(store.device)
     checkpoints = out / CHECKPOINT_DIR if out is not None else None
 

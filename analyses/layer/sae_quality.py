@@ -18,9 +18,7 @@ set need not fit in memory; :func:`evaluate_sae` runs it over a dataset.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +26,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from analyses.layer.activation_store import ActivationStore, ActivationStoreConfig, check_tokens
 from analyses.common.results import AnalysisResult, markdown_table
-from analyses.layer.sae import SAE, SAETrainConfig, SAETrainingRun, sae_hook_name, sae_tokens, train_sae
+from analyses.layer.activation_store import ActivationStore, ActivationStoreConfig
+from analyses.layer.config import SAETrainConfig, check_tokens, sae_label  # noqa: F401  (sae_label: re-exported)
+from analyses.layer.sae import SAE, SAETrainingRun, sae_hook_name, sae_tokens
 from hooked_vit.errors import InvalidArgumentError
 
 SAE_BATCH_ROWS = 8192
@@ -151,10 +150,6 @@ def evaluate_sae(
 
 
 # ----------------------------------------------------------------------------- sweeps
-def _as_train_config(value: Any) -> SAETrainConfig:
-    return SAETrainConfig(**value) if isinstance(value, dict) else value
-
-
 @dataclass
 class SweepConfig:
     """Variations of ``base`` to train and evaluate (Tables 5/6): by default one factor at a time
@@ -168,7 +163,7 @@ class SweepConfig:
     grid: bool = False
 
     def __post_init__(self) -> None:
-        self.base = _as_train_config(self.base)
+        self.base = SAETrainConfig(**self.base) if isinstance(self.base, dict) else self.base
         for choice in self.tokens:
             check_tokens(choice)
 
@@ -186,12 +181,6 @@ class SweepConfig:
         for cfg in variants:
             unique.setdefault((cfg.tokens, cfg.k, cfg.expansion_factor), cfg)
         return list(unique.values())
-
-
-def sae_label(cfg: SAETrainConfig) -> str:
-    """Directory name of an SAE: ``<hook or default>-<tokens>-k<k>-x<expansion>``."""
-    hook = cfg.hook_name or "last_resid_post"
-    return f"{hook}-{cfg.tokens}-k{cfg.k:g}-x{cfg.expansion_factor}"
 
 
 @dataclass
@@ -214,31 +203,13 @@ class SweepResult(AnalysisResult):
 
 
 def sweep_row(
-    model: nn.Module, run: SAETrainingRun, held_out: Dataset, image_batch_size: int | None = None
+    model: nn.Module, run: SAETrainingRun, held_out: Dataset, image_batch_size: int | None = None, *,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """One sweep row: the run's settings and its held-out quality."""
     setting = run.config
-    quality = evaluate_sae(model, run.sae, held_out, image_batch_size=image_batch_size, progress=setting.progress)
+    quality = evaluate_sae(model, run.sae, held_out, image_batch_size=image_batch_size, progress=progress)
     return {"tokens": setting.tokens, "k": setting.k, "expansion": setting.expansion_factor,
             "fve": quality.explained_variance, "nmse": quality.nmse, "dead_latents": quality.dead_latents,
             "dead_fraction": quality.dead_fraction, "l0": quality.l0, "d_sae": quality.d_sae,
             "n_tokens": quality.n_tokens, "train_seconds": round(run.seconds, 1)}
-
-
-def run_sweep(
-    model: nn.Module,
-    train: Dataset,
-    held_out: Dataset,
-    cfg: SweepConfig,
-    *,
-    out_dir: str | os.PathLike | None = None,
-    model_label: str = "model",
-) -> SweepResult:
-    """Train (sae-lens) and evaluate every setting of ``cfg`` on ``model``; SAEs are saved under
-    ``out_dir/<sae_label>/`` and a rerun reuses finished ones and resumes unfinished ones."""
-    rows = []
-    for setting in cfg.settings():
-        directory = Path(out_dir) / sae_label(setting) if out_dir is not None else None
-        run = train_sae(model, train, setting, out_dir=directory)
-        rows.append({"model": model_label, **sweep_row(model, run, held_out, setting.image_batch_size)})
-    return SweepResult(cfg, rows)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from analyses.model.config import REFERENCES
 from hooked_vit.errors import InvalidArgumentError
 
-REFERENCES: tuple[str, ...] = ("zero", "black", "blur", "mean")
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0  # RISE's gkern(11, 5)
 
 

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from analyses.model.config import ATTRIBUTION_METHODS, LAYERSCALE_RULES
 from hooked_vit.errors import InvalidArgumentError
 
-LAYERSCALE_RULES: tuple[str, ...] = ("identity", "eq14")
 ATTN_LRP_VARIANTS: tuple[str, ...] = ("attnlrp", "cp_lrp")
 MAP_LOCATIONS: tuple[str, ...] = ("tokens", "pixels")
 LAYERSCALE_EPS = 1e-9  # eq. 14's epsilon (the paper gives no value)
@@ -510,6 +510,9 @@ METHODS: dict[str, Callable[..., Tensor]] = {
     "gradxinput": gradient_x_input,
     "random": random_map,
 }
+if tuple(METHODS) != ATTRIBUTION_METHODS:  # the config offers exactly these, in this order
+    raise ImportError(f"analyses.model.lrp.METHODS {tuple(METHODS)} differ from the config's ATTRIBUTION_METHODS "
+                      f"{ATTRIBUTION_METHODS}")
 
 
 def attribution_map(method: str, model: nn.Module, images: Float[Tensor, "batch channel height width"],
@@ -520,8 +523,8 @@ def attribution_map(method: str, model: nn.Module, images: Float[Tensor, "batch 
 
 
 __all__ = [
-    "ATTN_LRP_VARIANTS", "CheferCache", "CheferRelevance", "LAYERSCALE_RULES", "METHODS", "attention_rollout",
-    "attn_lrp", "attn_lrp_hooks", "attribution_map", "chefer_cache", "chefer_propagate", "chefer_rollout",
-    "gradient_x_input", "lrp_add", "lrp_clone", "lrp_linear", "lrp_linear_reference", "lrp_matmul", "random_map",
-    "resolve_target", "safe_divide", "transformer_attribution",
+    "ATTN_LRP_VARIANTS", "ATTRIBUTION_METHODS", "CheferCache", "CheferRelevance", "LAYERSCALE_RULES", "METHODS",
+    "attention_rollout", "attn_lrp", "attn_lrp_hooks", "attribution_map", "chefer_cache", "chefer_propagate",
+    "chefer_rollout", "gradient_x_input", "lrp_add", "lrp_clone", "lrp_linear", "lrp_linear_reference", "lrp_matmul",
+    "random_map", "resolve_target", "safe_divide", "transformer_attribution",
 ]

@@ -27,11 +27,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vit.errors import HookedViTError, InvalidArgumentError, InvalidTypeError
+from hooked_vit.protocol import REFERENCE_N_CALIB, SAMPLINGS, check_sampling  # noqa: F401  (public here too)
 
 DEFAULT_N_CALIB = 128
-REFERENCE_N_CALIB = 4096
 DEFAULT_CALIB_SEED = 0
-SAMPLINGS: tuple[str, ...] = ("quick", "reference")
 # DeiT's training augmentation (as Wanda's image_classifiers build it): RandAugment m9, colour
 # jitter 0.3, random erasing 0.25, on top of timm's random-resized crop and horizontal flip.
 DEIT_TRAIN_AUGMENTATION = {"auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.3, "re_prob": 0.25,
@@ -92,15 +91,6 @@ def _from_dataset(dataset: Any, n: int, seed: int, description: dict[str, Any]) 
         images = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
     identity = {"kind": "dataset", **description, "n": images.shape[0], "seed": seed, "sha256": tensor_digest(images)}
     return Calibration(images, identity)
-
-
-def check_sampling(sampling: object) -> str:
-    """``sampling`` if it is one of :data:`SAMPLINGS`, else a one-line error."""
-    if sampling not in SAMPLINGS:
-        raise InvalidArgumentError(f"calibration sampling must be one of {', '.join(SAMPLINGS)} ('quick': "
-                                   "class-balanced without replacement, eval transform; 'reference': Wanda's, with "
-                                   f"replacement and the training augmentation); got {sampling!r}")
-    return str(sampling)
 
 
 def train_augmentation(model: Any) -> Any:

@@ -14,18 +14,14 @@ from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.pruning import cached
 from hooked_vit.pruning.calibration import (
     DEFAULT_CALIB_SEED,
-    REFERENCE_N_CALIB,
-    check_sampling,
     resolve_calibration,
 )
 from hooked_vit.pruning.finetuning import finetune as run_finetune
 from hooked_vit.pruning.pruner import prune, resolve_sparsity
 from hooked_vit.pruning.validation import check_method
+from hooked_vit.protocol import PAPER_PROTOCOL, variant_protocol  # noqa: F401  (public here too)
 
 DEFAULT_FINETUNE_BATCH_SIZE = 64
-# The paper's protocol, for models whose preset does not say otherwise: 2 epochs of masked fine-tuning
-# (Table 1), Wanda's ViT calibration (4,096 train images, with replacement, training augmentation).
-PAPER_PROTOCOL = {"finetune_epochs": 2, "n_calib": REFERENCE_N_CALIB, "calib_sampling": "reference"}
 FINETUNE_KEYS = ("epochs", "lr", "weight_decay", "optimizer", "momentum", "schedule", "warmup_steps",
                  "label_smoothing", "max_grad_norm", "seed", "batch_size", "data")
 
@@ -51,19 +47,6 @@ def finetune_settings(finetune: int | dict[str, Any] | None) -> dict[str, Any] |
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidArgumentError(f"finetune {name} must be a whole number >= {low}; got {value!r}")
     return None if settings["epochs"] == 0 else settings
-
-
-def variant_protocol(model_name: str) -> dict[str, Any]:
-    """How the pruned variants of ``model_name`` are built by default: ``finetune_epochs``,
-    ``n_calib`` and ``calib_sampling`` from the ``"protocol"`` entry of its preset
-    (``pretrained_configs/<alias>.json``), else :data:`PAPER_PROTOCOL`."""
-    from hooked_vit.pretrained import registry
-
-    spec = registry().get(str(model_name).removeprefix("alias:"))
-    preset = spec.extra.get("protocol", {}) if spec is not None else {}
-    protocol = {key: preset.get(key, value) for key, value in PAPER_PROTOCOL.items()}
-    check_sampling(protocol["calib_sampling"])
-    return protocol
 
 
 def check_request(*, sparsity: float | int | None, method: str, nm: Any, finetune: Any) -> None:

@@ -25,12 +25,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from analyses.common.ablation import ActivationMeans, load_or_compute_means, means_path, model_key
-from analyses.circuits.circuit import Circuit
-from analyses.circuits.config import CircuitConfig, resolve_k
-from analyses.circuits.edges import dense_edge_count, edge_counts
-from analyses.circuits.gates import NodeMasks
-from analyses.circuits.metrics import EvalSet, accuracies, balanced_accuracy, ncq_edges, ncq_eq12, site_fractions
-from analyses.circuits.replacement import gated_logits, site_references
+from analyses.circuit.circuit import ClassCircuit
+from analyses.circuit.config import CircuitConfig, resolve_k
+from analyses.circuit.edges import dense_edge_count, edge_counts
+from analyses.circuit.gates import NodeMasks
+from analyses.circuit.metrics import EvalSet, accuracies, balanced_accuracy, ncq_edges, ncq_eq12, site_fractions
+from analyses.circuit.replacement import gated_logits, site_references
 from hooked_vit.bars import bars_enabled
 from hooked_vit.data import LabelledImages, TensorImages, calibration_sample, class_vs_rest, train_val_split
 from hooked_vit.errors import InvalidArgumentError
@@ -307,7 +307,7 @@ def discover_circuits(
     means_directory: str | os.PathLike | None = None,
     show_progress: bool = True,
     desc: str = "circuit masks",
-) -> list[Circuit]:
+) -> list[ClassCircuit]:
     """Circuits of ``class_ids`` (indices, ids or names) in ``model``, trained together on
     ``train`` and measured on ``val`` (default: a stratified 20 % of ``train`` held out from the
     optimiser, seeded by ``config.seed``). ``means``: the replacement means (default: computed over
@@ -347,7 +347,7 @@ def discover_circuits(
             [s.width for s in model.sites]))}
         record = {**metrics[row], "train_seconds": trained.seconds / len(ids),
                   "site_fractions": site_fractions(list(model.sites), nodes[row])}
-        circuits.append(Circuit(c, train.class_names[c], node_dict, trained.logits[row].clone(), record, k, sparsity,
+        circuits.append(ClassCircuit(c, train.class_names[c], node_dict, trained.logits[row].clone(), record, k, sparsity,
                                 key, config, trained.history[row], stored_means, references))
     return circuits
 
@@ -358,6 +358,6 @@ def discover_circuit(
     class_id: int | str,
     config: CircuitConfig | None = None,
     **kwargs,
-) -> Circuit:
+) -> ClassCircuit:
     """The circuit of one class (see :func:`discover_circuits` for the options)."""
     return discover_circuits(model, train, [class_id], config, **kwargs)[0]

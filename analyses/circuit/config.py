@@ -1,8 +1,8 @@
 """Settings of circuit discovery (IMPACT sec. 3.4, appendices A.1 and C) and the per-model
-sparsity coefficient ``k``.
+sparsity coefficient ``k`` (standard library only: ``hooked-vit circuit --help`` is built from it).
 
 Every field is stored with every circuit and result. The paper's words for the choices it leaves
-open are quoted in the README section "Circuit level"; the names here are the options offered.
+open are quoted in ``docs/protocol.md``; the names here are the options offered.
 """
 
 from __future__ import annotations
@@ -11,22 +11,20 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from analyses.common.defaults import DEFAULT_MODEL, DEFAULT_SPARSITIES  # noqa: F401  (public here)
-from analyses.common.variants import ModelFamily
-from analyses.common.results import settings_without
+from analyses.common.family import DEFAULT_MODEL, DEFAULT_SPARSITIES, ModelFamily, setting  # noqa: F401
 from hooked_vit.errors import InvalidArgumentError
 
 LOSSES: tuple[str, ...] = ("bce_margin", "ce_true_label")
 SCHEDULES: tuple[str, ...] = ("step", "linear")
 REFERENCES: tuple[str, ...] = ("mean", "pooled_mean", "zero")
 # k per model alias, (dense, sparse): appendix C.2 for DeiT-III B/16; measured for the embedded model
-# (README, "Circuit level"). A preset JSON may carry its own as "circuit_k": {"dense": .., "sparse": ..}.
+# (docs, "Circuit level"). A preset JSON may carry its own as "circuit_k": {"dense": .., "sparse": ..}.
 K_PRESETS: dict[str, tuple[float, float]] = {
     "deit3_base": (8e-5, 4e-5),
     "deit3_tiny_digits": (1e-3, 1e-3),
 }
 DEFAULT_K = 1e-3
-# Settings that do not change a circuit (a resumed run may differ in them).
+# Settings that do not change a circuit (a resumed run may differ in them; k is in the unit's name).
 RUN_ONLY: tuple[str, ...] = ("sparsities", "classes", "sweep_k", "random_control", "class_batch",
                              "eval_batch_size", "device")
 
@@ -36,9 +34,9 @@ class CircuitConfig(ModelFamily):
     """Settings of node-mask circuit discovery.
 
     Model family: ``model`` (alias) pruned with ``method`` at each of ``sparsities`` (0 = dense),
-    Wanda calibrated on ``n_calib`` train images of ``dataset`` drawn by ``calib_sampling``, then
+    Wanda calibrated on ``n_calib`` train images of ``data`` drawn by ``calib_sampling``, then
     ``finetune_epochs`` of masked fine-tuning on that train split (``None``: the model preset's
-    protocol, :func:`analyses.common.variants.variant_settings`); images from ``dataset`` (``"builtin"``:
+    protocol, :func:`analyses.common.family.variant_settings`); images from ``data`` (``"builtin"``:
     the model's own), masks trained on ``train_split``, metrics on ``val_split`` (never seen by the optimiser).
 
     Objective (eq. 10): ``loss`` (``"bce_margin"``: binary cross-entropy on ``logit_c -
@@ -60,37 +58,39 @@ class CircuitConfig(ModelFamily):
     ``collapsed`` when its accuracy is more than ``collapse_drop`` below the full model's or its
     complement keeps accuracy above ``collapse_ablated``.
 
-    Runner only: ``classes`` (indices, ids or names; default all), ``sweep_k`` (Table 7),
-    ``random_control`` (also run a random-weight model), ``class_batch`` (classes trained
-    together; default all), ``eval_batch_size``, ``device``.
+    Run only (:data:`RUN_ONLY`): ``classes`` (indices, ids or names; default all), ``sweep_k``
+    (Table 7), ``random_control`` (also run a random-weight model), ``class_batch`` (classes
+    trained together; default all), ``eval_batch_size``, ``device``.
     """
 
-    train_split: str = "train"
-    val_split: str = "val"
-    classes: tuple[int | str, ...] | None = None
-    k: float | None = None
-    sweep_k: tuple[float, ...] | None = None
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 1e-2
-    weight_decay: float = 0.01
-    schedule: str = "step"
-    gamma: float = 0.2
-    tau: float = 1.0
-    init_mean: float = 0.5
-    init_std: float = 0.01
-    clamp: float = 1.0
-    loss: str = "bce_margin"
-    reference: str = "mean"
-    n_means_images: int | None = None
-    freeze_ln: bool = False
-    n_eval: int | None = None
-    collapse_drop: float = 0.1
-    collapse_ablated: float = 0.75
-    seed: int = 0
-    random_control: bool = False
-    class_batch: int | None = None
-    eval_batch_size: int | None = None
+    train_split: str = setting("train", "split the masks are trained on")
+    val_split: str = setting("val", "split the metrics are measured on")
+    classes: tuple[int | str, ...] | None = setting(None, "class indices, ids or names (default all)")
+    k: float | None = setting(None, "sparsity coefficient k of eq. 10 (default: the model's preset; 1e-3 for the "
+                              "embedded model, 8e-5 dense / 4e-5 sparse for deit3_base)")
+    sweep_k: tuple[float, ...] | None = setting(None, "k values of the Table 7 sensitivity study")
+    steps: int = setting(600, "optimisation steps per circuit")
+    batch_size: int = setting(32, "images of the class per step, and as many of the other classes")
+    lr: float = setting(1e-2, "AdamW learning rate of the mask logits")
+    weight_decay: float = setting(0.01, "AdamW weight decay of the mask logits")
+    schedule: str = setting("step", "learning-rate schedule (step: x gamma at 1/3 and 2/3; linear: decay to 0)",
+                            choices=SCHEDULES)
+    gamma: float = setting(0.2, "factor of the step schedule")
+    tau: float = setting(1.0, "temperature of the sigmoid surrogate gradient")
+    init_mean: float = setting(0.5, "mean of the initial mask logits")
+    init_std: float = setting(0.01, "standard deviation of the initial mask logits")
+    clamp: float = setting(1.0, "mask logits clamped to [-clamp, clamp] after every step")
+    loss: str = setting("bce_margin", "task loss", choices=LOSSES)
+    reference: str = setting("mean", "replacement of left-out nodes (mean: per position)", choices=REFERENCES)
+    n_means_images: int | None = setting(None, "means over this many train images (default all)")
+    freeze_ln: bool = setting(False, "hold LayerNorm scales at their clean values")
+    n_eval: int | None = setting(None, "val images of the class per circuit (default all), and as many of the others")
+    collapse_drop: float = setting(0.1, "a circuit this far below the full model's accuracy is flagged collapsed")
+    collapse_ablated: float = setting(0.75, "a circuit whose complement keeps this accuracy is flagged collapsed")
+    seed: int = setting(0, "seed of mask initialisation and batches")
+    random_control: bool = setting(False, "also run a random-weight model (control)")
+    class_batch: int | None = setting(None, "classes trained together in one batch (default all)")
+    eval_batch_size: int | None = setting(None, "images per evaluation batch (default 256)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,9 +143,13 @@ class CircuitConfig(ModelFamily):
             fail("collapse_ablated", "must lie in [0.5, 1] (0.5 is chance)")
         if self.classes is not None and not self.classes:
             fail("classes", "must name at least one class (or be None for all)")
+        if self.classes is not None and any(isinstance(c, int) and c < 0 for c in self.classes):
+            fail("classes", "class indices must be >= 0")
 
     def settings(self) -> dict[str, Any]:
         """What one circuit depends on (besides the model's weights, its class and ``k``)."""
+        from analyses.common.results import settings_without
+
         return settings_without(self, (*RUN_ONLY, "k"))
 
 
@@ -165,3 +169,6 @@ def resolve_k(config: CircuitConfig, sparsity: float) -> float:
     except (ValueError, KeyError):  # not a registered alias (a saved directory): the table's entry or the default
         pass
     return dense if float(sparsity) == 0.0 else sparse
+
+
+CONFIG = CircuitConfig

@@ -37,9 +37,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
+
+from analyses.common.vocabulary import METRIC_LABELS, METRICS, NEGATIVE_RULES  # noqa: F401  (public here too)
 from hooked_vit.errors import InvalidArgumentError
 
-NEGATIVE_RULES: tuple[str, ...] = ("clamp", "shift")
 NORM_FLOOR = 1e-12
 
 
@@ -182,3 +183,11 @@ def label_entropy(
     p = class_distribution(max_acts, labels, n_classes, negatives).double()
     entropy = -torch.special.xlogy(p, p).sum(dim=0)
     return entropy.clamp(0.0, math.log(n_classes)).to(max_acts.dtype)
+
+
+def top_units(scores: Float[Tensor, "n_units"], k: int) -> Int[Tensor, "k"]:
+    """Indices of the ``k`` largest ``scores``, largest first (ties: lower index first)."""
+    if not 1 <= k <= scores.shape[0]:
+        raise InvalidArgumentError(f"top_k={k} but the block has {scores.shape[0]} units; choose 1 <= top_k <= {scores.shape[0]}")
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    return order[:k]

@@ -1,16 +1,14 @@
 """Figures of the circuit level: the four Table 3 metrics per model, and the fraction of active
-nodes per (block, site) per model."""
+nodes per (block, site) per model. Each takes a :class:`~analyses.circuit.result.CircuitResult`
+(not imported here: the result imports this module when it saves)."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any
 
 from hooked_vit import atomic
 from hooked_vit.sites import SITE_NAMES
-
-if TYPE_CHECKING:
-    from analyses.circuits.runner import CircuitResult
 
 PANELS = (("node_frac", "Node (%)", 100.0), ("edge_frac", "Size (%)", 100.0), ("acc", "Acc. (%)", 100.0),
           ("ncq", "NCQ", 1.0))
@@ -37,7 +35,7 @@ def _save(fig, plt, path, result) -> None:
         plt.close(fig)
 
 
-def plot_metrics(result: CircuitResult, path: str | os.PathLike | None = None):
+def plot_metrics(result: Any, path: str | os.PathLike | None = None):
     """Node %, Size %, Acc % and NCQ per model at its Table 3 k: per-class points, mean ± std bars,
     and in the Acc panel the full model's and the complement's mean accuracy."""
     plt = _pyplot(path)
@@ -68,7 +66,7 @@ def plot_metrics(result: CircuitResult, path: str | os.PathLike | None = None):
     return fig
 
 
-def plot_heatmap(result: CircuitResult, path: str | os.PathLike | None = None):
+def plot_heatmap(result: Any, path: str | os.PathLike | None = None):
     """Per model (its Table 3 k), the fraction of active nodes per (block, site), averaged over classes."""
     plt = _pyplot(path)
     table = result.table3()

@@ -1,4 +1,4 @@
-"""Spreading a study over processes with torch.distributed (``torchrun``: NCCL on GPUs, gloo on CPU).
+"""Spreading a level or a study over processes with torch.distributed (``torchrun``: NCCL on GPUs, gloo on CPU).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process joins one process group;
 each takes its :class:`~analyses.common.units.Shard` of every level's units and writes them into

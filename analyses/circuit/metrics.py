@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from analyses.circuits.replacement import gated_logits
+from analyses.circuit.replacement import gated_logits
 
 
 def balanced_accuracy(

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from analyses.common.ablation import ActivationMeans
-from analyses.circuits.config import CircuitConfig
-from analyses.circuits.gates import nodes_to_vector
-from analyses.circuits.replacement import gate_hooks, gated_logits, site_references
+from analyses.circuit.config import CircuitConfig
+from analyses.circuit.gates import nodes_to_vector
+from analyses.circuit.replacement import gate_hooks, gated_logits, site_references
 from analyses.common.results import config_from_dict, config_to_dict, read_json, write_json
 from hooked_vit import atomic
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
@@ -28,7 +28,7 @@ LOGITS_KEY = "__mask_logits__"
 
 
 @dataclass
-class Circuit:
+class ClassCircuit:
     """The circuit of class ``class_id``: ``nodes[hook name]`` is a bool ``[width]`` (``[n_heads]``
     at q/k/v) of the kept nodes; ``mask_logits`` ``[n_units]`` the trained logits; ``metrics`` has
     node_frac, edge_frac, edges, acc, acc_full, acc_ablated, ncq, ncq_eq12, collapsed (val split);
@@ -56,7 +56,7 @@ class Circuit:
     def _gates(self, model: nn.Module, complement: bool) -> dict[str, Tensor]:
         if self.references is None:
             raise InvalidArgumentError("this circuit has no replacement values: load it with "
-                                       "Circuit.load(dir, model, means=...) "
+                                       "ClassCircuit.load(dir, model, means=...) "
                                        "or set circuit.references = site_references(model, reference, means)")
         param = next(model.parameters())
         keep = self.node_vector(model)
@@ -104,14 +104,14 @@ class Circuit:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None, *,
-             means: ActivationMeans | None = None) -> Circuit:
+             means: ActivationMeans | None = None) -> ClassCircuit:
         """The circuit saved in ``directory``. With ``model``, its nodes are checked against the
         model's sites and its replacement values are prepared from ``means`` (default: the means
         file it was made with, if still present)."""
         directory = Path(directory)
         if not cls.is_saved(directory):
             raise MissingFileError(f"{directory} holds no complete circuit ({CIRCUIT_FILE} and {NODES_FILE} "
-                                   "are written by Circuit.save)")
+                                   "are written by ClassCircuit.save)")
         info = read_json(directory / CIRCUIT_FILE)
         with safe_open(str(directory / NODES_FILE), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -136,7 +136,7 @@ class Circuit:
         path = Path(self.means_path) if self.means_path else None
         if path is None or not path.is_file():
             raise MissingFileError(f"the means circuit {directory} was made with ({self.means_path}) are gone: pass "
-                                   "means=load_or_compute_means(model, train_images) to Circuit.load")
+                                   "means=load_or_compute_means(model, train_images) to ClassCircuit.load")
         means = ActivationMeans.load(path)
         if means.model_key != self.model_key:
             raise InvalidArgumentError(f"the means file {path} belongs to model {means.model_key}, "
