@@ -171,4 +171,16 @@ def resolve_k(config: CircuitConfig, sparsity: float) -> float:
     return dense if float(sparsity) == 0.0 else sparse
 
 
+# What the study's presets set (``[level.circuit]``) and what that reduces from the full protocol.
+PAPER_CLASSES = tuple(range(0, 1000, 10))  # the paper's 100 classes are not listed: every 10th ImageNet index
+PRESETS: dict[str, dict] = {
+    "quick": {"classes": [0, 3, 7], "steps": 100, "batch_size": 16, "lr": 6e-2},
+    "paper": {"classes": list(PAPER_CLASSES), "n_means_images": 50_000},
+}
+REDUCED: dict[str, str] = {
+    "quick": "3 classes (0, 3, 7), 100 steps of 16+16 images at lr 6e-2 instead of 600 steps of 32+32 at 1e-2",
+    "paper": "100 classes: every 10th ImageNet index (the paper's 100 classes in 13 groups are not listed); "
+             "means over 50,000 class-balanced train images",
+}
+
 CONFIG = CircuitConfig

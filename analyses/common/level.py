@@ -193,6 +193,14 @@ def config_class(name: str) -> type:
     raise InvalidArgumentError(f"unknown level {name!r}; choose from {', '.join(level_names())}")
 
 
+def level_presets(name: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Level ``name``'s settings per study preset (``{"quick": {"steps": 100}}``) and, per preset, what
+    they reduce from the level's full protocol (text for the report): the ``PRESETS`` and ``REDUCED``
+    of the module defining its config (empty where it has none)."""
+    module = importlib.import_module(config_class(name).__module__)
+    return dict(getattr(module, "PRESETS", {})), dict(getattr(module, "REDUCED", {}))
+
+
 # ------------------------------------------------------------------------------------------ driver
 def unit_path(out: Path, variant: Variant, unit: str) -> Path:
     """Where one unit's record is saved."""
@@ -291,4 +299,4 @@ def run_level(
 
 
 __all__ = ["BUILTIN", "DONE_FILE", "LEVELS", "Level", "Record", "Variant", "combine_units", "compute_units",
-           "config_class", "get_level", "level_names", "register_level", "run_level", "unit_path"]
+           "config_class", "get_level", "level_names", "level_presets", "register_level", "run_level", "unit_path"]

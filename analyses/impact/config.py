@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from analyses.common.family import DEFAULT_MODEL, DEFAULT_SPARSITIES, setting
-from analyses.common.level import BUILTIN, config_class, level_names
+from analyses.common.level import BUILTIN, config_class, level_names, level_presets
 from hooked_vit.cli_args import PRUNING_METHODS
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
 from hooked_vit.protocol import SAMPLINGS
@@ -31,47 +31,17 @@ else:  # pragma: no cover
 # Settings that change how a study runs, not its numbers: a rerun into the same folder may differ in them.
 RUN_ONLY: tuple[str, ...] = ("levels", "device", "preset")
 LEVEL_RUN_ONLY: tuple[str, ...] = ("batch_size", "eval_batch_size", "class_batch", "device")
-PAPER_CIRCUIT_CLASSES = tuple(range(0, 1000, 10))  # the paper's 100 classes are not listed: every 10th index
+# The study's part of each preset; each level adds its own settings (its config module's PRESETS,
+# :func:`~analyses.common.level.level_presets`). "full" adds nothing to the levels' defaults, the full
+# protocol, but the embedded model's SAE.
+PRESETS: dict[str, dict[str, Any]] = {"quick": {"model": DEFAULT_MODEL}, "full": {"model": DEFAULT_MODEL},
+                                      "paper": {"model": "deit3_base"}}
 
-# Level settings per preset ("full" adds nothing: every level's own defaults are the full protocol).
-_EMBEDDED_SAE = {"k": 16, "expansion_factor": 2, "training_samples": 150_000, "train_batch_size": 256, "lr": 1e-3,
-                 "normalize_activations": "expected_average_only_in"}
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "model": DEFAULT_MODEL,
-        "level": {
-            "layer": {"sae": _EMBEDDED_SAE, "top_k": 10},
-            "circuit": {"classes": [0, 3, 7], "steps": 100, "batch_size": 16, "lr": 6e-2},
-            "model": {"n_images": 100},
-        },
-    },
-    "full": {
-        "model": DEFAULT_MODEL,
-        "level": {"layer": {"sae": _EMBEDDED_SAE, "top_k": 10}},
-    },
-    "paper": {
-        "model": "deit3_base",
-        "level": {
-            "neuron": {"n_means_images": 50_000},
-            "circuit": {"classes": list(PAPER_CIRCUIT_CLASSES), "n_means_images": 50_000},
-            "model": {"n_images": 5_000},
-        },
-    },
-}
-# What each preset reduces relative to the level's full protocol (for the report).
-REDUCTIONS: dict[str, dict[str, str]] = {
-    "quick": {
-        "circuit": "3 classes (0, 3, 7), 100 steps of 16+16 images at lr 6e-2 instead of 600 steps of 32+32 at 1e-2",
-        "model": "100 class-balanced val images instead of all 360",
-    },
-    "full": {},
-    "paper": {
-        "circuit": "100 classes: every 10th ImageNet index (the paper's 100 classes in 13 groups are not listed); "
-                   "means over 50,000 class-balanced train images",
-        "neuron": "means over 50,000 class-balanced train images instead of all 1.28M",
-        "model": "5,000 class-balanced val images (5 per class) instead of all 50,000",
-    },
-}
+
+def reductions(preset_name: str | None, levels: tuple[str, ...]) -> dict[str, str]:
+    """Per level of ``levels``, what preset ``preset_name`` reduces from its full protocol (for the report)."""
+    found = {name: level_presets(name)[1].get(preset_name or "") for name in levels}
+    return {name: text for name, text in found.items() if text}
 
 
 @dataclass
@@ -181,7 +151,8 @@ def preset(name: str, **overrides: Any) -> StudyConfig:
         raise InvalidArgumentError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     from analyses.common.results import config_from_dict
 
-    return config_from_dict(StudyConfig, _merge({**PRESETS[name], "preset": name}, overrides))
+    levels = {level: settings[name] for level in level_names() if name in (settings := level_presets(level)[0])}
+    return config_from_dict(StudyConfig, _merge({**PRESETS[name], "level": levels, "preset": name}, overrides))
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from analyses.common.level import DONE_FILE, get_level
 from analyses.common.results import config_to_dict, read_json
-from analyses.impact.config import REDUCTIONS, StudyConfig, to_toml
+from analyses.impact.config import StudyConfig, reductions, to_toml
 from analyses.impact.docs import DOCS_DIR, PROTOCOL_PAGE, render, write_docs
 from hooked_vit import atomic
 
@@ -74,7 +74,7 @@ def build_markdown(config: StudyConfig, out: Path) -> tuple[str, list[tuple[str,
               f"epoch(s) with its masks. Preset: `{config.preset}`. The resolved config is `study.toml` "
               f"beside this report; choices the paper leaves open are explained in [the protocol]({PROTOCOL_PAGE}).",
               ""]
-    reduced = REDUCTIONS.get(config.preset or "", {})
+    reduced = reductions(config.preset, config.levels)
     if any(name in reduced for name in config.levels):
         lines += ["**Reduced from the full protocol** (this preset):", ""]
         lines += [f"- {get_level(name).title}: {reduced[name]}" for name in config.levels if name in reduced]

@@ -248,6 +248,13 @@ class LayerConfig(ModelFamily):
         return bool(self.sweep_k or self.sweep_expansion_factor or self.sweep_tokens)
 
 
+# What the study's presets set (``[level.layer]``): the embedded 96-wide model's SAE (k = d_in/6, as the
+# paper's 128/768; expansion 2), and what that reduces (nothing: the paper's probe is for DeiT-III B/16).
+EMBEDDED_SAE = {"k": 16, "expansion_factor": 2, "training_samples": 150_000, "train_batch_size": 256, "lr": 1e-3,
+                "normalize_activations": "expected_average_only_in"}
+PRESETS: dict[str, dict] = {"quick": {"sae": EMBEDDED_SAE, "top_k": 10}, "full": {"sae": EMBEDDED_SAE, "top_k": 10}}
+REDUCED: dict[str, str] = {}
+
 CONFIG = LayerConfig
 
 __all__ = ["CONFIG", "LR_SCHEDULERS", "LayerConfig", "NORMALIZATIONS", "OPERATIONAL_FIELDS", "SAETrainConfig",

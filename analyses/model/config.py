@@ -106,6 +106,11 @@ class ModelConfig(ModelFamily):
         return next((m for m in self.methods if m != "random"), self.methods[0])
 
 
+# What the study's presets set (``[level.model]``) and what that reduces from the full protocol.
+PRESETS: dict[str, dict] = {"quick": {"n_images": 100}, "paper": {"n_images": 5_000}}
+REDUCED: dict[str, str] = {"quick": "100 class-balanced val images instead of all 360",
+                           "paper": "5,000 class-balanced val images (5 per class) instead of all 50,000"}
+
 CONFIG = ModelConfig
 
 __all__ = ["ATTRIBUTION_METHODS", "CONFIG", "DEFAULT_METHODS", "KINDS", "LAYERSCALE_RULES", "PERTURBATION_BATCH",

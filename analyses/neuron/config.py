@@ -57,4 +57,8 @@ class NeuronConfig(ModelFamily):
             raise InvalidArgumentError("blocks must name at least one block (or be None: early, middle, late)")
 
 
+# What the study's presets set (``[level.neuron]``) and what that reduces from the full protocol.
+PRESETS: dict[str, dict] = {"paper": {"n_means_images": 50_000}}
+REDUCED: dict[str, str] = {"paper": "means over 50,000 class-balanced train images instead of all 1.28M"}
+
 CONFIG = NeuronConfig
