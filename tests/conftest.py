@@ -74,6 +74,19 @@ def tiny():
                                          embed_dim=32, num_heads=2))
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A variant cache of its own for the module (its variants are built once), as $HOOKED_VIT_CACHE."""
+    path = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("HOOKED_VIT_CACHE")
+    os.environ["HOOKED_VIT_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["HOOKED_VIT_CACHE"]
+    else:
+        os.environ["HOOKED_VIT_CACHE"] = previous
+
+
 # The modules that take longest (measured with --durations), run first: pytest-xdist hands each
 # worker whole modules in collection order, so a long module collected late would leave the other
 # worker idle at the end.

@@ -29,19 +29,6 @@ LEVEL_TABLES = {"accuracy": "table1.csv", "neuron": "summary.csv", "layer": "qua
                 "model": "table4.csv"}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One variant cache for the module (the variants are built once)."""
-    path = tmp_path_factory.mktemp("cache")
-    previous = os.environ.get("HOOKED_VIT_CACHE")
-    os.environ["HOOKED_VIT_CACHE"] = str(path)
-    yield path
-    if previous is None:
-        del os.environ["HOOKED_VIT_CACHE"]
-    else:
-        os.environ["HOOKED_VIT_CACHE"] = previous
-
-
 def tiny_config(**overrides):
     from analyses.impact import preset
 

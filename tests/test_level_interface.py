@@ -82,18 +82,6 @@ class Toy(Level):
 ARGS = ["--levels", "toy", "--sparsities", "0,0.5", "--finetune-epochs", "0", "--n-calib", "32", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    previous = os.environ.get("HOOKED_VIT_CACHE")
-    os.environ["HOOKED_VIT_CACHE"] = str(path)
-    yield path
-    if previous is None:
-        del os.environ["HOOKED_VIT_CACHE"]
-    else:
-        os.environ["HOOKED_VIT_CACHE"] = previous
-
-
 def impact(out: Path, *extra: str) -> int:
     from hooked_vit.cli import main
 
