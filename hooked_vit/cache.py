@@ -43,12 +43,14 @@ class ViTActivationCache(ActivationCache):
         return act[:, 0] if self.has_batch_dim else act[0]
 
     def patch_grid(self, key: Any) -> Float[Tensor, "batch grid_h grid_w *rest"]:
-        """Patch-token activations (CLS dropped) reshaped to the ``[grid, grid]`` image layout."""
+        """Patch-token activations (CLS, DIST and registers dropped) reshaped to the ``[grid, grid]``
+        image layout."""
         act = self[key]
         if not self.has_batch_dim:
             act = act[None]
         grid = self.model.cfg.grid_size
-        return act[:, 1:].reshape(act.shape[0], grid, grid, *act.shape[2:])
+        patches = act[:, self.model.cfg.n_prefix_tokens:]
+        return patches.reshape(act.shape[0], grid, grid, *act.shape[2:])
 
     def apply_slice_to_batch_dim(self, batch_slice: Any) -> "ViTActivationCache":
         """TL's batch slicing (``batch_slice``: a ``transformer_lens.utilities.Slice`` or its input),

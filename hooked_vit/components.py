@@ -56,7 +56,8 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]: sqrt(var + eps)
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]: LayerNorm output (after w, b)
 
-    def forward(self, x: Float[Tensor, "batch pos *head d_model"]) -> Float[Tensor, "batch pos *head d_model"]:
+    def forward(self, x: Float[Tensor, "batch *pos_head d_model"]) -> Float[Tensor, "batch *pos_head d_model"]:
+        """``[batch, pos, d_model]`` (with a head axis for TL's split inputs), or pooled ``[batch, d_model]`` (fc_norm)."""
         if not self.hook_scale.has_hooks():
             out = F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 NORMALIZATION_TYPES = ("LN", "LNPre")
+POOLINGS = ("token", "avg")
 
 
 @dataclass
@@ -35,6 +36,15 @@ class HookedViTConfig:
     no_embed_class: bool = True
     qkv_bias: bool = True
     ln_eps: float = 1e-6
+    # Extra prefix tokens after CLS: DeiT's distillation token (second head ``head_dist``) and
+    # DINOv2's register tokens, in timm's order CLS, DIST, REG0.. then the patches.
+    has_dist_token: bool = False
+    n_registers: int = 0
+    # timm's global_pool: "token" (the CLS token) or "avg" (mean of the patch tokens); fc_norm: the
+    # final LayerNorm runs after pooling (timm's fc_norm, module ``fc_norm``) instead of on every
+    # position before it (``ln_final``).
+    pooling: str = "token"
+    fc_norm: bool = False
     use_attn_result: bool = False
     # TransformerLens's per-head attention inputs and MLP input hook (off: the hooks are not registered).
     use_split_qkv_input: bool = False
@@ -69,6 +79,10 @@ class HookedViTConfig:
             raise ValueError(f"normalization_type must be one of {NORMALIZATION_TYPES}, got {self.normalization_type!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.n_registers < 0 or self.n_classes < 0:
+            raise ValueError(f"n_registers and n_classes must be >= 0, got {self.n_registers}, {self.n_classes}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
 
@@ -95,9 +109,14 @@ class HookedViTConfig:
         return self.grid_size**2
 
     @property
+    def n_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS, the distillation token if any, the registers."""
+        return 1 + int(self.has_dist_token) + self.n_registers
+
+    @property
     def n_ctx(self) -> int:
-        """Tokens per image: the CLS token then the patch tokens."""
-        return self.n_patches + 1
+        """Tokens per image: the prefix tokens (CLS, DIST, registers) then the patch tokens."""
+        return self.n_patches + self.n_prefix_tokens
 
     @property
     def d_vocab(self) -> int:

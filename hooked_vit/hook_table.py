@@ -37,6 +37,17 @@ FINAL_HOOKS = [
     ("hook_pooled", "batch d_model", "final-norm CLS token: the classifier head's input"),
 ]
 
+# Family-specific final hooks: the norm after pooling (timm's fc_norm, with pooling "avg" by
+# default) replaces ln_final; a distilled DeiT has a second pooled token, its head_dist's input.
+FC_NORM_HOOKS = [
+    ("fc_norm.hook_scale", "batch 1", "LayerNorm scale of the pooled features (fc_norm, after pooling)"),
+    ("fc_norm.hook_normalized", "batch d_model", "fc_norm output"),
+    ("hook_pooled", "batch d_model", "normalized pooled features: the classifier head's input"),
+]
+DIST_HOOKS = [
+    ("hook_pooled_dist", "batch d_model", "final-norm distillation token: head_dist's input"),
+]
+
 # TransformerLens's optional block hooks: (name, shape, meaning, the config flag that enables it,
 # the default hook they follow). Left out of model.hook_dict (and hook_names) while their flag is off.
 OPTIONAL_BLOCK_HOOKS = [
@@ -54,7 +65,19 @@ OPTIONAL_BLOCK_HOOKS = [
 OPTIONAL_HOOK_FLAGS = {name: flag for name, _, _, flag, _ in OPTIONAL_BLOCK_HOOKS}
 
 # Hooks without a token-position axis.
-POOLED_HOOKS = tuple(name for name, shape, _ in FINAL_HOOKS if "pos" not in shape.split())
+POOLED_HOOKS = tuple(dict.fromkeys(name for name, shape, _ in FINAL_HOOKS + FC_NORM_HOOKS + DIST_HOOKS
+                                   if "pos" not in shape.split()))
+
+
+def final_hooks(cfg: HookedViTConfig | None = None) -> list[tuple[str, str, str]]:
+    """The hooks after the last block (name, shape, meaning) for ``cfg``'s pooling head (default:
+    CLS-token pooling after ``ln_final``, as DeiT-III)."""
+    if cfg is None:
+        return list(FINAL_HOOKS)
+    hooks = list(FC_NORM_HOOKS if cfg.fc_norm else FINAL_HOOKS)
+    if cfg.pooling == "avg" and not cfg.fc_norm:
+        hooks[-1] = ("hook_pooled", "batch d_model", "mean of the final-norm patch tokens: the classifier head's input")
+    return hooks + (DIST_HOOKS if cfg.has_dist_token else [])
 
 
 def block_hook_names(use_attn_in: bool = False, use_split_qkv_input: bool = False,
@@ -70,12 +93,13 @@ def block_hook_names(use_attn_in: bool = False, use_split_qkv_input: bool = Fals
     return names
 
 
-def hook_names(n_layers: int, **flags: bool) -> list[str]:
+def hook_names(n_layers: int, cfg: HookedViTConfig | None = None, **flags: bool) -> list[str]:
     """All hook names of an ``n_layers``-block model, in the order they fire (``flags``:
-    ``use_attn_in``, ``use_split_qkv_input``, ``use_hook_mlp_in``, see :func:`block_hook_names`)."""
+    ``use_attn_in``, ``use_split_qkv_input``, ``use_hook_mlp_in``, see :func:`block_hook_names`;
+    ``cfg``: the pooling head's hooks, see :func:`final_hooks`)."""
     return ([name for name, _, _ in EMBED_HOOKS]
             + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in block_hook_names(**flags)]
-            + [name for name, _, _ in FINAL_HOOKS])
+            + [name for name, _, _ in final_hooks(cfg)])
 
 
 def hook_shape(name: str, cfg: HookedViTConfig, batch: int) -> tuple[int, ...]:
@@ -84,7 +108,7 @@ def hook_shape(name: str, cfg: HookedViTConfig, batch: int) -> tuple[int, ...]:
     sizes = {"batch": batch, "pos": cfg.n_ctx, "query_pos": cfg.n_ctx, "key_pos": cfg.n_ctx,
              "d_model": cfg.d_model, "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1}
     suffix = name.split(".", 2)[2] if name.startswith("blocks.") else name
-    shapes = {n: s for n, s, _ in EMBED_HOOKS + BLOCK_HOOKS + FINAL_HOOKS}
+    shapes = {n: s for n, s, _ in EMBED_HOOKS + BLOCK_HOOKS + FINAL_HOOKS + FC_NORM_HOOKS + DIST_HOOKS}
     shapes.update({n: s for n, s, *_ in OPTIONAL_BLOCK_HOOKS})
     shape = shapes[suffix]
     if suffix.startswith("ln1.") and (cfg.use_attn_in or cfg.use_split_qkv_input):
@@ -105,5 +129,5 @@ def hook_table(cfg: HookedViTConfig | None = None) -> str:
     lines = ["| hook | shape | meaning |", "|---|---|---|"]
     lines += [row(*h) for h in EMBED_HOOKS]
     lines += [row(f"blocks.{{L}}.{n}", s, m) for n, s, m in BLOCK_HOOKS]
-    lines += [row(*h) for h in FINAL_HOOKS]
+    lines += [row(*h) for h in final_hooks(cfg)]
     return "\n".join(lines)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import re
 import socket
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
 from timm.layers import Mlp
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.layers.attention import Attention as TimmAttention
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -57,74 +61,177 @@ def _is(module: nn.Module, kind: type) -> bool:
     return type(module) is kind
 
 
+# Module kinds (class-name fragments) of other architectures, named in a refusal.
+_FOREIGN_PARTS = [
+    ("relative_position_bias", "relative position bias", "param"),
+    ("RelPos", "relative position bias", "module"),
+    ("Rope", "rotary position embeddings", "module"),
+    ("RotaryEmbedding", "rotary position embeddings", "module"),
+    ("SwiGLU", "SwiGLU MLP", "module"),
+    ("GluMlp", "gated (GLU) MLP", "module"),
+    ("PatchMerging", "hierarchical patch merging (Swin)", "module"),
+    ("WindowAttention", "windowed attention (Swin)", "module"),
+    ("AttentionPool", "attention-pool head", "module"),
+    ("RmsNorm", "RMSNorm", "module"),
+]
+
+
+def _foreign_parts(model: nn.Module) -> list[str]:
+    """Known unsupported building blocks found anywhere in ``model`` (by module class or parameter name)."""
+    found = []
+    module_kinds = {type(m).__name__ for m in model.modules()}
+    param_names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    for part, label, where in _FOREIGN_PARTS:
+        hit = (any(part in name for name in param_names) if where == "param"
+               else any(part in kind for kind in module_kinds))
+        if hit and label not in found:
+            found.append(label)
+    return found
+
+
+def _is_layer_norm(norm: nn.Module) -> bool:
+    return (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+            and len(norm.normalized_shape) == 1)
+
+
 def unsupported_features(model: nn.Module) -> list[str]:
-    """Every feature of ``model`` that HookedViT cannot reproduce exactly (empty if supported)."""
+    """Every feature of ``model`` that HookedViT cannot reproduce exactly (empty if supported).
+
+    Supported: timm ``VisionTransformer`` (and DeiT's ``VisionTransformerDistilled``) with a class
+    token, optional distillation token or registers, learned absolute position embedding, pre-norm
+    ``Block``s (plain ``Attention``, ``Mlp`` with exact GELU, optional LayerScale), LayerNorms, and
+    token or average pooling with the final norm before (``norm``) or after pooling (``fc_norm``)."""
     if not isinstance(model, VisionTransformer):
-        return [f"{type(model).__name__} is not a timm VisionTransformer"]
+        return ["not a timm VisionTransformer"] + _foreign_parts(model)
     problems = []
+    if type(model) not in (VisionTransformer, VisionTransformerDistilled):
+        problems.append(f"VisionTransformer subclass {type(model).__name__}")
+    foreign = _foreign_parts(model)
+    problems += foreign
+    distilled = isinstance(model, VisionTransformerDistilled)
     if model.cls_token is None:
         problems.append("no class token (class_token=False)")
-    if model.reg_token is not None:
-        problems.append(f"register tokens (reg_tokens={model.num_reg_tokens})")
     if model.pos_embed is None:
         problems.append("no learned absolute position embedding")
     if model.dynamic_img_size:
         problems.append("dynamic_img_size=True")
-    if model.global_pool != "token":
-        problems.append(f"global_pool={model.global_pool!r} (supported: 'token', the CLS token)")
-    if getattr(model, "attn_pool", None) is not None:
-        problems.append("attention pooling head")
-    for name in ("norm_pre", "fc_norm", "patch_drop"):
+    patch = model.patch_embed
+    if type(patch) is not TimmPatchEmbed or not isinstance(patch.proj, nn.Conv2d) or (
+            not patch.flatten and not model.dynamic_img_size):
+        problems.append(f"patch embedding {type(patch).__name__} (expected timm PatchEmbed, conv + flatten)")
+    else:
+        if getattr(patch, "dynamic_img_pad", False):
+            problems.append("dynamic_img_pad=True")
+        if patch.proj.bias is None:
+            problems.append("patch embedding without bias (pre_norm / CLIP-style)")
+        if not _is(patch.norm, nn.Identity):
+            problems.append("a norm after the patch embedding")
+        if patch.img_size[0] != patch.img_size[1] or patch.patch_size[0] != patch.patch_size[1]:
+            problems.append(f"non-square images or patches ({patch.img_size}, {patch.patch_size})")
+        if patch.proj.stride != patch.proj.kernel_size:
+            problems.append("overlapping patches")
+    if model.global_pool not in ("token", "avg"):
+        problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
+    if model.global_pool == "avg" and model.pool_include_prefix:
+        problems.append("pool_include_prefix=True")
+    if getattr(model, "attn_pool", None) is not None and "attention-pool head" not in foreign:
+        problems.append("attention-pool head")
+    for name in ("norm_pre", "patch_drop"):
         if not _is(getattr(model, name, nn.Identity()), nn.Identity):
             problems.append(f"{name} is {type(getattr(model, name)).__name__}, expected Identity")
-    if not _is(model.patch_embed.norm, nn.Identity):
-        problems.append("a norm after the patch embedding")
-    if not isinstance(model.norm, nn.LayerNorm):
-        problems.append(f"final norm is {type(model.norm).__name__}, expected LayerNorm")
+    norm, fc_norm = model.norm, getattr(model, "fc_norm", nn.Identity())
+    if _is(norm, nn.Identity) and _is(fc_norm, nn.Identity):
+        problems.append("no final norm (final_norm=False)")
+    elif not _is(norm, nn.Identity) and not _is(fc_norm, nn.Identity):
+        problems.append("both a final norm and fc_norm")
+    elif not _is_layer_norm(fc_norm if _is(norm, nn.Identity) else norm):
+        problems.append(f"final norm is {type(fc_norm if _is(norm, nn.Identity) else norm).__name__}, expected LayerNorm")
+    heads = [model.head] + ([model.head_dist] if distilled else [])
+    for head in heads:
+        if not (_is(head, nn.Identity) or (isinstance(head, nn.Linear) and head.bias is not None)):
+            problems.append(f"classifier head {type(head).__name__} (expected nn.Linear with bias, or none)")
+    if distilled:
+        if model.no_embed_class:
+            problems.append("distillation token with no_embed_class=True")
+        if not _is(fc_norm, nn.Identity):
+            problems.append("distillation token with fc_norm (timm's distilled head skips it)")
+        if model.num_reg_tokens:
+            problems.append("distillation token with register tokens")
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) > 1:
+        problems.append(f"LayerNorms with different eps {sorted(eps)}")
+    shapes, per_block = set(), {}  # per_block: problem -> the blocks that have it
     for i, block in enumerate(model.blocks):
-        where = f"blocks.{i}"
+        found = []
         if not _is(block, Block):
-            problems.append(f"{where} is {type(block).__name__}, expected timm Block")
-            continue
-        attn, mlp = block.attn, block.mlp
-        if not (isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)):
-            problems.append(f"{where} norms are not LayerNorm")
-        if not isinstance(attn, TimmAttention):
-            problems.append(f"{where}.attn is {type(attn).__name__}, expected timm Attention")
+            found.append(f"block type {type(block).__name__} (expected timm Block)")
         else:
-            for name in ("q_norm", "k_norm", "norm"):
-                if not _is(getattr(attn, name, nn.Identity()), nn.Identity):
-                    problems.append(f"{where}.attn.{name} (qk_norm / scale_attn_norm)")
-            if getattr(attn, "gate", None) is not None:
-                problems.append(f"{where}.attn has a gate")
-        if not _is(mlp, Mlp) or not _is(mlp.norm, nn.Identity):
-            problems.append(f"{where}.mlp is {type(mlp).__name__}, expected plain timm Mlp")
-        elif not (_is(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
-            problems.append(f"{where}.mlp activation is {mlp.act}, expected exact GELU")
-        for name in ("ls1", "ls2"):
-            if type(getattr(block, name)).__name__ not in ("LayerScale", "Identity"):
-                problems.append(f"{where}.{name} is {type(getattr(block, name)).__name__}")
-    layer_scales = {type(b.ls1).__name__ for b in model.blocks if _is(b, Block)}
+            found += _block_problems(block, model.embed_dim, foreign)
+            if _is(block.mlp, Mlp) and isinstance(block.mlp.fc1, nn.Linear) and _is(block.attn, TimmAttention):
+                shapes.add((block.mlp.fc1.out_features, block.attn.num_heads, block.attn.qkv.bias is not None))
+        for problem in found:
+            per_block.setdefault(problem, []).append(i)
+    for problem, layers in per_block.items():
+        where = "every block" if len(layers) == len(model.blocks) else "blocks " + ",".join(map(str, layers))
+        problems.append(f"{problem} ({where})")
+    layer_scales = {type(getattr(b, ls)).__name__ for b in model.blocks if _is(b, Block) for ls in ("ls1", "ls2")}
     if len(layer_scales) > 1:
         problems.append("LayerScale on some blocks only")
+    if len(shapes) > 1:
+        problems.append("blocks of different widths, head counts or q/k/v biases")
+    return problems
+
+
+def _block_problems(block: nn.Module, embed_dim: int, foreign: list[str]) -> list[str]:
+    """Unsupported features of one timm ``Block`` (without the block index)."""
+    problems = []
+    attn, mlp = block.attn, block.mlp
+    if not (_is_layer_norm(block.norm1) and _is_layer_norm(block.norm2)):
+        problems.append("block norms that are not LayerNorm")
+    if not _is(attn, TimmAttention):
+        problems.append(f"attention {type(attn).__name__} (expected timm Attention)")
+    else:
+        if not (_is(attn.q_norm, nn.Identity) and _is(attn.k_norm, nn.Identity)):
+            problems.append("qk_norm")
+        if not _is(attn.norm, nn.Identity):
+            problems.append("scale_attn_norm")
+        if getattr(attn, "gate", None) is not None:
+            problems.append("gated attention")
+        if attn.num_heads * attn.head_dim != embed_dim or attn.qkv.out_features != 3 * embed_dim:
+            problems.append(f"attention width {attn.num_heads} x {attn.head_dim} != embed_dim {embed_dim}")
+        if attn.proj.bias is None:
+            problems.append("attention projection without bias (proj_bias=False)")
+    if not _is(mlp, Mlp):
+        if not any("MLP" in part for part in foreign):
+            problems.append(f"MLP {type(mlp).__name__} (expected timm Mlp)")
+    elif not _is(mlp.norm, nn.Identity):
+        problems.append("a norm inside the MLP (scale_mlp_norm)")
+    elif not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)) or mlp.fc1.bias is None:
+        problems.append("MLP without bias or not linear (proj_bias=False / use_conv)")
+    elif not (_is(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
+        problems.append(f"MLP activation {mlp.act} (expected exact GELU)")
+    for name in ("ls1", "ls2"):
+        if type(getattr(block, name)).__name__ not in ("LayerScale", "Identity"):
+            problems.append(f"{name} is {type(getattr(block, name)).__name__}")
     return problems
 
 
 def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
     """The :class:`HookedViTConfig` of a supported timm model; raises
-    :class:`UnsupportedModelError` listing every unsupported feature otherwise."""
+    :class:`UnsupportedModelError` (one line naming every unsupported feature) otherwise."""
     problems = unsupported_features(model)
     if problems:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         raise UnsupportedModelError(
-            "HookedViT supports timm VisionTransformers of the DeiT-III / ViT kind; this model has: "
-            + "; ".join(problems)
+            f"HookedViT cannot load {name} (timm {type(model).__name__}): unsupported: {'; '.join(problems)}. "
+            "Supported: timm ViT/AugReg, DeiT (distilled too), DeiT-III, DINOv2 (registers), token or avg pooling"
         )
     patch = model.patch_embed
-    img_h, img_w = patch.img_size
-    if img_h != img_w or patch.patch_size[0] != patch.patch_size[1]:
-        raise UnsupportedModelError(f"non-square images or patches ({patch.img_size}, {patch.patch_size})")
+    img_h, _ = patch.img_size
     block = model.blocks[0]
     layer_scale = type(block.ls1).__name__ == "LayerScale"
+    distilled = isinstance(model, VisionTransformerDistilled)
+    fc_norm = _is(model.norm, nn.Identity)
     d_model, d_mlp = model.embed_dim, block.mlp.fc1.out_features
     timm_kwargs = dict(
         img_size=img_h, patch_size=patch.patch_size[0], in_chans=patch.proj.in_channels,
@@ -133,18 +240,21 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
         qkv_bias=block.attn.qkv.bias is not None, init_values=1.0 if layer_scale else None,
         no_embed_class=model.no_embed_class, class_token=True, global_pool=model.global_pool,
     )
+    if model.num_reg_tokens:
+        timm_kwargs["reg_tokens"] = model.num_reg_tokens
+    if fc_norm != (model.global_pool == "avg"):  # timm's default: fc_norm exactly with avg pooling
+        timm_kwargs["fc_norm"] = fc_norm
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained_cfg.items()
                      if k in ("mean", "std", "crop_pct", "crop_mode", "interpolation")}
-    preprocessing["input_size"] = [patch.proj.in_channels, img_h, img_w]  # the model's, not the tag's
-    if model.num_classes == 0 or not isinstance(model.head, nn.Linear):
-        raise UnsupportedModelError("a classifier head (nn.Linear) is required; got num_classes=0")
+    preprocessing["input_size"] = [patch.proj.in_channels, img_h, img_h]  # the model's, not the tag's
     cfg = dict(
         img_size=img_h, patch_size=patch.patch_size[0], in_chans=patch.proj.in_channels,
         d_model=d_model, n_layers=len(model.blocks), n_heads=block.attn.num_heads, d_mlp=d_mlp,
         n_classes=model.num_classes, layer_scale=layer_scale, no_embed_class=model.no_embed_class,
         qkv_bias=block.attn.qkv.bias is not None, ln_eps=block.norm1.eps,
-        model_name=pretrained_cfg.get("architecture", "custom"), timm_kwargs=timm_kwargs,
+        has_dist_token=distilled, n_registers=model.num_reg_tokens, pooling=model.global_pool,
+        fc_norm=fc_norm, model_name=pretrained_cfg.get("architecture", "custom"), timm_kwargs=timm_kwargs,
         preprocessing=preprocessing,
     )
     cfg.update(overrides)
@@ -152,8 +262,12 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
 
 
 def build_timm_model(cfg: HookedViTConfig) -> VisionTransformer:
-    """A fresh timm ``VisionTransformer`` of ``cfg``'s architecture (weights not loaded)."""
-    model = VisionTransformer(**cfg.timm_kwargs)
+    """A fresh timm ``VisionTransformer`` (``VisionTransformerDistilled`` with a distillation token)
+    of ``cfg``'s architecture (weights not loaded)."""
+    kwargs = dict(cfg.timm_kwargs)
+    if cfg.ln_eps != 1e-6:  # timm ViT's default eps; the config (JSON) holds the number, not a class
+        kwargs["norm_layer"] = partial(TimmLayerNorm, eps=cfg.ln_eps)
+    model = (VisionTransformerDistilled if cfg.has_dist_token else VisionTransformer)(**kwargs)
     if cfg.preprocessing:
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **cfg.preprocessing,
                                 "architecture": cfg.timm_name or cfg.model_name}

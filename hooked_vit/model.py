@@ -62,14 +62,28 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         d_model = cfg.d_model
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.n_patches + (0 if cfg.no_embed_class else 1), d_model))
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]: CLS token then patch embeddings
-        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]: position embedding (0 at CLS if no_embed_class)
+        if cfg.has_dist_token:  # DeiT's distillation token, read by head_dist
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        if cfg.n_registers:  # DINOv2's register tokens
+            self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_registers, d_model))
+        n_pos = cfg.n_patches + (0 if cfg.no_embed_class else cfg.n_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d_model))
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: CLS (DIST, registers) then patch embeddings
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]: position embedding (0 at prefix tokens if no_embed_class)
         self.hook_full_embed = HookPoint()  # [batch, pos, d_model]: embed + pos_embed, block 0's input
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = LayerNorm(d_model, cfg.ln_eps)
-        self.hook_pooled = HookPoint()  # [batch, d_model]: final-norm CLS token, the head's input
-        self.head = Unembed(d_model, cfg.n_classes)  # TL's unembed: W_U, b_U
+        if cfg.fc_norm:  # timm's fc_norm: the final LayerNorm runs on the pooled features
+            self.fc_norm = LayerNorm(d_model, cfg.ln_eps)
+        else:
+            self.ln_final = LayerNorm(d_model, cfg.ln_eps)
+        self.hook_pooled = HookPoint()  # [batch, d_model]: the pooled features, the head's input
+        if cfg.has_dist_token:
+            self.hook_pooled_dist = HookPoint()  # [batch, d_model]: final-norm DIST token, head_dist's input
+        # TL's unembed: W_U, b_U; nn.Identity for a headless model (n_classes=0), as timm
+        self.head = Unembed(d_model, cfg.n_classes) if cfg.n_classes else nn.Identity()
+        if cfg.has_dist_token:
+            self.head_dist = Unembed(d_model, cfg.n_classes) if cfg.n_classes else nn.Identity()
+        self.distilled_training = False  # timm's flag: in train mode return both heads' logits
         self.setup()
         self.sites = SiteRegistry(cfg)
 
@@ -92,10 +106,15 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         check_images(images, self.cfg, self.cls_token)
         check_stop_at_layer(stop_at_layer, self.cfg.n_layers)
         if stop_at_layer is None:
+            if self.cfg.n_classes == 0 and return_type in ("loss", "both"):
+                raise InvalidArgumentError(f"return_type={return_type!r} needs a classifier head; this model is headless "
+                                           "(n_classes=0) and returns its pooled features")
             check_return_type(return_type, labels, images.shape[0], self.cfg.n_classes)
         batch = images.shape[0]
-        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), self.patch_embed(images)], dim=1)
-        pos_embed = F.pad(self.pos_embed, (0, 0, 1, 0)) if self.cfg.no_embed_class else self.pos_embed
+        tokens = torch.cat([*self._prefix_tokens(batch), self.patch_embed(images)], dim=1)
+        pos_embed = self.pos_embed
+        if self.cfg.no_embed_class:  # zero at the prefix tokens: timm adds pos_embed to the patches only
+            pos_embed = F.pad(pos_embed, (0, 0, self.cfg.n_prefix_tokens, 0))
         pos_embed = pos_embed.expand(batch, -1, -1)
         if self.hook_pos_embed.has_hooks():  # a hook may edit it in place: give it its own memory
             pos_embed = pos_embed.clone()
@@ -104,13 +123,49 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             x = block(x)
         if stop_at_layer is not None:
             return x
-        logits = self.head(self.hook_pooled(self.ln_final(x)[:, 0]))
+        logits = self._head(x)
         if return_type == "logits":
             return logits
         if return_type is None:
             return None
+        if isinstance(logits, tuple):
+            raise InvalidArgumentError("in distilled training mode (set_distilled_training(True), train()) the output is "
+                                       "the two heads' logits; return_type='loss' needs eval() or distilled training off")
         loss = _cross_entropy(logits, labels, loss_per_image)  # labels checked before the forward
         return loss if return_type == "loss" else (logits, loss)
+
+    def _prefix_tokens(self, batch: int) -> list[Float[Tensor, "batch n_tok d_model"]]:
+        """CLS, then the distillation token and the registers if the model has them (timm's order)."""
+        tokens = [self.cls_token.expand(batch, -1, -1)]
+        if self.cfg.has_dist_token:
+            tokens.append(self.dist_token.expand(batch, -1, -1))
+        if self.cfg.n_registers:
+            tokens.append(self.reg_token.expand(batch, -1, -1))
+        return tokens
+
+    def _head(self, x: Float[Tensor, "batch pos d_model"]) -> Any:
+        """timm's ``forward_head``: pool, norm, classifier (averaged with ``head_dist`` for a
+        distilled DeiT; pooled features for a headless model)."""
+        cfg = self.cfg
+        if not cfg.fc_norm:
+            x = self.ln_final(x)
+        pooled = x[:, 0] if cfg.pooling == "token" else x[:, cfg.n_prefix_tokens:].mean(dim=1)
+        if cfg.fc_norm:
+            pooled = self.fc_norm(pooled)
+        out = self.head(self.hook_pooled(pooled))
+        if not cfg.has_dist_token:
+            return out
+        out_dist = self.head_dist(self.hook_pooled_dist(x[:, 1]))
+        if self.distilled_training and self.training:  # as timm: both heads' outputs while training
+            return out, out_dist
+        return (out + out_dist) / 2
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """timm's ``set_distilled_training``: in train mode a distilled DeiT then returns the class
+        and distillation heads' logits as a tuple (otherwise, and in eval mode, their mean)."""
+        if not self.cfg.has_dist_token:
+            raise InvalidArgumentError("set_distilled_training needs a distilled DeiT (a distillation token)")
+        self.distilled_training = bool(enable)
 
     def loss_fn(self, logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, "batch"], *,
                 per_image: bool = False) -> Float[Tensor, "*loss"]:
@@ -234,12 +289,16 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
     # ------------------------------------------------------------------ conversion
     @classmethod
     def from_timm(cls, timm_model: nn.Module, **cfg_overrides: Any) -> "HookedViT":
-        """Wrap a supported timm ``VisionTransformer`` (weights copied, same device and dtype)."""
+        """Wrap a supported timm ``VisionTransformer`` (weights copied, same device and dtype): ViT/AugReg,
+        DeiT (distilled too), DeiT-III, DINOv2 (registers), token or average pooling (``fc_norm``).
+        Anything else raises :class:`~hooked_vit.errors.UnsupportedModelError`, one line naming every
+        unsupported feature, before any weight is copied."""
         cfg = config_from_timm(timm_model, **cfg_overrides)
         with torch.device("meta"):  # no random init: every parameter is assigned from timm's
             model = cls(cfg)
         state_dict = {k: v.clone() for k, v in timm_to_hooked_state_dict(timm_model.state_dict()).items()}
         model.load_state_dict(state_dict, assign=True)
+        model.distilled_training = bool(getattr(timm_model, "distilled_training", False))
         return model.eval()
 
     def to_timm(self) -> nn.Module:
@@ -251,6 +310,8 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         # Pruned weights are already zero; the masks themselves have no timm counterpart.
         state_dict = hooked_to_timm_state_dict(without_masks(self.state_dict()))
         timm_model.load_state_dict({k: v.clone() for k, v in state_dict.items()}, assign=True)
+        if self.cfg.has_dist_token:
+            timm_model.distilled_training = self.distilled_training
         return timm_model.eval()
 
     @classmethod
@@ -429,7 +490,11 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             f"HookedViT {cfg.model_name} ({cfg.timm_name or 'custom timm VisionTransformer'})",
             f"  {cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads x d_head {cfg.d_head}, "
             f"d_mlp {cfg.d_mlp}, {cfg.img_size}px / patch {cfg.patch_size} -> {cfg.n_ctx} tokens, "
-            f"{cfg.n_classes} classes, LayerScale {cfg.layer_scale}, {n_params / 1e6:.2f}M parameters",
+            f"{cfg.n_classes or 'no'} classes{' (headless: returns the pooled features)' if not cfg.n_classes else ''}, "
+            f"LayerScale {cfg.layer_scale}, {n_params / 1e6:.2f}M parameters",
+            (f"  positions: {', '.join(self.to_str_tokens()[:cfg.n_prefix_tokens])}, then {cfg.n_patches} patches; "
+             f"pooling {cfg.pooling!r}{' + fc_norm' if cfg.fc_norm else ''}"
+             f"{', class + distillation heads averaged' if cfg.has_dist_token else ''}"),
             f"  {len(self.hook_dict)} hooks, {len(self.sites)} circuit sites ({self.sites.n_units} units)",
             "",
             hook_table(cfg),

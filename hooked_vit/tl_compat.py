@@ -76,12 +76,19 @@ class TransformerLensMixin:
 
     @property
     def W_U(self) -> Float[Tensor, "d_model n_classes"]:
-        """The classifier head's weight: ``hook_pooled @ W_U + b_U`` are the logits."""
-        return self.head.weight.T
+        """The classifier head's weight: ``hook_pooled @ W_U + b_U`` are the logits (for a distilled
+        DeiT, the class head's; the logits average it with ``head_dist``'s)."""
+        return self._classifier().weight.T
 
     @property
     def b_U(self) -> Float[Tensor, "n_classes"]:
-        return self.head.bias
+        return self._classifier().bias
+
+    def _classifier(self) -> nn.Linear:
+        if self.cfg.n_classes == 0:
+            raise InvalidArgumentError("this model is headless (n_classes=0): it has no classifier weights W_U/b_U; "
+                                       "its output is the pooled features")
+        return self.head
 
     @property
     def unembed(self) -> nn.Linear:
@@ -91,9 +98,12 @@ class TransformerLensMixin:
 
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
-        """Position embedding of each token, CLS first (a zero row there when ``no_embed_class``)."""
+        """Position embedding of each token, CLS (DIST, registers) first (zero rows there when
+        ``no_embed_class``)."""
         pos = self.pos_embed[0]
-        return torch.cat([pos.new_zeros(1, pos.shape[-1]), pos]) if self.cfg.no_embed_class else pos
+        if not self.cfg.no_embed_class:
+            return pos
+        return torch.cat([pos.new_zeros(self.cfg.n_prefix_tokens, pos.shape[-1]), pos])
 
     @property
     def W_E(self) -> Float[Tensor, "patch_pixels d_model"]:
@@ -155,7 +165,8 @@ class TransformerLensMixin:
             raise InvalidArgumentError(f"class indices must be in 0..{self.cfg.n_classes - 1}, got "
                                        f"{int(classes.min())}..{int(classes.max())}")
         directions = self.W_U[:, classes.to(self.W_U.device)].movedim(0, -1)
-        return directions * self.ln_final.weight if self.cfg.normalization_type == "LN" else directions
+        norm = self.fc_norm if self.cfg.fc_norm else self.ln_final
+        return directions * norm.weight if self.cfg.normalization_type == "LN" else directions
 
     def tokens_to_residual_directions(
         self, tokens: int | str | Int[Tensor, "*batch"]
@@ -181,18 +192,21 @@ class TransformerLensMixin:
         return cls
 
     def to_str_tokens(self, images: Tensor | str | list[str] | None = None, *args: Any, **kwargs: Any) -> list[str]:
-        """Labels of the token positions: ``"CLS"`` then ``"r{row}c{col}"`` per patch (the same for
-        every image: TL's string tokens of an input)."""
+        """Labels of the token positions (``n_ctx`` of them, the same for every image: TL's string
+        tokens of an input): ``"CLS"``, ``"DIST"`` for a distilled DeiT, ``"REG0"``.. for registers,
+        then ``"r{row}c{col}"`` per patch."""
         if isinstance(images, str) or (isinstance(images, list) and images and isinstance(images[0], str)):
             raise NotImplementedError(f"to_str_tokens of text has no meaning for an image classifier: {_IMAGES}")
-        grid = self.cfg.grid_size
-        return ["CLS"] + [f"r{r}c{c}" for r in range(grid) for c in range(grid)]
+        cfg, grid = self.cfg, self.cfg.grid_size
+        prefix = ["CLS"] + ["DIST"] * cfg.has_dist_token + [f"REG{i}" for i in range(cfg.n_registers)]
+        return prefix + [f"r{r}c{c}" for r in range(grid) for c in range(grid)]
 
     to_tokens = _no_meaning("to_tokens", _IMAGES)
     to_string = _no_meaning("to_string", "an image classifier has no text to decode; "
                             "class names come from model.to_single_str_token(index)")
     get_token_position = _no_meaning("get_token_position", "position 0 is CLS and patch (row, col) is "
-                                     "1 + row * grid_size + col")
+                                     "cfg.n_prefix_tokens + row * grid_size + col (model.to_str_tokens() "
+                                     "labels every position)")
     set_tokenizer = _no_meaning("set_tokenizer", _IMAGES)
     generate = _no_meaning("generate", "it does not generate; model(images) gives the class logits")
     generate_stream = _no_meaning("generate_stream", "it does not generate; model(images) gives the class logits")

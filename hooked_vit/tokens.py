@@ -23,13 +23,15 @@ _NO_TOKEN_AXIS = ("attn.hook_attn_scores", "attn.hook_pattern")
 @dataclass(frozen=True)
 class HookLayout:
     """Where hook ``hook_name`` fires and how its value becomes activations: ``stop_at_layer``
-    (blocks that must run; ``None`` = the whole model), whether dim 1 is the token position, and
-    ``d_in`` (trailing dims flattened)."""
+    (blocks that must run; ``None`` = the whole model), whether dim 1 is the token position,
+    ``d_in`` (trailing dims flattened) and ``n_prefix`` (tokens before the patches: CLS, DIST,
+    registers)."""
 
     hook_name: str
     stop_at_layer: int | None
     has_positions: bool
     d_in: int
+    n_prefix: int = 1
 
 
 def hook_layout(model: nn.Module, hook_name: str) -> HookLayout:
@@ -55,15 +57,17 @@ def hook_layout(model: nn.Module, hook_name: str) -> HookLayout:
     else:
         stop = None
     has_positions = len(shape) > 2
-    return HookLayout(hook_name, stop, has_positions, math.prod(shape[2:] if has_positions else shape[1:]))
+    return HookLayout(hook_name, stop, has_positions, math.prod(shape[2:] if has_positions else shape[1:]),
+                      model.cfg.n_prefix_tokens)
 
 
-def token_positions(tokens: str, n_ctx: int) -> Int[Tensor, "n_tok"]:
-    """Token positions of a choice: ``cls`` -> [0], ``patch`` -> 1..n_ctx-1, ``all`` -> 0..n_ctx-1."""
+def token_positions(tokens: str, n_ctx: int, n_prefix: int = 1) -> Int[Tensor, "n_tok"]:
+    """Token positions of a choice: ``cls`` -> [0], ``patch`` -> n_prefix..n_ctx-1 (after CLS, DIST
+    and registers), ``all`` -> 0..n_ctx-1."""
     check_tokens(tokens)
     if tokens == "cls":
         return torch.zeros(1, dtype=torch.long)
-    return torch.arange(1 if tokens == "patch" else 0, n_ctx)
+    return torch.arange(n_prefix if tokens == "patch" else 0, n_ctx)
 
 
 def select_tokens(
@@ -75,6 +79,6 @@ def select_tokens(
         if check_tokens(tokens) != "cls":
             raise InvalidArgumentError(f"{layout.hook_name} is the CLS token only (no token axis): use tokens='cls'")
         return act.reshape(act.shape[0], 1, layout.d_in)
-    index = token_positions(tokens, n_ctx).to(act.device)
+    index = token_positions(tokens, n_ctx, layout.n_prefix).to(act.device)
     picked = act if tokens == "all" else act.index_select(1, index)
     return picked.reshape(act.shape[0], index.numel(), layout.d_in)

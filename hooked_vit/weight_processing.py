@@ -139,10 +139,17 @@ def process_weights_(
     if not model.cfg.qkv_bias and (fold_ln or refactor_factored_attn_matrices):
         raise InvalidArgumentError("this model has no q/k/v bias (qkv_bias=False), so fold_ln and "
                                    "refactor_factored_attn_matrices cannot write one; leave them False")
+    tl_steps = (fold_ln or center_writing_weights or center_unembed or fold_value_biases
+                or refactor_factored_attn_matrices)
+    if tl_steps:
+        cfg = model.cfg
+        if cfg.has_dist_token or cfg.n_registers or cfg.fc_norm or cfg.pooling != "token" or not cfg.n_classes:
+            raise InvalidArgumentError("TransformerLens weight processing is implemented for CLS-token models with one "
+                                       "classifier head (DeiT-III, ViT); not yet for distillation/register tokens, "
+                                       "average pooling, fc_norm or headless models (fold_layer_scale alone works)")
     if fold_layer_scale:
         fold_layer_scale_(model)
-    if not (fold_ln or center_writing_weights or center_unembed or fold_value_biases
-            or refactor_factored_attn_matrices):
+    if not tl_steps:
         return
     sd = ProcessWeights.process_weights(
         to_tl_state_dict(model), model.cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,

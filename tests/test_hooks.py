@@ -24,6 +24,26 @@ def test_hook_names_are_pinned_in_execution_order(hooked_deit3_base):
     assert hook_names(12) == expected
 
 
+def test_family_final_hook_names_are_pinned():
+    """The pooling head's hooks per family: fc_norm after pooling, a distilled DeiT's second pooled token."""
+    import dataclasses
+
+    from hooked_vit.config import HookedViTConfig
+    from hooked_vit.hook_table import hook_names
+
+    base = HookedViTConfig(img_size=32, patch_size=8, in_chans=3, d_model=64, n_layers=1, n_heads=2, d_mlp=128,
+                           n_classes=5)
+    blocks = [f"blocks.0.{name}" for name in BLOCK_HOOKS]
+    embed = ["hook_embed", "hook_pos_embed", "hook_full_embed"]
+    assert hook_names(1, base) == hook_names(1) == embed + blocks + [
+        "ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled"]
+    assert hook_names(1, dataclasses.replace(base, pooling="avg", fc_norm=True)) == embed + blocks + [
+        "fc_norm.hook_scale", "fc_norm.hook_normalized", "hook_pooled"]
+    assert hook_names(1, dataclasses.replace(base, has_dist_token=True)) == embed + blocks + [
+        "ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled", "hook_pooled_dist"]
+    assert hook_names(1, dataclasses.replace(base, n_registers=4)) == hook_names(1)
+
+
 def test_optional_tl_hook_names_are_pinned_and_listed_only_when_enabled(small_hooked):
     """TransformerLens's optional inputs: listed in hook_dict (in firing order) only while enabled."""
     import copy
