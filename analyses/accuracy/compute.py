@@ -30,6 +30,12 @@ class Accuracy(Level):
 | Wanda | Top-1 | 0.8371 | 0.8154 | 0.8174 | 0.8158 | 0.8044 | 0.7687 | 0.6151 |
 |  | Top-5 | 0.9655 | 0.9563 | 0.9564 | 0.9565 | 0.9510 | 0.9343 | 0.8426 |"""
 
+    def settings(self, config: AccuracyConfig, model: Any, variant: Any) -> dict[str, Any]:
+        """The driver's settings and the measured images (name, split, count)."""
+        data = self.dataset(config, config.split, model)
+        return {**super().settings(config, model, variant), "dataset": data.name, "split": data.split,
+                "n_images": len(data)}
+
     def prepare(self, config: AccuracyConfig, model: Any, variant: Any, out: Any) -> dict[str, Any]:
         return {"config": config, "variant": variant, "data": self.dataset(config, config.split, model)}
 
