@@ -31,6 +31,8 @@ a constant unit scores 0.5.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,3 +193,14 @@ def top_units(scores: Float[Tensor, "n_units"], k: int) -> Int[Tensor, "k"]:
         raise InvalidArgumentError(f"top_k={k} but the block has {scores.shape[0]} units; choose 1 <= top_k <= {scores.shape[0]}")
     order = torch.sort(scores.double(), descending=True, stable=True).indices
     return order[:k]
+
+
+def metric_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Over ``rows`` (one per class, each holding the :data:`METRICS`): ``n_classes`` and each metric's
+    mean and population std (``<metric>_mean``, ``<metric>_std``; NaN when there is no row)."""
+    out: dict[str, Any] = {"n_classes": len(rows)}
+    for metric in METRICS:
+        values = torch.tensor([float(r[metric]) for r in rows], dtype=torch.float64)
+        out[f"{metric}_mean"] = float(values.mean()) if rows else float("nan")
+        out[f"{metric}_std"] = float(values.std(correction=0)) if rows else float("nan")
+    return out

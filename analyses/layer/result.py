@@ -48,18 +48,10 @@ class LayerResult(AnalysisResult):
 
     def summary(self) -> list[dict[str, Any]]:
         """Per sparsity: number of classes and mean/std (population) of each metric."""
-        import torch
+        from analyses.common.metrics import metric_summary
 
-        out = []
-        for sparsity in sorted({r["sparsity"] for r in self.rows}):
-            row: dict[str, Any] = {"sparsity": sparsity}
-            for metric in METRICS:
-                values = torch.tensor(self.values(metric, sparsity), dtype=torch.float64)
-                row["n_classes"] = values.numel()
-                row[f"{metric}_mean"] = float(values.mean())
-                row[f"{metric}_std"] = float(values.std(correction=0))
-            out.append(row)
-        return out
+        return [{"sparsity": sparsity, **metric_summary([r for r in self.rows if r["sparsity"] == sparsity])}
+                for sparsity in sorted({r["sparsity"] for r in self.rows})]
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"quality": self.quality, "per_class": self.rows, "summary": self.summary()}

@@ -66,38 +66,24 @@ class NeuronResult(AnalysisResult):
 
     def summary(self) -> list[dict[str, Any]]:
         """Per block and sparsity: number of classes and mean/std (population) of each metric."""
-        import torch
+        from analyses.common.metrics import metric_summary
 
-        out = []
-        for block in self.blocks:
-            for sparsity in self.sparsities:
-                row: dict[str, Any] = {"block": block, "sparsity": sparsity}
-                for metric in METRICS:
-                    values = torch.tensor(self.values(metric, block, sparsity), dtype=torch.float64)
-                    row["n_classes"] = values.numel()
-                    row[f"{metric}_mean"] = float(values.mean())
-                    row[f"{metric}_std"] = float(values.std(correction=0))
-                out.append(row)
-        return out
+        return [{"block": block, "sparsity": sparsity,
+                 **metric_summary([r for r in self.rows if r["block"] == block and r["sparsity"] == sparsity])}
+                for block in self.blocks for sparsity in self.sparsities]
 
     def summary_by_type(self) -> list[dict[str, Any]]:
         """Per block, sparsity and unit type: the classes whose top-K holds units of that type, their
         mean number of such units, and mean/std (population, over those classes) of each metric."""
-        import torch
+        from analyses.common.metrics import metric_summary
 
         out = []
         keys = dict.fromkeys((r["block"], r["sparsity"], r["unit_type"]) for r in self.type_rows)
         for block, sparsity, unit_type in sorted(keys):
             rows = [r for r in self.type_rows if (r["block"], r["sparsity"], r["unit_type"]) == (block, sparsity, unit_type)]
-            present = [r for r in rows if r["n_units"]]
-            row: dict[str, Any] = {"block": block, "sparsity": sparsity, "unit_type": unit_type,
-                                   "n_classes": len(present),
-                                   "n_units_mean": sum(r["n_units"] for r in rows) / len(rows)}
-            for metric in METRICS:
-                values = torch.tensor([r[metric] for r in present], dtype=torch.float64)
-                row[f"{metric}_mean"] = float(values.mean()) if present else float("nan")
-                row[f"{metric}_std"] = float(values.std(correction=0)) if present else float("nan")
-            out.append(row)
+            stats = metric_summary([r for r in rows if r["n_units"]])
+            out.append({"block": block, "sparsity": sparsity, "unit_type": unit_type, "n_classes": stats.pop("n_classes"),
+                        "n_units_mean": sum(r["n_units"] for r in rows) / len(rows), **stats})
         return out
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
