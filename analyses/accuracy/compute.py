@@ -30,14 +30,25 @@ class Accuracy(Level):
 | Wanda | Top-1 | 0.8371 | 0.8154 | 0.8174 | 0.8158 | 0.8044 | 0.7687 | 0.6151 |
 |  | Top-5 | 0.9655 | 0.9563 | 0.9564 | 0.9565 | 0.9510 | 0.9343 | 0.8426 |"""
 
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self._loaded: tuple[tuple, Any] | None = None  # (model, data, split) -> the images of the model in hand
+
     def settings(self, config: AccuracyConfig, model: Any, variant: Any) -> dict[str, Any]:
         """The driver's settings and the measured images (name, split, count)."""
-        data = self.dataset(config, config.split, model)
+        data = self._images(config, model)
         return {**super().settings(config, model, variant), "dataset": data.name, "split": data.split,
                 "n_images": len(data)}
 
     def prepare(self, config: AccuracyConfig, model: Any, variant: Any, out: Any) -> dict[str, Any]:
-        return {"config": config, "variant": variant, "data": self.dataset(config, config.split, model)}
+        return {"config": config, "variant": variant, "data": self._images(config, model)}
+
+    def _images(self, config: AccuracyConfig, model: Any) -> Any:
+        """``config.split`` for ``model``, loaded once for both :meth:`settings` and :meth:`prepare`."""
+        key = (id(model), config.data, config.split)
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = (key, self.dataset(config, config.split, model))
+        return self._loaded[1]
 
     def compute(self, unit: str, model: Any, data: dict[str, Any]) -> dict[str, Any]:
         """The model's row of :class:`AccuracyResult`."""

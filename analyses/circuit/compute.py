@@ -126,22 +126,10 @@ class Circuit(Level):
         if key not in self._resolved:
             from analyses.common.classes import resolve_classes
 
-            val = self._class_images(config, config.val_split)
-            classes = resolve_classes(val, given)
-            resolve_classes(self._class_images(config, config.train_split), classes)
+            classes = resolve_classes(self.dataset(config, config.val_split), given)
+            resolve_classes(self.dataset(config, config.train_split), classes)
             self._resolved[key] = classes
         return self._resolved[key]
-
-    def _class_images(self, config: CircuitConfig, split: str) -> Any:
-        """Split ``split`` for its labels only (the dense model decides what ``"builtin"`` is)."""
-        if split in self.datasets:
-            return self.datasets[split]
-        model = None
-        if str(config.data) == "builtin":
-            from hooked_vit import HookedViT
-
-            model = HookedViT.from_pretrained(config.model, device="cpu")
-        return self.dataset(config, split, model)
 
     def units(self, config: CircuitConfig) -> list[str]:
         """The units of the dense model (see :meth:`variant_units`)."""

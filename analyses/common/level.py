@@ -135,13 +135,16 @@ class Level:
 
         return load_model(config, variant.sparsity)
 
-    def dataset(self, config: Any, split: str, model: Any) -> Any:
-        """Split ``split`` of ``config.data`` (or the dataset given for it)."""
+    def dataset(self, config: Any, split: str, model: Any = None) -> Any:
+        """Split ``split`` of ``config.data`` (or the dataset given for it), transformed for ``model``.
+        Without a model (for labels and counts before any model is loaded), ``"builtin"`` is the
+        builtin dataset named by ``config.model``'s preset or saved folder."""
         if split in self.datasets:
             return self.datasets[split]
         from hooked_vit.data import load_dataset
 
-        return load_dataset(config.data, split=split, model=model)
+        source = builtin_source(config.model) if model is None and str(config.data) == "builtin" else config.data
+        return load_dataset(source, split=split, model=model)
 
     def describe_choice(self, config: Any, path: str) -> str | None:
         """How the report shows open choice ``path`` when its value needs explaining (``None``: as is)."""
@@ -153,6 +156,28 @@ class Level:
         from analyses.common.ablation import model_key
 
         return {**settings_without(config, self.run_only), "model_key": model_key(model), "variant": variant.key}
+
+
+def builtin_source(model: str) -> str:
+    """The builtin dataset a model alias's preset (or a saved model folder's ``config.json``) names,
+    read without loading the model."""
+    import json
+
+    from hooked_vit.data import BUILTIN_DATASETS, DEFAULT_BUILTIN
+    from hooked_vit.pretrained import get_spec, resolve_model_name
+
+    directory, alias = resolve_model_name(model)
+    if alias is not None:
+        name = get_spec(alias).dataset
+    else:
+        saved = Path(directory) / "config.json"  # written by HookedViT.save_pretrained
+        name = json.loads(saved.read_text()).get("dataset") if saved.is_file() else None
+    name = name or DEFAULT_BUILTIN
+    if name not in BUILTIN_DATASETS:
+        raise InvalidArgumentError(f"data='builtin' means the model's builtin dataset, but {model} was trained on "
+                                   f"{name!r}, which is not builtin ({', '.join(BUILTIN_DATASETS)}); pass the root "
+                                   "of its image folder as data")
+    return name
 
 
 def register_level(name: str) -> Callable[[type[Level]], type[Level]]:
@@ -298,5 +323,5 @@ def run_level(
     return result
 
 
-__all__ = ["BUILTIN", "DONE_FILE", "LEVELS", "Level", "Record", "Variant", "combine_units", "compute_units",
+__all__ = ["BUILTIN", "DONE_FILE", "LEVELS", "Level", "Record", "Variant", "builtin_source", "combine_units", "compute_units",
            "config_class", "get_level", "level_names", "level_presets", "register_level", "run_level", "unit_path"]

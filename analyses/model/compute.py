@@ -83,28 +83,6 @@ def figure_unit(config: ModelConfig) -> str:
     return FIGURE + hashlib.sha256(json.dumps(list(config.figure_classes)).encode()).hexdigest()[:16]
 
 
-def _data_source(config: ModelConfig) -> str:
-    """``config.data`` with ``"builtin"`` resolved to the model's own builtin dataset, without
-    loading the model (to count the analysed images before any model is loaded)."""
-    if config.data != "builtin":
-        return str(config.data)
-    from hooked_vit.data import BUILTIN_DATASETS, DEFAULT_BUILTIN
-    from hooked_vit.pretrained import get_spec, resolve_model_name
-
-    directory, alias = resolve_model_name(config.model)
-    if alias is not None:
-        name = get_spec(alias).dataset
-    else:
-        saved = Path(directory) / "config.json"  # written by HookedViT.save_pretrained
-        name = json.loads(saved.read_text()).get("dataset") if saved.is_file() else None
-    name = name or DEFAULT_BUILTIN
-    if name not in BUILTIN_DATASETS:
-        raise InvalidArgumentError(f"data='builtin' means the model's builtin dataset, but {config.model} was trained "
-                                   f"on {name!r}, which is not builtin ({', '.join(BUILTIN_DATASETS)}); pass the "
-                                   "root of its image folder as data")
-    return name
-
-
 # ----------------------------------------------------------------------------- one unit
 def chunk_record(model: nn.Module, images: Tensor, config: ModelConfig, first: int,
                  batch_size: int) -> dict[str, Any]:
@@ -222,13 +200,7 @@ class Model(Level):
         if config.n_images is not None:  # checked against the images available when they are loaded
             return config.n_images
         if key not in self._counts:
-            if config.split in self.datasets:
-                source = self.datasets[config.split]
-            else:
-                from hooked_vit.data import load_dataset
-
-                source = load_dataset(_data_source(config), split=config.split)
-            self._counts[key] = len(select_images(source, config))
+            self._counts[key] = len(select_images(self.dataset(config, config.split), config))
         return self._counts[key]
 
     def units(self, config: ModelConfig) -> list[str]:

@@ -16,33 +16,12 @@ from analyses.common.level import Level, Record, Variant, register_level
 from analyses.common.results import config_to_dict
 from analyses.neuron.config import NeuronConfig
 from analyses.neuron.result import NeuronResult, flatten_records, flatten_type_records
-from hooked_vit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from analyses.neuron.analysis import ModelAnalysis
 
 
 # ----------------------------------------------------------------------------- the level
-def _label_source(config: NeuronConfig) -> str:
-    """``config.data`` with ``"builtin"`` resolved to the model's own builtin dataset from its preset
-    or saved ``config.json`` (so the classes are known without loading the weights)."""
-    if str(config.data) != "builtin":
-        return str(config.data)
-    from hooked_vit.data import BUILTIN_DATASETS, DEFAULT_BUILTIN
-    from hooked_vit.pretrained import get_spec, resolve_model_name
-
-    directory, alias = resolve_model_name(config.model)
-    if alias is not None:
-        name = get_spec(alias).dataset
-    else:
-        name = json.loads((Path(directory) / "config.json").read_text()).get("dataset")
-    name = name or DEFAULT_BUILTIN
-    if name not in BUILTIN_DATASETS:
-        raise InvalidArgumentError(f"'builtin' means the model's builtin dataset, but this model was trained on {name!r}, "
-                                   f"which is not builtin ({', '.join(BUILTIN_DATASETS)}); pass the path of its image folder")
-    return name
-
-
 @register_level("neuron")
 class Neuron(Level):
     """Figure 2: per model, one unit per class; per class and block the top-K units by attribution
@@ -69,13 +48,7 @@ class Neuron(Level):
         no model is loaded)."""
         key = json.dumps(config_to_dict(config), sort_keys=True)
         if key not in self._classes:
-            if config.split in self.datasets:
-                images = self.datasets[config.split]
-            else:
-                from hooked_vit.data import load_dataset
-
-                images = load_dataset(_label_source(config), split=config.split)
-            self._classes[key] = resolve_classes(images, config.classes)
+            self._classes[key] = resolve_classes(self.dataset(config, config.split), config.classes)
         return self._classes[key]
 
     def units(self, config: NeuronConfig) -> list[str]:
