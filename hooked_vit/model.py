@@ -301,6 +301,21 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         model.distilled_training = bool(getattr(timm_model, "distilled_training", False))
         return model.eval()
 
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, **cfg_overrides: Any) -> "HookedViT":
+        """Wrap a Hugging Face ``transformers`` vision model (see :mod:`hooked_vit.hf`); its forward
+        returns the HF model's main output (logits, ``image_embeds`` or ``pooler_output``)."""
+        from hooked_vit.hf import hooked_from_hf
+
+        return hooked_from_hf(cls, hf_model, **cfg_overrides)
+
+    def units(self, site: str, **kwargs: Any) -> Any:
+        """The units (neurons, heads, residual dimensions, ...) at ``site`` (a hook name or circuit
+        site), as :func:`hooked_vit.units.site_units` describes them."""
+        from hooked_vit.units import site_units
+
+        return site_units(self, site, **kwargs)
+
     def to_timm(self) -> nn.Module:
         """An equivalent timm ``VisionTransformer`` holding a copy of these weights."""
         from hooked_vit.pruning.masks import without_masks

@@ -45,7 +45,8 @@ def test_analyses_subcommands_come_from_the_entry_point_plugin():
     assert run.stdout.strip() == "[]"  # `hooked-vit <level> --help` imports no heavy module
 
 
-LEVEL_FOLDERS = ("accuracy", "neuron", "layer", "circuit", "model")
+SHORT_NAMES = {"transcoders": ("clt",)}  # a level's classes may carry the method's usual short name
+LEVEL_FOLDERS = tuple(sorted(p.parent.name for p in (ROOT / "analyses").glob("*/compute.py")))
 
 
 def _imports(path: Path, *, module_level: bool = False) -> list[str]:
@@ -76,14 +77,15 @@ def test_every_level_has_the_one_shape_and_imports_no_other_level():
     from analyses.common.level import BUILTIN, Level, get_level
     from analyses.common.results import AnalysisResult
 
-    assert tuple(BUILTIN) == LEVEL_FOLDERS
+    assert sorted(BUILTIN) == list(LEVEL_FOLDERS)
     for name in LEVEL_FOLDERS:
         folder = ROOT / "analyses" / name
         assert {"config.py", "compute.py", "result.py", "__init__.py"} <= {p.name for p in folder.glob("*.py")}, name
         level = get_level(name)
         assert issubclass(level, Level) and level.name == name and level.title and level.paper and level.unit
-        assert issubclass(level.Config, ModelFamily) and level.Config.__name__ == f"{name.capitalize()}Config"
-        assert issubclass(level.Result, AnalysisResult) and level.Result.__name__ == f"{name.capitalize()}Result"
+        stems = {name, *SHORT_NAMES.get(name, ())}  # ReplacementConfig, MISConfig, CLTConfig
+        assert issubclass(level.Config, ModelFamily) and level.Config.__name__.removesuffix("Config").lower() in stems
+        assert issubclass(level.Result, AnalysisResult) and level.Result.__name__.removesuffix("Result").lower() in stems
         assert {f.name for f in dataclasses.fields(level.Config)} >= {f.name for f in dataclasses.fields(ModelFamily)}
         for field in dataclasses.fields(level.Config):  # every option has its help text
             assert field.metadata.get("help"), f"{name}: {field.name} has no help"

@@ -44,6 +44,8 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "circuit": ("analyses.circuit", "analyses.circuit.config"),
     "model": ("analyses.model", "analyses.model.config"),
 }
+# The paper's levels: what ``hooked-vit impact`` runs by default and every study records.
+STUDY_LEVELS: tuple[str, ...] = ("accuracy", "neuron", "layer", "circuit", "model")
 LEVELS: dict[str, type[Level]] = {}
 
 
@@ -323,5 +325,5 @@ def run_level(
     return result
 
 
-__all__ = ["BUILTIN", "DONE_FILE", "LEVELS", "Level", "Record", "Variant", "builtin_source", "combine_units", "compute_units",
+__all__ = ["BUILTIN", "DONE_FILE", "LEVELS", "STUDY_LEVELS", "Level", "Record", "Variant", "builtin_source", "combine_units", "compute_units",
            "config_class", "get_level", "level_names", "level_presets", "register_level", "run_level", "unit_path"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from analyses.common.family import DEFAULT_MODEL, DEFAULT_SPARSITIES, setting
-from analyses.common.level import BUILTIN, config_class, level_names, level_presets
+from analyses.common.level import STUDY_LEVELS, config_class, level_names, level_presets
 from hooked_vit.cli_args import PRUNING_METHODS
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
 from hooked_vit.protocol import SAMPLINGS
@@ -65,7 +65,7 @@ class StudyConfig:
                                           "preset's, 2)")
     n_calib: int | None = setting(None, "Wanda calibration images (default: the preset's)")
     calib_sampling: str | None = setting(None, "calibration sampling (default: the preset's)", choices=SAMPLINGS)
-    levels: tuple[str, ...] = setting(tuple(BUILTIN), "levels to run (the built-in ones and any registered level)")
+    levels: tuple[str, ...] = setting(STUDY_LEVELS, "levels to run (default the paper's; any built-in or registered level)")
     level: dict[str, dict[str, Any]] = setting(help="per level, settings of its config ([level.<name>] in TOML)",
                                                factory=dict)
     preset: str | None = setting(None, "quick: the embedded model, reduced where a level's full run takes long "
@@ -98,9 +98,9 @@ class StudyConfig:
                 self.level_config(name, method)
 
     def compared_levels(self) -> tuple[str, ...]:
-        """The levels whose settings a study records: the built-in ones (so a rerun that adds one
-        compares it too) and any other level it runs."""
-        return tuple(dict.fromkeys([*BUILTIN, *self.levels]))
+        """The levels whose settings a study records: the paper's (so a rerun that adds one compares
+        it too) and any other level it runs."""
+        return tuple(dict.fromkeys([*STUDY_LEVELS, *self.levels]))
 
     def level_config(self, name: str, method: str) -> Any:
         """The config of level ``name`` for the variants pruned with ``method``."""
