@@ -27,6 +27,12 @@ HELP: dict[str, str] = {
                "Table 7 with --sweep-k)",
     "model": "model level: attribution maps (Chefer, AttnLRP, rollout, random) and their insertion/deletion AUCs "
              "(IMPACT Table 4, Figure 4)",
+    "transcoders": "cross-layer transcoders in place of the MLPs: per-layer reconstruction, replacement accuracy, "
+                   "each layer's contribution to the final representation (Chatzoudis et al. 2026)",
+    "mis": "machine interpretability score: 2AFC tasks per unit (neurons, heads, residual dims, SAE latents) "
+           "scored without humans (Zimmermann et al. 2024), per sparsity",
+    "replacement": "residual replacement model: sae-lens TopK SAEs on every layer's residual stream, replacement "
+                   "accuracy, feature catalogue, attribution graphs per class, faithfulness curves (Kim et al. 2025)",
 }
 # Earlier subcommand names (kept for one release) -> the level they now run.
 ALIASES: dict[str, str] = {"neuron-metrics": "neuron", "sae-train": "layer", "sae-eval": "layer",

@@ -1,10 +1,12 @@
-"""Forward-pass overhead of HookedViT against timm on deit3_base (random weights), in one run.
+"""Forward-pass overhead of HookedViT against timm for one model family (random weights), in one run.
 
-Prints HookedViT forward / timm forward (target <= 1.05) and run_with_cache over every hook /
-timm forward (target <= 1.5). Like the other CPU benchmarks it retains freed memory as the
-``hooked-vit`` command does (``--system-malloc`` to measure with glibc's default, where each large
-activation of the full cache is faulted in afresh on every call).
-Usage: python benchmarks/bench_forward.py [--device cuda] [--batch 8] [--system-malloc]
+``--model`` is an alias of ``pretrained_configs/`` (``deit3_base``, ``clip_vitb16``, ``siglip2_vitb16``,
+...) or a timm model name; the timm architecture is built with random weights (``pretrained=False``,
+seeded) and wrapped with ``HookedViT.from_timm``. Prints HookedViT forward / timm forward (target
+<= 1.05) and run_with_cache over every hook / timm forward (target <= 1.5). Like the other CPU
+benchmarks it retains freed memory as the ``hooked-vit`` command does (``--system-malloc`` to measure
+with glibc's default, where each large activation of the full cache is faulted in afresh on every call).
+Usage: python benchmarks/bench_forward.py [--model deit3_base] [--device cuda] [--batch 8] [--system-malloc]
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import timm
 import torch
 
 from hooked_vit import HookedViT
+from hooked_vit.loading import create_timm_from_spec
+from hooked_vit.pretrained import UnknownModelError, get_spec
 from timing import add_malloc_option, apply_malloc_option, interleaved_medians
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit3_base_patch16_224")
+    parser.add_argument("--model", default="deit3_base", help="alias (pretrained_configs/) or timm model name")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -33,7 +37,11 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    timm_model = timm.create_model(args.model, pretrained=False).eval().to(args.device, dtype)
+    try:
+        timm_model = create_timm_from_spec(get_spec(args.model))
+    except UnknownModelError:  # a timm name without an alias
+        timm_model = timm.create_model(args.model, pretrained=False)
+    timm_model = timm_model.eval().to(args.device, dtype)
     hooked = HookedViT.from_timm(timm_model)
     images = torch.randn(args.batch, 3, hooked.cfg.img_size, hooked.cfg.img_size, device=args.device, dtype=dtype)
 

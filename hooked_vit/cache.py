@@ -3,9 +3,10 @@ patch tokens laid out on the image grid.
 
 TL's analysis methods (``decompose_resid``, ``accumulated_resid``, ``apply_ln_to_stack``,
 ``logit_attrs``, ``stack_head_results``, ``get_full_resid_decomposition``, ...) are TL's own and
-run on a HookedViT's cache with TL's semantics: positions are CLS then the patches, the
-"unembed" is the classifier head, tokens are classes (indices or names). The head reads only CLS,
-so logit attributions are meaningful at ``pos_slice=0``. ``hook_pooled`` (``[batch, d_model]``)
+run on a HookedViT's cache with TL's semantics: positions are the prefix tokens (CLS, DIST,
+registers; none for SigLIP) then the patches, the "unembed" is the classifier head, tokens are
+classes (indices or names). A token-pooling head reads only CLS, so logit attributions are
+meaningful at ``pos_slice=0``. ``hook_pooled`` (``[batch, d_model]``)
 has no position axis: ``pos_slice`` leaves it whole.
 """
 
@@ -17,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 
+from hooked_vit.errors import InvalidArgumentError
 from hooked_vit.sites import SITE_NAMES
 
 
@@ -38,7 +40,10 @@ class ViTActivationCache(ActivationCache):
         return super().__getitem__(key)
 
     def cls_token(self, key: Any) -> Float[Tensor, "batch *rest"]:
-        """The activation at the CLS token (position 0)."""
+        """The activation at the CLS token (position 0); refused for a model without one (SigLIP)."""
+        if not self.model.cfg.class_token:
+            raise InvalidArgumentError(f"{self.model.cfg.model_name} has no class token (e.g. SigLIP): read the pooled "
+                                       "features (cache['hook_pooled']) or the patches (cache.patch_grid(key))")
         act = self[key]
         return act[:, 0] if self.has_batch_dim else act[0]
 

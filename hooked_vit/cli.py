@@ -109,12 +109,13 @@ def info(args: argparse.Namespace) -> int:
 
 
 def train_default_command(args: argparse.Namespace) -> int:
-    """``hooked-vit train-default``: train and save the embedded default model."""
-    from hooked_vit.training import save_default, train_default, training_command
+    """``hooked-vit train-default``: train and save an embedded model (default: the embedded default)."""
+    from hooked_vit.training import save_default, train_embedded, training_command
 
-    result = train_default(seed=args.seed, epochs=args.epochs, device=args.device, log=print,
-                           n_train=args.n_train, n_val=args.n_val)
-    command = training_command(args.seed, args.epochs, args.out, n_train=args.n_train, n_val=args.n_val)
+    result = train_embedded(args.model, seed=args.seed, epochs=args.epochs, device=args.device, log=print,
+                            n_train=args.n_train, n_val=args.n_val)
+    command = training_command(args.seed, args.epochs, args.out, n_train=args.n_train, n_val=args.n_val,
+                               alias=args.model)
     weights, config = save_default(result, args.out, command=command)
     print(f"trained in {result.seconds:.0f} s: val top-1 {result.val['top1']:.4f}, top-5 {result.val['top5']:.4f} "
           f"on {result.val['n']} images")
@@ -153,7 +154,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ the registry
 register("info", "print a model's architecture and hook table",
          "hooked_vit.cli_args:info_arguments", "hooked_vit.cli:info")
-register("train-default", f"train the embedded default model {DEFAULT_ALIAS} on the builtin digits",
+register("train-default", f"train an embedded model on the builtin digits (default {DEFAULT_ALIAS})",
          "hooked_vit.cli_args:train_default_arguments", "hooked_vit.cli:train_default_command")
 register("evaluate", "top-1/top-5 accuracy of a model on a dataset",
          "hooked_vit.cli_args:evaluate_arguments", "hooked_vit.cli:evaluate_command")

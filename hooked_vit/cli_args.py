@@ -21,6 +21,7 @@ from hooked_vit.errors import InvalidArgumentError
 
 DEFAULT_ALIAS = "deit3_tiny_digits"  # = hooked_vit.training.DEFAULT_ALIAS
 DEFAULT_SEED = 0  # = hooked_vit.training.DEFAULT_SEED
+EMBEDDED_ALIASES = ("deit3_tiny_digits", "vit_tiny_digits_reg", "siglip_tiny_digits")  # = tuple(training.EMBEDDED_MODELS)
 BUILTIN_DATASETS: tuple[str, ...] = ("digits",)  # = tuple(hooked_vit.data.BUILTIN_DATASETS)
 PRUNING_METHODS: tuple[str, ...] = ("wanda", "magnitude", "magnitude_row")  # = hooked_vit.pruning.METHODS
 DEFAULT_N_CALIB = 128  # = hooked_vit.pruning.DEFAULT_N_CALIB
@@ -217,6 +218,8 @@ def info_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_default_arguments(parser: argparse.ArgumentParser) -> None:
     """``hooked-vit train-default``."""
+    parser.add_argument("--model", default=DEFAULT_ALIAS, choices=EMBEDDED_ALIASES,
+                        help=f"embedded model to train (default {DEFAULT_ALIAS})")
     parser.add_argument("--seed", type=any_int, default=DEFAULT_SEED,
                         help="initialisation, shuffling and augmentation seed")
     parser.add_argument("--epochs", type=positive_int, default=None,

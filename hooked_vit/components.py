@@ -213,20 +213,36 @@ class Attention(nn.Module):
         return self.qkv.bias.view(3, self.n_heads, self.d_head)[which]
 
 
+def quick_gelu(x: Float[Tensor, "*dims"]) -> Float[Tensor, "*dims"]:
+    """OpenAI CLIP's QuickGELU, ``x * sigmoid(1.702 x)`` (timm's formula, so bit-identical)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_pytorch_tanh(x: Float[Tensor, "*dims"]) -> Float[Tensor, "*dims"]:
+    """GELU with the tanh approximation (timm's ``gelu_tanh``, TransformerLens's ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_pytorch_tanh": gelu_pytorch_tanh,
+}
+
+
 class MLP(nn.Module):
-    """fc1 -> exact GELU -> fc2 -> the block's LayerScale (``layer_scale``, registered by the
-    block), with pre- and post-activation hooks."""
+    """fc1 -> activation (``cfg.act_fn``: exact GELU, QuickGELU or tanh GELU) -> fc2 -> the block's
+    LayerScale (``layer_scale``, registered by the block), with pre- and post-activation hooks."""
 
     def __init__(self, cfg: HookedViTConfig, layer_scale: nn.Module):
         super().__init__()
         self.__dict__["layer_scale"] = layer_scale  # not a submodule: the block owns it
+        self.act = ACTIVATIONS[cfg.act_fn]
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
         self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]: fc1 output
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]: GELU output (the mlp_act site)
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]: activation output (the mlp_act site)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.layer_scale(self.fc2(self.hook_post(F.gelu(self.hook_pre(self.fc1(x))))))
+        return self.layer_scale(self.fc2(self.hook_post(self.act(self.hook_pre(self.fc1(x))))))
 
     # ---------------------------------------------------------------- TransformerLens weight views
     @property
@@ -324,13 +340,64 @@ class Unembed(nn.Linear):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches to tokens: a strided conv, as timm's ``patch_embed.proj``."""
+    """Non-overlapping patches to tokens: a strided conv, as timm's ``patch_embed.proj`` (without
+    bias for CLIP, ``cfg.patch_bias``)."""
 
     def __init__(self, cfg: HookedViTConfig):
         super().__init__()
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.d_model, cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.d_model, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
 
     def forward(
         self, images: Float[Tensor, "batch channel height width"]
     ) -> Float[Tensor, "batch n_patches d_model"]:
         return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class AttentionPool(nn.Module):
+    """timm's ``AttentionPoolLatent`` (SigLIP's ``global_pool='map'`` head), hooked: one learned latent
+    query attends over the patch tokens (multi-head, keys and values from the fused ``kv``), ``proj``,
+    then a residual MLP on its LayerNorm, ``out = attn_out + mlp(norm(attn_out))``; returns ``out``
+    ``[batch, 1, d_model]`` (the model takes the latent, ``hook_pooled``). Parameter names are timm's
+    (``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp.fc1``/``fc2``). As in the blocks, attention runs
+    through ``F.scaled_dot_product_attention`` unless the scores or pattern are hooked."""
+
+    def __init__(self, cfg: HookedViTConfig):
+        super().__init__()
+        d_model = cfg.d_model
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        self.scale = self.d_head**-0.5
+        self.latent = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.hook_latent = HookPoint()  # [batch, latent, d_model]: the learned query input
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.hook_q = HookPoint()  # [batch, latent, head, d_head]
+        self.hook_k = HookPoint()  # [batch, patch_pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, patch_pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, latent, patch_pos]
+        self.hook_pattern = HookPoint()  # [batch, head, latent, patch_pos]
+        self.hook_z = HookPoint()  # [batch, latent, head, d_head]
+        self.proj = nn.Linear(d_model, d_model)
+        self.hook_attn_out = HookPoint()  # [batch, latent, d_model]: proj output
+        self.norm = LayerNorm(d_model, cfg.ln_eps)
+        self.mlp = MLP(cfg, nn.Identity())
+        self.hook_mlp_out = HookPoint()  # [batch, latent, d_model]
+
+    def forward(self, x: Float[Tensor, "batch patch_pos d_model"]) -> Float[Tensor, "batch latent d_model"]:
+        batch, pos = x.shape[:2]
+        latent = self.latent.expand(batch, -1, -1)
+        latent = self.hook_latent(latent.clone() if self.hook_latent.has_hooks() else latent)
+        q = self.hook_q(self.q(latent).view(batch, 1, self.n_heads, self.d_head))
+        kv = self.kv(x).view(batch, pos, 2, self.n_heads, self.d_head)
+        k, v = self.hook_k(kv[:, :, 0]), self.hook_v(kv[:, :, 1])
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # timm's layout
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+            scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
+            pattern = scores.softmax(dim=-1)
+            pattern = self.hook_pattern(pattern.clone() if may_edit(self.hook_pattern) else pattern)
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v)
+        z = z.transpose(1, 2)
+        z = self.hook_z(z.clone() if may_edit(self.hook_z) else z)
+        out = self.hook_attn_out(self.proj(z.reshape(batch, 1, self.n_heads * self.d_head)))
+        return out + self.hook_mlp_out(self.mlp(self.norm(out)))

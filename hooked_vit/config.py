@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 NORMALIZATION_TYPES = ("LN", "LNPre")
-POOLINGS = ("token", "avg")
+POOLINGS = ("token", "avg", "map")
+# MLP activations (TransformerLens's names): exact GELU, OpenAI CLIP's x * sigmoid(1.702 x), tanh GELU.
+ACT_FNS = ("gelu", "quick_gelu", "gelu_pytorch_tanh")
 
 
 @dataclass
@@ -40,11 +42,20 @@ class HookedViTConfig:
     # DINOv2's register tokens, in timm's order CLS, DIST, REG0.. then the patches.
     has_dist_token: bool = False
     n_registers: int = 0
-    # timm's global_pool: "token" (the CLS token) or "avg" (mean of the patch tokens); fc_norm: the
-    # final LayerNorm runs after pooling (timm's fc_norm, module ``fc_norm``) instead of on every
-    # position before it (``ln_final``).
+    # timm's global_pool: "token" (the CLS token), "avg" (mean of the patch tokens) or "map" (an
+    # attention-pool head, timm's AttentionPoolLatent: a learned latent query attends to the patch
+    # tokens, then proj and a residual MLP; SigLIP); fc_norm: the final LayerNorm runs after pooling
+    # (timm's fc_norm, module ``fc_norm``) instead of on every position before it (``ln_final``).
     pooling: str = "token"
     fc_norm: bool = False
+    # class_token=False (SigLIP, the _gap_ ViTs): no CLS position; positions are registers then patches.
+    class_token: bool = True
+    # CLIP: a LayerNorm after the position embedding, before block 0 (timm's norm_pre, hooked as TL's
+    # ``ln_pre``), and a patch embedding without bias (timm builds both from pre_norm=True).
+    ln_pre: bool = False
+    patch_bias: bool = True
+    # The MLP activation (of the blocks and the attention-pool head), one of ACT_FNS.
+    act_fn: str = "gelu"
     use_attn_result: bool = False
     # TransformerLens's per-head attention inputs and MLP input hook (off: the hooks are not registered).
     use_split_qkv_input: bool = False
@@ -66,7 +77,6 @@ class HookedViTConfig:
     # TransformerLens config constants that are fixed for a ViT.
     attn_only: ClassVar[bool] = False
     positional_embedding_type: ClassVar[str] = "standard"
-    act_fn: ClassVar[str] = "gelu"
     gated_mlp: ClassVar[bool] = False
     n_key_value_heads: ClassVar[int | None] = None
     num_experts: ClassVar[int | None] = None
@@ -81,6 +91,12 @@ class HookedViTConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.pooling == "token" and not self.class_token:
+            raise ValueError("pooling='token' reads the class token: use class_token=True, or pooling 'avg' or 'map'")
+        if self.has_dist_token and not self.class_token:
+            raise ValueError("a distillation token comes with a class token (timm's VisionTransformerDistilled)")
+        if self.act_fn not in ACT_FNS:
+            raise ValueError(f"act_fn must be one of {ACT_FNS}, got {self.act_fn!r}")
         if self.n_registers < 0 or self.n_classes < 0:
             raise ValueError(f"n_registers and n_classes must be >= 0, got {self.n_registers}, {self.n_classes}")
         if self.img_size % self.patch_size:
@@ -110,12 +126,12 @@ class HookedViTConfig:
 
     @property
     def n_prefix_tokens(self) -> int:
-        """Tokens before the patches: CLS, the distillation token if any, the registers."""
-        return 1 + int(self.has_dist_token) + self.n_registers
+        """Tokens before the patches: CLS (if any), the distillation token if any, the registers."""
+        return int(self.class_token) + int(self.has_dist_token) + self.n_registers
 
     @property
     def n_ctx(self) -> int:
-        """Tokens per image: the prefix tokens (CLS, DIST, registers) then the patch tokens."""
+        """Tokens per image: the prefix tokens (CLS, DIST, registers; none for SigLIP) then the patch tokens."""
         return self.n_patches + self.n_prefix_tokens
 
     @property

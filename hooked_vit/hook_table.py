@@ -7,9 +7,14 @@ from hooked_vit.config import HookedViTConfig
 
 # (name, shape, meaning); block hooks are relative to ``blocks.{layer}``.
 EMBED_HOOKS = [
-    ("hook_embed", "batch pos d_model", "CLS token then the patch embeddings"),
+    ("hook_embed", "batch pos d_model", "CLS token (DIST, registers; none for SigLIP) then the patch embeddings"),
     ("hook_pos_embed", "batch pos d_model", "position embedding (zero at CLS when no_embed_class, as in DeiT-III)"),
-    ("hook_full_embed", "batch pos d_model", "embed + pos_embed: the input of block 0"),
+    ("hook_full_embed", "batch pos d_model", "embed + pos_embed: the input of block 0 (of ln_pre if any)"),
+]
+# CLIP's LayerNorm after the position embedding (timm's norm_pre), with cfg.ln_pre.
+LN_PRE_HOOKS = [
+    ("ln_pre.hook_scale", "batch pos 1", "ln_pre scale (CLIP's norm on embed + pos_embed)"),
+    ("ln_pre.hook_normalized", "batch pos d_model", "ln_pre output: the input of block 0"),
 ]
 BLOCK_HOOKS = [
     ("hook_resid_pre", "batch pos d_model", "residual stream entering the block"),
@@ -47,6 +52,23 @@ FC_NORM_HOOKS = [
 DIST_HOOKS = [
     ("hook_pooled_dist", "batch d_model", "final-norm distillation token: head_dist's input"),
 ]
+# SigLIP's attention-pool head (pooling "map", timm's AttentionPoolLatent) on the final-norm patch
+# tokens: ``latent`` is its one query position, ``patch_pos`` the patch tokens it attends to.
+ATTN_POOL_HOOKS = [
+    ("attn_pool.hook_latent", "batch latent d_model", "the learned latent (query input) of the attention pool"),
+    ("attn_pool.hook_q", "batch latent head d_head", "attention-pool query (q projection of the latent)"),
+    ("attn_pool.hook_k", "batch patch_pos head d_head", "attention-pool keys of the final-norm patch tokens"),
+    ("attn_pool.hook_v", "batch patch_pos head d_head", "attention-pool values of the final-norm patch tokens"),
+    ("attn_pool.hook_attn_scores", "batch head latent patch_pos", "attention-pool q.k / sqrt(d_head)"),
+    ("attn_pool.hook_pattern", "batch head latent patch_pos", "attention-pool probabilities over the patches"),
+    ("attn_pool.hook_z", "batch latent head d_head", "attention-pool pattern-weighted values"),
+    ("attn_pool.hook_attn_out", "batch latent d_model", "attention-pool output projection (its residual stream)"),
+    ("attn_pool.norm.hook_scale", "batch latent 1", "attention-pool LayerNorm scale"),
+    ("attn_pool.norm.hook_normalized", "batch latent d_model", "attention-pool LayerNorm output"),
+    ("attn_pool.mlp.hook_pre", "batch latent d_mlp", "attention-pool MLP fc1 output"),
+    ("attn_pool.mlp.hook_post", "batch latent d_mlp", "attention-pool MLP activation output"),
+    ("attn_pool.hook_mlp_out", "batch latent d_model", "attention-pool MLP output; + attn_out = the pooled features"),
+]
 
 # TransformerLens's optional block hooks: (name, shape, meaning, the config flag that enables it,
 # the default hook they follow). Left out of model.hook_dict (and hook_names) while their flag is off.
@@ -64,20 +86,34 @@ OPTIONAL_BLOCK_HOOKS = [
 ]
 OPTIONAL_HOOK_FLAGS = {name: flag for name, _, _, flag, _ in OPTIONAL_BLOCK_HOOKS}
 
-# Hooks without a token-position axis.
-POOLED_HOOKS = tuple(dict.fromkeys(name for name, shape, _ in FINAL_HOOKS + FC_NORM_HOOKS + DIST_HOOKS
+# Hooks without an axis over the model's n_ctx token positions (pos_slice leaves them whole).
+POOLED_HOOKS = tuple(dict.fromkeys(name for name, shape, _ in FINAL_HOOKS + FC_NORM_HOOKS + DIST_HOOKS + ATTN_POOL_HOOKS
                                    if "pos" not in shape.split()))
+_POOLED_MEANING = {
+    "token": "final-norm CLS token: the classifier head's input",
+    "avg": "mean of the final-norm patch tokens: the classifier head's input",
+    "map": "attention-pool output (attn_out + mlp_out at its latent): the classifier head's input",
+}
 
 
 def final_hooks(cfg: HookedViTConfig | None = None) -> list[tuple[str, str, str]]:
     """The hooks after the last block (name, shape, meaning) for ``cfg``'s pooling head (default:
-    CLS-token pooling after ``ln_final``, as DeiT-III)."""
+    CLS-token pooling after ``ln_final``, as DeiT-III): ``ln_final`` (unless fc_norm), the attention
+    pool's (pooling "map"), ``fc_norm``'s (fc_norm), ``hook_pooled``, ``hook_pooled_dist`` (DeiT)."""
     if cfg is None:
         return list(FINAL_HOOKS)
-    hooks = list(FC_NORM_HOOKS if cfg.fc_norm else FINAL_HOOKS)
-    if cfg.pooling == "avg" and not cfg.fc_norm:
-        hooks[-1] = ("hook_pooled", "batch d_model", "mean of the final-norm patch tokens: the classifier head's input")
+    hooks = [] if cfg.fc_norm else FINAL_HOOKS[:2]
+    hooks += ATTN_POOL_HOOKS if cfg.pooling == "map" else []
+    if cfg.fc_norm:
+        hooks += FC_NORM_HOOKS
+    else:
+        hooks.append(("hook_pooled", "batch d_model", _POOLED_MEANING[cfg.pooling]))
     return hooks + (DIST_HOOKS if cfg.has_dist_token else [])
+
+
+def embed_hooks(cfg: HookedViTConfig | None = None) -> list[tuple[str, str, str]]:
+    """The hooks before block 0 (name, shape, meaning): the embeddings, then ``ln_pre``'s (CLIP)."""
+    return EMBED_HOOKS + (LN_PRE_HOOKS if cfg is not None and cfg.ln_pre else [])
 
 
 def block_hook_names(use_attn_in: bool = False, use_split_qkv_input: bool = False,
@@ -97,7 +133,7 @@ def hook_names(n_layers: int, cfg: HookedViTConfig | None = None, **flags: bool)
     """All hook names of an ``n_layers``-block model, in the order they fire (``flags``:
     ``use_attn_in``, ``use_split_qkv_input``, ``use_hook_mlp_in``, see :func:`block_hook_names`;
     ``cfg``: the pooling head's hooks, see :func:`final_hooks`)."""
-    return ([name for name, _, _ in EMBED_HOOKS]
+    return ([name for name, _, _ in embed_hooks(cfg)]
             + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in block_hook_names(**flags)]
             + [name for name, _, _ in final_hooks(cfg)])
 
@@ -106,9 +142,11 @@ def hook_shape(name: str, cfg: HookedViTConfig, batch: int) -> tuple[int, ...]:
     """Concrete shape of hook ``name`` for a batch of ``batch`` images (``ln1``'s hooks have a head
     axis while ``cfg.use_attn_in`` or ``cfg.use_split_qkv_input`` is on, as in TransformerLens)."""
     sizes = {"batch": batch, "pos": cfg.n_ctx, "query_pos": cfg.n_ctx, "key_pos": cfg.n_ctx,
-             "d_model": cfg.d_model, "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1}
+             "d_model": cfg.d_model, "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1,
+             "latent": 1, "patch_pos": cfg.n_patches}
     suffix = name.split(".", 2)[2] if name.startswith("blocks.") else name
-    shapes = {n: s for n, s, _ in EMBED_HOOKS + BLOCK_HOOKS + FINAL_HOOKS + FC_NORM_HOOKS + DIST_HOOKS}
+    shapes = {n: s for n, s, _ in (EMBED_HOOKS + LN_PRE_HOOKS + BLOCK_HOOKS + FINAL_HOOKS + FC_NORM_HOOKS
+                                   + DIST_HOOKS + ATTN_POOL_HOOKS)}
     shapes.update({n: s for n, s, *_ in OPTIONAL_BLOCK_HOOKS})
     shape = shapes[suffix]
     if suffix.startswith("ln1.") and (cfg.use_attn_in or cfg.use_split_qkv_input):
@@ -127,7 +165,7 @@ def hook_table(cfg: HookedViTConfig | None = None) -> str:
         return f"| `{name}` | `[{shape}]`{numbers} | {meaning} |"
 
     lines = ["| hook | shape | meaning |", "|---|---|---|"]
-    lines += [row(*h) for h in EMBED_HOOKS]
+    lines += [row(*h) for h in embed_hooks(cfg)]
     lines += [row(f"blocks.{{L}}.{n}", s, m) for n, s, m in BLOCK_HOOKS]
     lines += [row(*h) for h in final_hooks(cfg)]
     return "\n".join(lines)

@@ -12,7 +12,9 @@ from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.layers import Mlp
+from timm.layers import AttentionPoolLatent, Mlp
+from timm.layers.activations import GELU as TimmGELU
+from timm.layers.activations import GELUTanh, QuickGELU
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.layers.attention import Attention as TimmAttention
@@ -34,11 +36,11 @@ from hooked_vit.pretrained import PretrainedSpec
 
 
 
-# Hooked names differ from timm's only in the norms (TransformerLens names them ln1/ln2/ln_final).
+# Hooked names differ from timm's only in the norms (TransformerLens names them ln1/ln2/ln_final/ln_pre).
 _TO_HOOKED = [(re.compile(r"(^|\.)norm1\."), r"\1ln1."), (re.compile(r"(^|\.)norm2\."), r"\1ln2."),
-              (re.compile(r"^norm\."), "ln_final.")]
+              (re.compile(r"^norm\."), "ln_final."), (re.compile(r"^norm_pre\."), "ln_pre.")]
 _TO_TIMM = [(re.compile(r"(^|\.)ln1\."), r"\1norm1."), (re.compile(r"(^|\.)ln2\."), r"\1norm2."),
-            (re.compile(r"^ln_final\."), "norm.")]
+            (re.compile(r"^ln_final\."), "norm."), (re.compile(r"^ln_pre\."), "norm_pre.")]
 
 
 def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
@@ -71,7 +73,7 @@ _FOREIGN_PARTS = [
     ("GluMlp", "gated (GLU) MLP", "module"),
     ("PatchMerging", "hierarchical patch merging (Swin)", "module"),
     ("WindowAttention", "windowed attention (Swin)", "module"),
-    ("AttentionPool", "attention-pool head", "module"),
+    ("AttentionPoolPrr", "PRR attention pool (global_pool='prr')", "module"),
     ("RmsNorm", "RMSNorm", "module"),
 ]
 
@@ -94,13 +96,57 @@ def _is_layer_norm(norm: nn.Module) -> bool:
             and len(norm.normalized_shape) == 1)
 
 
+def _act_fn(act: nn.Module) -> str | None:
+    """The :data:`~hooked_vit.config.ACT_FNS` name of a timm MLP activation module, ``None`` if unsupported."""
+    if _is(act, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_pytorch_tanh"}.get(act.approximate)
+    return {TimmGELU: "gelu", GELUTanh: "gelu_pytorch_tanh", QuickGELU: "quick_gelu"}.get(type(act))
+
+
+# act_fn -> timm's act_layer argument (None: timm's default, nn.GELU)
+_TIMM_ACT_LAYER = {"gelu": None, "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _attn_pool_problems(pool: nn.Module, model: nn.Module) -> list[str]:
+    """Unsupported features of a ``global_pool='map'`` head (timm's ``AttentionPoolLatent``)."""
+    if not _is(pool, AttentionPoolLatent):
+        return [f"attention pool {type(pool).__name__} (expected timm AttentionPoolLatent)"]
+    problems = []
+    if pool.latent_len != 1 or pool.pool != "token":
+        problems.append(f"attention pool with {pool.latent_len} latents / pool {pool.pool!r} (supported: 1 latent)")
+    if pool.pos_embed is not None:
+        problems.append("attention pool with its own position embedding")
+    if not (_is(pool.q_norm, nn.Identity) and _is(pool.k_norm, nn.Identity)):
+        problems.append("attention pool qk_norm")
+    q_ok = isinstance(pool.q, nn.Linear) and pool.q.bias is not None
+    if not q_ok or pool.kv.bias is None or pool.latent.shape[-1] != model.embed_dim:
+        problems.append("attention pool without q projection, q/kv bias or latent of the model's width")
+    block = model.blocks[0] if len(model.blocks) else None
+    heads = getattr(getattr(block, "attn", None), "num_heads", None)
+    if pool.num_heads != heads or pool.kv.in_features != model.embed_dim:
+        problems.append(f"attention pool with {pool.num_heads} heads / width {pool.kv.in_features} (expected the blocks')")
+    mlp = pool.mlp
+    if mlp is None or not isinstance(pool.proj, nn.Linear) or pool.proj.bias is None:
+        problems.append("attention pool without its output projection and MLP (out_features=0)")
+    elif not _is_layer_norm(pool.norm):
+        problems.append(f"attention pool norm {type(pool.norm).__name__}, expected LayerNorm")
+    elif not (_is(mlp, Mlp) and _is(mlp.norm, nn.Identity) and isinstance(mlp.fc1, nn.Linear)
+              and mlp.fc1.bias is not None and isinstance(getattr(block, "mlp", None), Mlp)
+              and mlp.fc1.out_features == block.mlp.fc1.out_features
+              and _act_fn(mlp.act) is not None and _act_fn(mlp.act) == _act_fn(block.mlp.act)):
+        problems.append("attention pool MLP unlike the blocks' (width, activation or bias)")
+    return problems
+
+
 def unsupported_features(model: nn.Module) -> list[str]:
     """Every feature of ``model`` that HookedViT cannot reproduce exactly (empty if supported).
 
-    Supported: timm ``VisionTransformer`` (and DeiT's ``VisionTransformerDistilled``) with a class
-    token, optional distillation token or registers, learned absolute position embedding, pre-norm
-    ``Block``s (plain ``Attention``, ``Mlp`` with exact GELU, optional LayerScale), LayerNorms, and
-    token or average pooling with the final norm before (``norm``) or after pooling (``fc_norm``)."""
+    Supported: timm ``VisionTransformer`` (and DeiT's ``VisionTransformerDistilled``) with or
+    without a class token, optional distillation token or registers, learned absolute position
+    embedding, optional ``norm_pre`` (CLIP, with its bias-free patch embedding), pre-norm ``Block``s
+    (plain ``Attention``, ``Mlp`` with exact GELU, QuickGELU or tanh GELU, optional LayerScale),
+    LayerNorms, and token, average or attention-pool (``AttentionPoolLatent``) pooling with the
+    final norm before (``norm``) or after pooling (``fc_norm``)."""
     if not isinstance(model, VisionTransformer):
         return ["not a timm VisionTransformer"] + _foreign_parts(model)
     problems = []
@@ -109,8 +155,6 @@ def unsupported_features(model: nn.Module) -> list[str]:
     foreign = _foreign_parts(model)
     problems += foreign
     distilled = isinstance(model, VisionTransformerDistilled)
-    if model.cls_token is None:
-        problems.append("no class token (class_token=False)")
     if model.pos_embed is None:
         problems.append("no learned absolute position embedding")
     if model.dynamic_img_size:
@@ -122,23 +166,25 @@ def unsupported_features(model: nn.Module) -> list[str]:
     else:
         if getattr(patch, "dynamic_img_pad", False):
             problems.append("dynamic_img_pad=True")
-        if patch.proj.bias is None:
-            problems.append("patch embedding without bias (pre_norm / CLIP-style)")
+        if (patch.proj.bias is None) != (not _is(getattr(model, "norm_pre", nn.Identity()), nn.Identity)):
+            problems.append("patch embedding bias with norm_pre, or none without (timm's pre_norm sets both)")
         if not _is(patch.norm, nn.Identity):
             problems.append("a norm after the patch embedding")
         if patch.img_size[0] != patch.img_size[1] or patch.patch_size[0] != patch.patch_size[1]:
             problems.append(f"non-square images or patches ({patch.img_size}, {patch.patch_size})")
         if patch.proj.stride != patch.proj.kernel_size:
             problems.append("overlapping patches")
-    if model.global_pool not in ("token", "avg"):
-        problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
-    if model.global_pool == "avg" and model.pool_include_prefix:
+    if model.global_pool not in ("token", "avg", "map"):
+        problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg', 'map')")
+    if model.global_pool in ("avg", "map") and model.pool_include_prefix:
         problems.append("pool_include_prefix=True")
-    if getattr(model, "attn_pool", None) is not None and "attention-pool head" not in foreign:
-        problems.append("attention-pool head")
-    for name in ("norm_pre", "patch_drop"):
-        if not _is(getattr(model, name, nn.Identity()), nn.Identity):
-            problems.append(f"{name} is {type(getattr(model, name)).__name__}, expected Identity")
+    if model.global_pool == "map" and getattr(model, "attn_pool", None) is not None:
+        problems += _attn_pool_problems(model.attn_pool, model)
+    norm_pre = getattr(model, "norm_pre", nn.Identity())
+    if not (_is(norm_pre, nn.Identity) or _is_layer_norm(norm_pre)):
+        problems.append(f"norm_pre is {type(norm_pre).__name__}, expected LayerNorm or Identity")
+    if not _is(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+        problems.append(f"patch_drop is {type(model.patch_drop).__name__}, expected Identity")
     norm, fc_norm = model.norm, getattr(model, "fc_norm", nn.Identity())
     if _is(norm, nn.Identity) and _is(fc_norm, nn.Identity):
         problems.append("no final norm (final_norm=False)")
@@ -168,7 +214,8 @@ def unsupported_features(model: nn.Module) -> list[str]:
         else:
             found += _block_problems(block, model.embed_dim, foreign)
             if _is(block.mlp, Mlp) and isinstance(block.mlp.fc1, nn.Linear) and _is(block.attn, TimmAttention):
-                shapes.add((block.mlp.fc1.out_features, block.attn.num_heads, block.attn.qkv.bias is not None))
+                shapes.add((block.mlp.fc1.out_features, block.attn.num_heads, block.attn.qkv.bias is not None,
+                            _act_fn(block.mlp.act)))
         for problem in found:
             per_block.setdefault(problem, []).append(i)
     for problem, layers in per_block.items():
@@ -178,7 +225,7 @@ def unsupported_features(model: nn.Module) -> list[str]:
     if len(layer_scales) > 1:
         problems.append("LayerScale on some blocks only")
     if len(shapes) > 1:
-        problems.append("blocks of different widths, head counts or q/k/v biases")
+        problems.append("blocks of different widths, head counts, q/k/v biases or activations")
     return problems
 
 
@@ -208,12 +255,19 @@ def _block_problems(block: nn.Module, embed_dim: int, foreign: list[str]) -> lis
         problems.append("a norm inside the MLP (scale_mlp_norm)")
     elif not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)) or mlp.fc1.bias is None:
         problems.append("MLP without bias or not linear (proj_bias=False / use_conv)")
-    elif not (_is(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
-        problems.append(f"MLP activation {mlp.act} (expected exact GELU)")
+    elif _act_fn(mlp.act) is None:
+        problems.append(f"MLP activation {mlp.act} (supported: exact GELU, QuickGELU, tanh GELU)")
     for name in ("ls1", "ls2"):
         if type(getattr(block, name)).__name__ not in ("LayerScale", "Identity"):
             problems.append(f"{name} is {type(getattr(block, name)).__name__}")
     return problems
+
+
+def _mlp_ratio(d_model: int, d_mlp: int) -> float:
+    """The ``mlp_ratio`` timm turns back into ``d_mlp`` (``int(d_model * ratio)``): the plain ratio
+    where it does, else one nudged by half a unit (e.g. d_model 176, d_mlp 240)."""
+    ratio = d_mlp / d_model
+    return ratio if int(d_model * ratio) == d_mlp else (d_mlp + 0.5) / d_model
 
 
 def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
@@ -224,7 +278,8 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         raise UnsupportedModelError(
             f"HookedViT cannot load {name} (timm {type(model).__name__}): unsupported: {'; '.join(problems)}. "
-            "Supported: timm ViT/AugReg, DeiT (distilled too), DeiT-III, DINOv2 (registers), token or avg pooling"
+            "Supported: timm ViT/AugReg, DeiT (distilled too), DeiT-III, DINOv2 (registers), CLIP, SigLIP; "
+            "token, avg or map pooling"
         )
     patch = model.patch_embed
     img_h, _ = patch.img_size
@@ -232,18 +287,24 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
     layer_scale = type(block.ls1).__name__ == "LayerScale"
     distilled = isinstance(model, VisionTransformerDistilled)
     fc_norm = _is(model.norm, nn.Identity)
+    ln_pre = not _is(model.norm_pre, nn.Identity)
+    act_fn = _act_fn(block.mlp.act)
     d_model, d_mlp = model.embed_dim, block.mlp.fc1.out_features
     timm_kwargs = dict(
         img_size=img_h, patch_size=patch.patch_size[0], in_chans=patch.proj.in_channels,
         num_classes=model.num_classes, embed_dim=d_model, depth=len(model.blocks),
-        num_heads=block.attn.num_heads, mlp_ratio=d_mlp / d_model,
+        num_heads=block.attn.num_heads, mlp_ratio=_mlp_ratio(d_model, d_mlp),
         qkv_bias=block.attn.qkv.bias is not None, init_values=1.0 if layer_scale else None,
-        no_embed_class=model.no_embed_class, class_token=True, global_pool=model.global_pool,
+        no_embed_class=model.no_embed_class, class_token=model.has_class_token, global_pool=model.global_pool,
     )
     if model.num_reg_tokens:
         timm_kwargs["reg_tokens"] = model.num_reg_tokens
     if fc_norm != (model.global_pool == "avg"):  # timm's default: fc_norm exactly with avg pooling
         timm_kwargs["fc_norm"] = fc_norm
+    if ln_pre:  # norm_pre and a bias-free patch embedding
+        timm_kwargs["pre_norm"] = True
+    if _TIMM_ACT_LAYER[act_fn] is not None:
+        timm_kwargs["act_layer"] = _TIMM_ACT_LAYER[act_fn]
     pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained_cfg.items()
                      if k in ("mean", "std", "crop_pct", "crop_mode", "interpolation")}
@@ -254,7 +315,8 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
         n_classes=model.num_classes, layer_scale=layer_scale, no_embed_class=model.no_embed_class,
         qkv_bias=block.attn.qkv.bias is not None, ln_eps=block.norm1.eps,
         has_dist_token=distilled, n_registers=model.num_reg_tokens, pooling=model.global_pool,
-        fc_norm=fc_norm, model_name=pretrained_cfg.get("architecture", "custom"), timm_kwargs=timm_kwargs,
+        fc_norm=fc_norm, class_token=model.has_class_token, ln_pre=ln_pre, patch_bias=not ln_pre,
+        act_fn=act_fn, model_name=pretrained_cfg.get("architecture", "custom"), timm_kwargs=timm_kwargs,
         preprocessing=preprocessing,
     )
     cfg.update(overrides)
@@ -345,7 +407,9 @@ def _cached_hub_file(spec: PretrainedSpec) -> str | None:
     """Path of the spec's weights in the local Hugging Face cache, if present."""
     from huggingface_hub import try_to_load_from_cache
 
-    repo = f"timm/{spec.hub_name}"
+    # timm's own hub repo (QuickGELU variants share the GELU model's weights)
+    pretrained_cfg = timm.models.get_pretrained_cfg(spec.hub_name)
+    repo = getattr(pretrained_cfg, "hf_hub_id", None) or f"timm/{spec.hub_name}"
     for filename in ("model.safetensors", "pytorch_model.bin"):
         found = try_to_load_from_cache(repo, filename)
         if isinstance(found, str):

@@ -16,7 +16,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from hooked_vit.cache import ViTActivationCache
-from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock, Unembed
+from hooked_vit.components import AttentionPool, LayerNorm, PatchEmbed, TransformerBlock, Unembed
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.hook_table import hook_table
@@ -61,7 +61,8 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         self.cfg = cfg
         d_model = cfg.d_model
         self.patch_embed = PatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        # None without a class token (SigLIP), as timm
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if cfg.class_token else None
         if cfg.has_dist_token:  # DeiT's distillation token, read by head_dist
             self.dist_token = nn.Parameter(torch.zeros(1, 1, d_model))
         if cfg.n_registers:  # DINOv2's register tokens
@@ -70,12 +71,16 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d_model))
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: CLS (DIST, registers) then patch embeddings
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]: position embedding (0 at prefix tokens if no_embed_class)
-        self.hook_full_embed = HookPoint()  # [batch, pos, d_model]: embed + pos_embed, block 0's input
+        self.hook_full_embed = HookPoint()  # [batch, pos, d_model]: embed + pos_embed
+        if cfg.ln_pre:  # CLIP: timm's norm_pre, LayerNorm on embed + pos_embed; its output enters block 0
+            self.ln_pre = LayerNorm(d_model, cfg.ln_eps)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        if not cfg.fc_norm:  # the final LayerNorm on every position
+            self.ln_final = LayerNorm(d_model, cfg.ln_eps)
+        if cfg.pooling == "map":  # SigLIP's attention-pool head over the (final-norm) patch tokens
+            self.attn_pool = AttentionPool(cfg)
         if cfg.fc_norm:  # timm's fc_norm: the final LayerNorm runs on the pooled features
             self.fc_norm = LayerNorm(d_model, cfg.ln_eps)
-        else:
-            self.ln_final = LayerNorm(d_model, cfg.ln_eps)
         self.hook_pooled = HookPoint()  # [batch, d_model]: the pooled features, the head's input
         if cfg.has_dist_token:
             self.hook_pooled_dist = HookPoint()  # [batch, d_model]: final-norm DIST token, head_dist's input
@@ -103,7 +108,7 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         image ``[batch]``; ``"both"``, ``(logits, loss)``; ``None``, nothing, for hooks only). With
         ``stop_at_layer=L``, the residual stream ``[batch, pos, d_model]`` entering block ``L``
         (blocks ``L`` and later do not run; ``return_type`` is then ignored, as in TransformerLens)."""
-        check_images(images, self.cfg, self.cls_token)
+        check_images(images, self.cfg, self.patch_embed.proj.weight)
         check_stop_at_layer(stop_at_layer, self.cfg.n_layers)
         if stop_at_layer is None:
             if self.cfg.n_classes == 0 and return_type in ("loss", "both"):
@@ -119,6 +124,8 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         if self.hook_pos_embed.has_hooks():  # a hook may edit it in place: give it its own memory
             pos_embed = pos_embed.clone()
         x = self.hook_full_embed(self.hook_embed(tokens) + self.hook_pos_embed(pos_embed))
+        if self.cfg.ln_pre:
+            x = self.ln_pre(x)
         for block in self.blocks[:stop_at_layer]:
             x = block(x)
         if stop_at_layer is not None:
@@ -135,8 +142,8 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         return loss if return_type == "loss" else (logits, loss)
 
     def _prefix_tokens(self, batch: int) -> list[Float[Tensor, "batch n_tok d_model"]]:
-        """CLS, then the distillation token and the registers if the model has them (timm's order)."""
-        tokens = [self.cls_token.expand(batch, -1, -1)]
+        """CLS, the distillation token and the registers, those the model has (timm's order)."""
+        tokens = [self.cls_token.expand(batch, -1, -1)] if self.cfg.class_token else []
         if self.cfg.has_dist_token:
             tokens.append(self.dist_token.expand(batch, -1, -1))
         if self.cfg.n_registers:
@@ -144,12 +151,18 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         return tokens
 
     def _head(self, x: Float[Tensor, "batch pos d_model"]) -> Any:
-        """timm's ``forward_head``: pool, norm, classifier (averaged with ``head_dist`` for a
-        distilled DeiT; pooled features for a headless model)."""
+        """timm's ``forward_head``: pool (CLS token, mean or attention pool of the patch tokens),
+        norm, classifier (averaged with ``head_dist`` for a distilled DeiT; pooled features for a
+        headless model)."""
         cfg = self.cfg
         if not cfg.fc_norm:
             x = self.ln_final(x)
-        pooled = x[:, 0] if cfg.pooling == "token" else x[:, cfg.n_prefix_tokens:].mean(dim=1)
+        if cfg.pooling == "token":
+            pooled = x[:, 0]
+        elif cfg.pooling == "avg":
+            pooled = x[:, cfg.n_prefix_tokens:].mean(dim=1)
+        else:
+            pooled = self.attn_pool(x[:, cfg.n_prefix_tokens:])[:, 0]
         if cfg.fc_norm:
             pooled = self.fc_norm(pooled)
         out = self.head(self.hook_pooled(pooled))
@@ -290,7 +303,9 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
     @classmethod
     def from_timm(cls, timm_model: nn.Module, **cfg_overrides: Any) -> "HookedViT":
         """Wrap a supported timm ``VisionTransformer`` (weights copied, same device and dtype): ViT/AugReg,
-        DeiT (distilled too), DeiT-III, DINOv2 (registers), token or average pooling (``fc_norm``).
+        DeiT (distilled too), DeiT-III, DINOv2 (registers), CLIP image towers (``ln_pre``, QuickGELU,
+        the projection as ``head``), SigLIP/SigLIP2 (no class token, attention-pool head ``attn_pool``,
+        or average pooling); token, average (``fc_norm``) or attention pooling.
         Anything else raises :class:`~hooked_vit.errors.UnsupportedModelError`, one line naming every
         unsupported feature, before any weight is copied."""
         cfg = config_from_timm(timm_model, **cfg_overrides)
@@ -304,14 +319,15 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
     @classmethod
     def from_hf(cls, hf_model: nn.Module, **cfg_overrides: Any) -> "HookedViT":
         """Wrap a Hugging Face ``transformers`` vision model (see :mod:`hooked_vit.hf`); its forward
-        returns the HF model's main output (logits, ``image_embeds`` or ``pooler_output``)."""
+        returns the HF model's main output (logits, ``image_embeds`` or ``pooler_output``).
+        ``img_size=S`` resamples the position embedding as transformers does for S-pixel images."""
         from hooked_vit.hf import hooked_from_hf
 
         return hooked_from_hf(cls, hf_model, **cfg_overrides)
 
-    def units(self, site: str, **kwargs: Any) -> Any:
-        """The units (neurons, heads, residual dimensions, ...) at ``site`` (a hook name or circuit
-        site), as :func:`hooked_vit.units.site_units` describes them."""
+    def units(self, site: Any, **kwargs: Any) -> Any:
+        """The units (neurons, heads, residual dimensions, ...) at ``site`` (a hook name, a circuit
+        site or ``(layer, site name)``), as :func:`hooked_vit.units.site_units` describes them."""
         from hooked_vit.units import site_units
 
         return site_units(self, site, **kwargs)
@@ -506,9 +522,10 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             f"  {cfg.n_layers} blocks, d_model {cfg.d_model}, {cfg.n_heads} heads x d_head {cfg.d_head}, "
             f"d_mlp {cfg.d_mlp}, {cfg.img_size}px / patch {cfg.patch_size} -> {cfg.n_ctx} tokens, "
             f"{cfg.n_classes or 'no'} classes{' (headless: returns the pooled features)' if not cfg.n_classes else ''}, "
-            f"LayerScale {cfg.layer_scale}, {n_params / 1e6:.2f}M parameters",
-            (f"  positions: {', '.join(self.to_str_tokens()[:cfg.n_prefix_tokens])}, then {cfg.n_patches} patches; "
-             f"pooling {cfg.pooling!r}{' + fc_norm' if cfg.fc_norm else ''}"
+            f"LayerScale {cfg.layer_scale}, MLP {cfg.act_fn}{', ln_pre' if cfg.ln_pre else ''}, "
+            f"{n_params / 1e6:.2f}M parameters",
+            (f"  positions: {', '.join(self.to_str_tokens()[:cfg.n_prefix_tokens]) or 'no prefix tokens'}, then "
+             f"{cfg.n_patches} patches; pooling {cfg.pooling!r}{' + fc_norm' if cfg.fc_norm else ''}"
              f"{', class + distillation heads averaged' if cfg.has_dist_token else ''}"),
             f"  {len(self.hook_dict)} hooks, {len(self.sites)} circuit sites ({self.sites.n_units} units)",
             "",

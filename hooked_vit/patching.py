@@ -45,7 +45,7 @@ def check_patching_inputs(
 ) -> None:
     """One-line errors, before any patching run, for images the model cannot take and for a clean
     cache without the corrupted batch's size on a batch axis (TL patches example by example)."""
-    check_images(corrupted_images, model.cfg, model.cls_token)
+    check_images(corrupted_images, model.cfg, model.patch_embed.proj.weight)
     if not isinstance(clean_cache, ActivationCache) or not clean_cache.has_batch_dim:
         raise InvalidArgumentError("clean_cache must be the ActivationCache of model.run_with_cache(clean_images), "
                                    "with its batch axis (not remove_batch_dim=True)")

@@ -157,7 +157,7 @@ class SAESplice(HookPoint):
         out = self.hook_sae_output(out).to(x.dtype)
         if not self.layout.has_positions or self.tokens == "all":
             return out.reshape(x.shape)
-        index = token_positions(self.tokens, self.n_ctx, self.layout.n_prefix).to(x.device)
+        index = token_positions(self.tokens, self.n_ctx, self.layout.n_prefix, self.layout.class_token).to(x.device)
         return x.index_copy(1, index, out.reshape(x.shape[0], index.numel(), *x.shape[2:]))
 
 

@@ -45,7 +45,8 @@ def _no_meaning(method: str, alternative: str) -> Callable[..., Any]:
 
 
 _IMAGES = ("the input is an image batch [batch, channel, height, width] (model.transform() prepares a PIL "
-           "image); the positions are CLS then the patches, labelled by model.to_str_tokens()")
+           "image); the positions are CLS (DIST, registers; none for SigLIP) then the patches, labelled by "
+           "model.to_str_tokens()")
 
 
 class TransformerLensMixin:
@@ -108,7 +109,8 @@ class TransformerLensMixin:
     @property
     def W_E(self) -> Float[Tensor, "patch_pixels d_model"]:
         """Patch embedding as a matrix on a patch's pixels flattened in ``(channel, row, column)``
-        order: ``patch_pixels @ W_E + conv bias`` is the patch token (``hook_embed[:, 1:]``)."""
+        order: ``patch_pixels @ W_E + conv bias`` (none for CLIP) is the patch token
+        (``hook_embed[:, cfg.n_prefix_tokens:]``)."""
         return self.patch_embed.proj.weight.flatten(1).T
 
     # ------------------------------------------------------------------ classes as the vocabulary
@@ -164,6 +166,10 @@ class TransformerLensMixin:
         if classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < self.cfg.n_classes):
             raise InvalidArgumentError(f"class indices must be in 0..{self.cfg.n_classes - 1}, got "
                                        f"{int(classes.min())}..{int(classes.max())}")
+        if self.cfg.pooling == "map":
+            raise InvalidArgumentError("with an attention-pool head (pooling 'map') the logits are not linear in the "
+                                       "residual stream: there is no class residual direction; use the gradient of "
+                                       "the logit, or the directions at hook_pooled (model.W_U)")
         directions = self.W_U[:, classes.to(self.W_U.device)].movedim(0, -1)
         norm = self.fc_norm if self.cfg.fc_norm else self.ln_final
         return directions * norm.weight if self.cfg.normalization_type == "LN" else directions
@@ -193,19 +199,19 @@ class TransformerLensMixin:
 
     def to_str_tokens(self, images: Tensor | str | list[str] | None = None, *args: Any, **kwargs: Any) -> list[str]:
         """Labels of the token positions (``n_ctx`` of them, the same for every image: TL's string
-        tokens of an input): ``"CLS"``, ``"DIST"`` for a distilled DeiT, ``"REG0"``.. for registers,
-        then ``"r{row}c{col}"`` per patch."""
+        tokens of an input): ``"CLS"`` (none without a class token, as SigLIP), ``"DIST"`` for a
+        distilled DeiT, ``"REG0"``.. for registers, then ``"r{row}c{col}"`` per patch."""
         if isinstance(images, str) or (isinstance(images, list) and images and isinstance(images[0], str)):
             raise NotImplementedError(f"to_str_tokens of text has no meaning for an image classifier: {_IMAGES}")
         cfg, grid = self.cfg, self.cfg.grid_size
-        prefix = ["CLS"] + ["DIST"] * cfg.has_dist_token + [f"REG{i}" for i in range(cfg.n_registers)]
+        prefix = ["CLS"] * cfg.class_token + ["DIST"] * cfg.has_dist_token + [f"REG{i}" for i in range(cfg.n_registers)]
         return prefix + [f"r{r}c{c}" for r in range(grid) for c in range(grid)]
 
     to_tokens = _no_meaning("to_tokens", _IMAGES)
     to_string = _no_meaning("to_string", "an image classifier has no text to decode; "
                             "class names come from model.to_single_str_token(index)")
-    get_token_position = _no_meaning("get_token_position", "position 0 is CLS and patch (row, col) is "
-                                     "cfg.n_prefix_tokens + row * grid_size + col (model.to_str_tokens() "
+    get_token_position = _no_meaning("get_token_position", "position 0 is CLS (if cfg.class_token) and patch "
+                                     "(row, col) is cfg.n_prefix_tokens + row * grid_size + col (model.to_str_tokens() "
                                      "labels every position)")
     set_tokenizer = _no_meaning("set_tokenizer", _IMAGES)
     generate = _no_meaning("generate", "it does not generate; model(images) gives the class logits")

@@ -1,12 +1,15 @@
-"""Training of the embedded default model, ``deit3_tiny_digits``: a small DeiT-III (timm's own
-``VisionTransformer`` with LayerScale) trained from scratch on the builtin digits train split.
+"""Training of the embedded models (:data:`EMBEDDED_MODELS`): small timm ``VisionTransformer`` models
+trained from scratch on the builtin digits train split by one recipe. ``deit3_tiny_digits`` (the
+default: DeiT-III, LayerScale, class token), ``vit_tiny_digits_reg`` (class token + 4 registers,
+LayerScale) and ``siglip_tiny_digits`` (SigLIP's layout: no class token, attention-pool head) share
+size, data and recipe; only their timm keyword arguments differ.
 
 Recipe (:class:`TrainConfig`): AdamW (timm's parameter groups: no weight decay on biases, norms,
-LayerScale, position embedding and class token), linear warm-up then cosine decay to 0 per step,
-label smoothing, and random affine augmentation (rotation, scale, shift) applied per batch on the
+LayerScale, position embedding, class and register tokens), linear warm-up then cosine decay to 0 per
+step, label smoothing, and random affine augmentation (rotation, scale, shift) applied per batch on the
 model-ready tensors. Everything random is seeded by ``seed``: the same seed on the same machine and
 thread count gives the same weights. ``hooked-vit train-default --seed 0 --out pretrained_configs``
-regenerates the shipped files (3-5 minutes on 2 idle CPU cores).
+regenerates the shipped default files (3-5 minutes on 2 idle CPU cores).
 """
 
 from __future__ import annotations
@@ -38,22 +41,46 @@ from hooked_vit.evaluation import evaluate
 
 DEFAULT_ALIAS = "deit3_tiny_digits"
 DEFAULT_SEED = 0
-# The embedded model: 4 DeiT-III blocks, width 96, 4 heads, 8x8 patches of 4x4 px on 32x32 images.
-DEFAULT_TIMM_KWARGS: dict[str, Any] = {
-    "img_size": 32,
-    "patch_size": 4,
-    "in_chans": 3,
-    "num_classes": 10,
-    "embed_dim": 96,
-    "depth": 4,
-    "num_heads": 4,
-    "mlp_ratio": 4.0,
-    "qkv_bias": True,
-    "init_values": 1e-6,
-    "no_embed_class": True,
-    "class_token": True,
-    "global_pool": "token",
+# The size all embedded models share: 4 blocks, width 96, 4 heads, 8x8 patches of 4x4 px on 32x32 images.
+_SIZE: dict[str, Any] = {"img_size": 32, "patch_size": 4, "in_chans": 3, "num_classes": 10, "embed_dim": 96,
+                         "depth": 4, "num_heads": 4, "mlp_ratio": 4.0, "qkv_bias": True}
+_SIZE_TEXT = "4 blocks, width 96, 4 heads, MLP 384, patch 4 on 32x32 RGB"
+_DATA_TEXT = "trained from scratch on the builtin scikit-learn digits (8x8 greyscale upscaled to 32x32, replicated to RGB)"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """An embedded model's timm ``VisionTransformer`` keyword arguments and its one-line description."""
+
+    timm_kwargs: dict[str, Any]
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    DEFAULT_ALIAS: EmbeddedModel(
+        {**_SIZE, "init_values": 1e-6, "no_embed_class": True, "class_token": True, "global_pool": "token"},
+        "Embedded default model: a small DeiT-III (timm VisionTransformer with LayerScale, no_embed_class, "
+        f"class token; {_SIZE_TEXT}) {_DATA_TEXT}."),
+    "vit_tiny_digits_reg": EmbeddedModel(
+        {**_SIZE, "init_values": 1e-6, "no_embed_class": True, "class_token": True, "reg_tokens": 4,
+         "global_pool": "token"},
+        "Embedded model with registers: a small ViT as DINOv2 with registers lays it out (timm VisionTransformer "
+        f"with LayerScale, no_embed_class, class token + 4 register tokens, class-token readout; {_SIZE_TEXT}) "
+        f"{_DATA_TEXT}."),
+    "siglip_tiny_digits": EmbeddedModel(
+        {**_SIZE, "init_values": 1e-6, "no_embed_class": True, "class_token": False, "global_pool": "map"},
+        "Embedded model without a class token: a small ViT with timm's SigLIP readout (timm VisionTransformer with "
+        "LayerScale as the other embedded models, no class token, attention-pool head AttentionPoolLatent reading "
+        f"the final-norm patch tokens through one learned query; {_SIZE_TEXT}) {_DATA_TEXT}."),
 }
+# The variant protocol every embedded model's preset carries (read by hooked_vit.protocol): the
+# paper's 2 epochs of masked fine-tuning, 128 class-balanced eval-transform calibration images.
+EMBEDDED_PROTOCOL: dict[str, Any] = {
+    "finetune_epochs": 2, "n_calib": 128, "calib_sampling": "quick",
+    "note": "embedded model: the paper's 2 epochs of masked fine-tuning; 128 class-balanced eval-transform calibration "
+            "images (the protocol measured on deit3_tiny_digits, see docs/protocol.md)"}
+# The default model's arguments (kept under this name for its callers).
+DEFAULT_TIMM_KWARGS: dict[str, Any] = EMBEDDED_MODELS[DEFAULT_ALIAS].timm_kwargs
 
 
 @dataclass(frozen=True)
@@ -80,12 +107,14 @@ SHORT_CONFIG = TrainConfig(epochs=10, batch_size=32, lr=3e-3, warmup_epochs=1.0,
 
 @dataclass
 class TrainResult:
-    """A trained model with its per-epoch history (``epoch``, ``loss``, ``val_top1``), final
-    validation metrics (see :func:`hooked_vit.evaluation.evaluate`) and wall time in seconds."""
+    """A trained model (embedded model ``alias`` when trained by :func:`train_embedded`) with its
+    per-epoch history (``epoch``, ``loss``, ``val_top1``), final validation metrics (see
+    :func:`hooked_vit.evaluation.evaluate`) and wall time in seconds."""
 
     model: nn.Module
     config: TrainConfig
     seed: int
+    alias: str = DEFAULT_ALIAS
     history: list[dict[str, float]] = field(default_factory=list)
     val: dict[str, float | int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -128,15 +157,28 @@ def black_level(model: nn.Module, channels: int) -> Float[Tensor, "channel"]:
     return -torch.tensor(cfg["mean"], dtype=torch.float32) / torch.tensor(cfg["std"], dtype=torch.float32)
 
 
-def build_default_model(seed: int = DEFAULT_SEED) -> VisionTransformer:
-    """The embedded model's timm architecture with a fresh, ``seed``-ed initialisation and the
+def build_embedded_model(alias: str = DEFAULT_ALIAS, seed: int = DEFAULT_SEED) -> VisionTransformer:
+    """Embedded model ``alias``'s timm architecture with a fresh, ``seed``-ed initialisation and the
     digits preprocessing as its ``pretrained_cfg``."""
+    spec = embedded_model(alias)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = VisionTransformer(**DEFAULT_TIMM_KWARGS)
+        model = VisionTransformer(**spec.timm_kwargs)
     model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **DIGITS_PREPROCESSING,
-                            "architecture": DEFAULT_ALIAS}
+                            "architecture": alias}
     return model
+
+
+def build_default_model(seed: int = DEFAULT_SEED) -> VisionTransformer:
+    """:func:`build_embedded_model` of the default model ``deit3_tiny_digits``."""
+    return build_embedded_model(DEFAULT_ALIAS, seed)
+
+
+def embedded_model(alias: str) -> EmbeddedModel:
+    """The :class:`EmbeddedModel` named ``alias`` (one of :data:`EMBEDDED_MODELS`)."""
+    if alias not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {alias!r}; choose one of {', '.join(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[alias]
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -199,7 +241,8 @@ def train_classifier(
     return result
 
 
-def train_default(
+def train_embedded(
+    alias: str = DEFAULT_ALIAS,
     *,
     seed: int = DEFAULT_SEED,
     epochs: int | None = None,
@@ -210,19 +253,28 @@ def train_default(
     n_train: int | None = None,
     n_val: int | None = None,
 ) -> TrainResult:
-    """Train the embedded model from scratch on the digits train split (validated on the val split)
-    with :class:`TrainConfig` (``epochs`` overrides its epoch count). CPU by default, as the shipped
-    weights were made. ``n_train``/``n_val`` keep a class-balanced, ``seed``-ed slice of that many
-    images of each split (quick checks and tests); ``None`` uses the whole split."""
+    """Train embedded model ``alias`` from scratch on the digits train split (validated on the val
+    split) with :class:`TrainConfig` (``epochs`` overrides its epoch count). CPU by default, as the
+    shipped weights were made. ``n_train``/``n_val`` keep a class-balanced, ``seed``-ed slice of that
+    many images of each split (quick checks and tests); ``None`` uses the whole split."""
+    embedded_model(alias)
     config = config or TrainConfig()
     if epochs is not None:
         config = replace(config, epochs=epochs)
     if config.epochs < 1:
         raise ValueError(f"epochs must be a whole number >= 1; got {config.epochs}")
-    model = build_default_model(seed)
+    model = build_embedded_model(alias, seed)
     train = _slice(load_digits_dataset("train", model=model), n_train, "n_train", seed)
     val = _slice(load_digits_dataset("val", model=model), n_val, "n_val", seed)
-    return train_classifier(model, train, val, config, seed=seed, device=device, show_progress=show_progress, log=log)
+    result = train_classifier(model, train, val, config, seed=seed, device=device, show_progress=show_progress,
+                              log=log)
+    result.alias = alias
+    return result
+
+
+def train_default(**kwargs: Any) -> TrainResult:
+    """:func:`train_embedded` of the default model ``deit3_tiny_digits`` (same keyword arguments)."""
+    return train_embedded(DEFAULT_ALIAS, **kwargs)
 
 
 def _slice(dataset: LabelledImages, n: int | None, what: str, seed: int) -> LabelledImages:
@@ -236,35 +288,34 @@ def _slice(dataset: LabelledImages, n: int | None, what: str, seed: int) -> Labe
 
 
 def training_command(seed: int, epochs: int | None, out: str, *, n_train: int | None = None,
-                     n_val: int | None = None) -> str:
-    """The ``hooked-vit`` command line that reproduces a run."""
-    options = {"--epochs": epochs, "--n-train": n_train, "--n-val": n_val}
-    return f"hooked-vit train-default --seed {seed}" + \
+                     n_val: int | None = None, alias: str = DEFAULT_ALIAS) -> str:
+    """The ``hooked-vit`` command line that reproduces a run (``--model`` only for a non-default model)."""
+    options = {"--model": None if alias == DEFAULT_ALIAS else alias, "--seed": seed, "--epochs": epochs,
+               "--n-train": n_train, "--n-val": n_val}
+    return "hooked-vit train-default" + \
         "".join(f" {flag} {value}" for flag, value in options.items() if value is not None) + f" --out {out}"
 
 
 def save_default(result: TrainResult, out_dir: str | os.PathLike, *, command: str) -> tuple[Path, Path]:
     """Write ``<alias>.safetensors`` (timm state-dict keys, fp32) and ``<alias>.json`` (the
-    pretrained-config format read by :func:`hooked_vit.HookedViT.from_pretrained`) to ``out_dir``."""
+    pretrained-config format read by :func:`hooked_vit.HookedViT.from_pretrained`, with the
+    :data:`EMBEDDED_PROTOCOL`) to ``out_dir``, ``alias`` being the embedded model ``result`` trained."""
+    spec = embedded_model(result.alias)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / f"{DEFAULT_ALIAS}.safetensors"
+    weights = out_dir / f"{result.alias}.safetensors"
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in result.model.state_dict().items()}
-    atomic.save_safetensors(state, weights, metadata={"alias": DEFAULT_ALIAS, "seed": str(result.seed), "format": "timm"})
-    spec = {
-        "alias": DEFAULT_ALIAS,
+    atomic.save_safetensors(state, weights, metadata={"alias": result.alias, "seed": str(result.seed), "format": "timm"})
+    config = {
+        "alias": result.alias,
         "timm_name": None,
         "pretrained_tag": None,
         "weights_file": weights.name,
-        "timm_kwargs": DEFAULT_TIMM_KWARGS,
+        "timm_kwargs": spec.timm_kwargs,
         "preprocessing": DIGITS_PREPROCESSING,
         "dataset": "digits",
-        "num_classes": DEFAULT_TIMM_KWARGS["num_classes"],
-        "description": (
-            "Embedded default model: a small DeiT-III (timm VisionTransformer with LayerScale, no_embed_class, "
-            "class token; 4 blocks, width 96, 4 heads, MLP 384, patch 4 on 32x32 RGB) trained from scratch on the "
-            "builtin scikit-learn digits (8x8 greyscale upscaled to 32x32, replicated to RGB)."
-        ),
+        "num_classes": spec.timm_kwargs["num_classes"],
+        "description": spec.description,
         "training": {
             "command": command,
             "seed": result.seed,
@@ -276,8 +327,8 @@ def save_default(result: TrainResult, out_dir: str | os.PathLike, *, command: st
             "environment": {"torch": torch.__version__, "timm": timm.__version__,
                             "threads": torch.get_num_threads(), "machine": platform.machine()},
         },
+        "protocol": EMBEDDED_PROTOCOL,
     }
-    config_path = out_dir / f"{DEFAULT_ALIAS}.json"
-    atomic.write_json(config_path, spec)
+    config_path = out_dir / f"{result.alias}.json"
+    atomic.write_json(config_path, config)
     return weights, config_path
-

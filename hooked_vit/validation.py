@@ -13,10 +13,11 @@ from hooked_vit.config import HookedViTConfig
 from hooked_vit.errors import InvalidArgumentError, InvalidTypeError, UnknownNameError
 
 
-def check_images(images: object, cfg: HookedViTConfig, param: Tensor) -> None:
+def check_images(images: object, cfg: HookedViTConfig, param: Tensor | None) -> None:
     """Raise ``InvalidArgumentError``/``InvalidTypeError`` (``ValueError``/``TypeError``) unless
     ``images`` is a finite float ``[batch, in_chans, img_size, img_size]`` tensor on ``param``'s
-    device and dtype."""
+    device and dtype (``param=None``, e.g. a model's absent class token: device and dtype are left
+    to the model's own forward, which checks them against its patch embedding)."""
     expected = f"[batch, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}]"
     if not isinstance(images, Tensor):
         raise InvalidTypeError(f"images must be a torch.Tensor of shape {expected}, got {type(images).__name__}")
@@ -35,12 +36,12 @@ def check_images(images: object, cfg: HookedViTConfig, param: Tensor) -> None:
         )
     if not torch.is_floating_point(images):
         raise InvalidTypeError(
-            f"images have dtype {images.dtype}; the model expects normalized floats ({param.dtype}): "
+            f"images have dtype {images.dtype}; the model expects normalized floats: "
             "apply model.transform() or images.to(torch.float32) and normalize"
         )
-    if images.dtype != param.dtype:
+    if param is not None and images.dtype != param.dtype:
         raise InvalidTypeError(f"images have dtype {images.dtype} but the model is {param.dtype}: use images.to({param.dtype})")
-    if images.device != param.device:
+    if param is not None and images.device != param.device:
         raise InvalidArgumentError(f"images are on {images.device} but the model is on {param.device}: use images.to('{param.device}')")
     if not torch.isfinite(images).all():
         raise InvalidArgumentError("images contain NaN or infinite values")

@@ -143,10 +143,12 @@ def process_weights_(
                 or refactor_factored_attn_matrices)
     if tl_steps:
         cfg = model.cfg
-        if cfg.has_dist_token or cfg.n_registers or cfg.fc_norm or cfg.pooling != "token" or not cfg.n_classes:
+        if (cfg.has_dist_token or cfg.n_registers or cfg.fc_norm or cfg.pooling != "token" or not cfg.n_classes
+                or cfg.ln_pre or not cfg.patch_bias):
             raise InvalidArgumentError("TransformerLens weight processing is implemented for CLS-token models with one "
                                        "classifier head (DeiT-III, ViT); not yet for distillation/register tokens, "
-                                       "average pooling, fc_norm or headless models (fold_layer_scale alone works)")
+                                       "average or attention pooling, fc_norm, ln_pre (CLIP) or headless models "
+                                       "(fold_layer_scale alone works)")
     if fold_layer_scale:
         fold_layer_scale_(model)
     if not tl_steps:

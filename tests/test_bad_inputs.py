@@ -203,6 +203,7 @@ def test_light_copies_of_defaults_agree_with_the_heavy_modules():
     from hooked_vit.pruning.sweep import DEFAULT_SPARSITIES
 
     assert (cli_args.DEFAULT_ALIAS, cli_args.DEFAULT_SEED) == (training.DEFAULT_ALIAS, training.DEFAULT_SEED)
+    assert cli_args.EMBEDDED_ALIASES == tuple(training.EMBEDDED_MODELS)
     assert cli_args.BUILTIN_DATASETS == tuple(BUILTIN_DATASETS) and cli_args.PRUNING_METHODS == METHODS
     assert (cli_args.DEFAULT_N_CALIB, cli_args.DEFAULT_CALIB_SEED) == (DEFAULT_N_CALIB, DEFAULT_CALIB_SEED)
     assert cli_args.SWEEP_SPARSITIES == DEFAULT_SPARSITIES

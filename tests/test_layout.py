@@ -34,12 +34,12 @@ def test_analyses_subcommands_come_from_the_entry_point_plugin():
     from hooked_vit import cli
 
     cli.load_plugins()
-    for name in ("impact", "accuracy", "neuron", "layer", "circuit", "model",
+    for name in ("impact", "accuracy", "neuron", "layer", "circuit", "model", "replacement", "transcoders", "mis",
                  "neuron-metrics", "sae-train", "sae-eval", "circuits", "attribution"):
         run = cli.SUBCOMMANDS[name].run
         assert (run if isinstance(run, str) else run.func.__module__).startswith("analyses."), name
     code = ("import sys; from hooked_vit.cli import build_parser; [build_parser(only=c) for c in "
-            "('impact', 'accuracy', 'neuron', 'layer', 'circuit', 'model')]; "
+            "('impact', 'accuracy', 'neuron', 'layer', 'circuit', 'model', 'replacement', 'transcoders', 'mis')]; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'timm', 'sae_lens'}))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"  # `hooked-vit <level> --help` imports no heavy module

@@ -112,12 +112,12 @@ def test_unsupported_architectures_name_what_is_missing():
     from hooked_vit.loading import UnsupportedModelError
     from timm.models.vision_transformer import VisionTransformer
 
-    # Registers, avg pooling and fc_norm are supported since issue 20 (tests/test_families.py).
+    # Registers, avg pooling, fc_norm and norm_pre (CLIP) are supported since issue 20 (tests/test_families*.py).
     odd = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=5,
                             reg_tokens=4, qk_norm=True, global_pool="max", pre_norm=True)
     with pytest.raises(UnsupportedModelError) as err:
         HookedViT.from_timm(odd)
-    for feature in ("global_pool='max'", "qk_norm", "norm_pre"):
+    for feature in ("global_pool='max'", "qk_norm"):
         assert feature in str(err.value)
     assert "\n" not in str(err.value)
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +76,8 @@ def rule_fns(epsilon: float, variant: str = "attnlrp", gamma1=None, gamma2=None)
     block.ls1, block.ls2 = layer_scale(gamma1), layer_scale(gamma2)
     model = nn.Module()
     model.blocks = nn.ModuleList([block])
+    model.cfg = SimpleNamespace(pooling="token")  # CLS readout, final norm ln_final: the hooks it names
+    model.hook_dict = {"ln_final.hook_scale": None}
     hooks = attn_lrp_hooks(model, variant, epsilon)
     names = [name for name, _ in hooks]
     assert len(names) == len(set(names))  # one hook per site: the dict below loses nothing

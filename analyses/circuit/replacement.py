@@ -24,9 +24,9 @@ HookFn = Callable[..., Tensor]
 
 
 def ln_scale_hooks(model: nn.Module) -> list[str]:
-    """The LayerNorm scale hooks (``ln1``/``ln2`` of every block and ``ln_final``)."""
-    return [f"blocks.{layer}.{ln}.hook_scale" for layer in range(model.cfg.n_layers) for ln in ("ln1", "ln2")] + [
-        "ln_final.hook_scale"]
+    """The LayerNorm scale hooks of the model (``ln1``/``ln2`` of every block, then the final norm:
+    ``ln_final`` or ``fc_norm``, and the attention-pool head's norm where there is one)."""
+    return [name for name in model.hook_dict if name.endswith(".hook_scale")]
 
 
 def site_references(model: nn.Module, reference: str, means: ActivationMeans | None) -> dict[str, Tensor]:

@@ -43,6 +43,9 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "layer": ("analyses.layer", "analyses.layer.config"),
     "circuit": ("analyses.circuit", "analyses.circuit.config"),
     "model": ("analyses.model", "analyses.model.config"),
+    "transcoders": ("analyses.transcoders", "analyses.transcoders.config"),
+    "mis": ("analyses.mis", "analyses.mis.config"),
+    "replacement": ("analyses.replacement", "analyses.replacement.config"),
 }
 # The paper's levels: what ``hooked-vit impact`` runs by default and every study records.
 STUDY_LEVELS: tuple[str, ...] = ("accuracy", "neuron", "layer", "circuit", "model")

@@ -2,7 +2,11 @@
 
 A *unit* is a column of the activation tables: an MLP neuron, an attention head (its L2 norm over
 ``d_head``), or an SAE latent. Inputs are per image: ``cls_acts`` is the unit's activation at the
-CLS token, ``max_acts`` its maximum over the patch tokens (CLS excluded, appendix A.2).
+CLS token, ``max_acts`` its maximum over the patch tokens (CLS excluded, appendix A.2); both come
+from :func:`readout_and_patch_max`. For a model without a class token (SigLIP's attention-pool
+head) "the CLS token" is the model's readout: the attention pool's weights over the patch tokens
+(mean over its heads); for mean pooling, the mean over the patch tokens. The prefix tokens (CLS,
+distillation token, registers) never count as patches.
 
 * :func:`normalized_logit_change` (eq. 2, ablation impact): ``(f_c(x) - f_c^abl(x)) / ||f(x)||_2``.
 * :func:`selectivity` (eq. 3): AUROC of the CLS activation as a one-vs-rest score for the target
@@ -44,6 +48,35 @@ from analyses.common.vocabulary import METRIC_LABELS, METRICS, NEGATIVE_RULES  #
 from hooked_vit.errors import InvalidArgumentError
 
 NORM_FLOOR = 1e-12
+# The attention-pool head's pattern, [batch head 1 n_patches]: the readout weights of a "map" model.
+POOL_PATTERN_HOOK = "attn_pool.hook_pattern"
+
+
+def readout_hooks(model: Any) -> list[str]:
+    """Hooks whose values :func:`readout_and_patch_max` needs besides the unit's own: the
+    attention-pool pattern for an attention-pooled model, else none."""
+    return [POOL_PATTERN_HOOK] if model.cfg.pooling == "map" else []
+
+
+def readout_and_patch_max(
+    units: Float[Tensor, "batch pos width"], cfg: Any, pool_pattern: Float[Tensor, "batch head 1 n_patch"] | None = None
+) -> tuple[Float[Tensor, "batch width"], Float[Tensor, "batch width"]]:
+    """Per image, each unit's activation where the model reads its prediction (the CLS token for
+    token pooling; the mean over the patch tokens for mean pooling; for the attention pool, the
+    patch tokens weighted by ``pool_pattern`` averaged over its heads) and its maximum over the patch
+    tokens (``cfg.n_prefix_tokens`` prefix tokens excluded)."""
+    patches = units[:, cfg.n_prefix_tokens:]
+    if cfg.pooling == "token":
+        readout = units[:, 0]
+    elif cfg.pooling == "avg":
+        readout = patches.mean(dim=1)
+    else:
+        if pool_pattern is None:
+            raise InvalidArgumentError("an attention-pooled model's readout needs its pool pattern "
+                                       f"({POOL_PATTERN_HOOK}); capture readout_hooks(model) in the same forward")
+        weights = pool_pattern.mean(dim=1)[:, 0].to(units.dtype)  # [batch n_patch], sums to 1
+        readout = torch.einsum("bp,bpw->bw", weights, patches)
+    return readout, patches.amax(dim=1)
 
 
 def _check_table(acts: Tensor, labels: Tensor, what: str) -> None:

@@ -55,12 +55,28 @@ Activations = dict[str, Tensor]
 # ----------------------------------------------------------------------------- hooks and tokens
 def n_tokens(model: nn.Module, tokens: str) -> int:
     """Activations per image for a token choice."""
-    return token_positions(tokens, model.cfg.n_ctx).numel()
+    return token_positions(tokens, model.cfg.n_ctx, model.cfg.n_prefix_tokens).numel()
 
 
 def default_hook_name(model: nn.Module) -> str:
-    """The paper's site: the residual stream leaving the last block, ``blocks.{n_layers-1}.hook_resid_post``."""
+    """The paper's site, the CLS token of the residual stream leaving the last block
+    (``blocks.{n_layers-1}.hook_resid_post`` with ``tokens="cls"``); for a model without a class token
+    (SigLIP's attention pool), the readout that stands for it: the pooled features ``hook_pooled``."""
+    if not model.cfg.class_token:
+        return "hook_pooled"
     return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def check_token_choice(model: nn.Module, layout: HookLayout, tokens: str) -> None:
+    """One-line error for a token choice the hook cannot give: ``"patch"``/``"all"`` at a hook
+    without a token axis, ``"cls"`` at a token hook of a model without a class token."""
+    check_tokens(tokens)
+    if not layout.has_positions and tokens != "cls":
+        raise InvalidArgumentError(f"{layout.hook_name} is the CLS token only (no token axis): use tokens='cls'")
+    if layout.has_positions and tokens == "cls" and not model.cfg.class_token:
+        raise InvalidArgumentError(f"this model has no class token, so tokens='cls' at {layout.hook_name} has nothing "
+                                   "to read: use the pooled readout hook_pooled (the default hook), or tokens 'patch' "
+                                   "or 'all'")
 
 
 @torch.no_grad()
@@ -176,10 +192,7 @@ class ActivationStore:
         self.cfg = cfg
         self.layouts = {name: hook_layout(model, name) for name in cfg.hook_names}
         for layout in self.layouts.values():
-            if not layout.has_positions:
-                check_tokens(cfg.tokens)
-                if cfg.tokens != "cls":
-                    raise InvalidArgumentError(f"{layout.hook_name} is the CLS token only (no token axis): use tokens='cls'")
+            check_token_choice(model, layout, cfg.tokens)
         self.tokens_per_image = n_tokens(model, cfg.tokens)
         param = next(model.parameters())
         self.device = torch.device(cfg.device) if cfg.device is not None else param.device

@@ -92,11 +92,13 @@ class Layer(Level):
         """Checks the SAE settings against the model's hook (before any training), loads the train
         and held-out splits."""
         from analyses.common.classes import resolve_classes
-        from analyses.layer.activation_store import hook_layout
+        from analyses.layer.activation_store import check_token_choice, hook_layout
 
         sweep = sweep_settings(config)
-        d_in = hook_layout(model, config.sae.resolved_hook(model)).d_in
+        layout = hook_layout(model, config.sae.resolved_hook(model))
+        d_in = layout.d_in
         for setting in [config.sae, *sweep]:
+            check_token_choice(model, layout, setting.tokens)
             d_sae = setting.expansion_factor * d_in
             if setting.k > d_sae:
                 raise InvalidArgumentError(f"k={setting.k} exceeds the dictionary size d_sae={d_sae} "

@@ -43,7 +43,8 @@ class SAETrainConfig:
     """A BatchTopK SAE and how sae-lens trains it. Defaults are the paper's probe (sec. 4.3):
     CLS token of the last block's residual stream, ``k=128``, expansion factor 32.
 
-    ``hook_name``: default ``blocks.{n_layers-1}.hook_resid_post``. ``tokens``: ``cls``,
+    ``hook_name``: default ``blocks.{n_layers-1}.hook_resid_post`` (``hook_pooled``, the pooled
+    readout, for a model without a class token). ``tokens``: ``cls``,
     ``patch`` or ``all``. ``k``: mean active latents per activation (BatchTopK keeps the
     ``k * batch`` largest over a batch). ``d_sae = expansion_factor * d_in``.
     ``training_samples``: activations seen in training (steps = ``training_samples //
@@ -62,7 +63,8 @@ class SAETrainConfig:
     The device and the progress bars are the run's (:func:`analyses.layer.sae.train_sae` arguments).
     """
 
-    hook_name: str | None = setting(None, "hook the SAE reads (default blocks.{n_layers-1}.hook_resid_post)")
+    hook_name: str | None = setting(None, "hook the SAE reads (default blocks.{n_layers-1}.hook_resid_post; "
+                                      "hook_pooled for a model without a class token)")
     tokens: str = setting("cls", "tokens the SAE reads: CLS only, patch tokens, or both", choices=TOKEN_CHOICES)
     k: float | int = setting(128, "BatchTopK k: mean active latents per activation")
     expansion_factor: int = setting(32, "dictionary size d_sae = expansion_factor * d_in")

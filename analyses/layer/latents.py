@@ -13,8 +13,10 @@ On the ``split`` images (held out), for a model and its trained SAE:
    (:mod:`analyses.common.metrics`) of the K latents over all held-out images, averaged over the K.
 
 Latent activations per image: the CLS-token value (selectivity) and the max over patch tokens
-(class variance, label entropy) for an SAE on all tokens, as for neurons; an SAE on the CLS token
-only (the paper's probe) uses its CLS value for both, an SAE on patch tokens its max over patches.
+(class variance, label entropy) for an SAE on all tokens, as for neurons (for a model without a
+class token, the readout value of :func:`~analyses.common.metrics.readout_and_patch_max`); an SAE
+on the CLS token only (the paper's probe; the pooled features ``hook_pooled`` for a model without a
+class token) uses its one value for both, an SAE on patch tokens its max over patches.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from analyses.common.classes import resolve_classes
-from analyses.common.metrics import class_variance, label_entropy, normalized_logit_change, selectivity, top_units
+from analyses.common.metrics import (class_variance, label_entropy, normalized_logit_change, readout_and_patch_max,
+                                     readout_hooks, selectivity, top_units)
 from analyses.common.vocabulary import METRICS
 from analyses.layer.activation_store import hook_layout, select_tokens
 from analyses.layer.config import LayerConfig
@@ -64,16 +67,22 @@ def held_out_pass(
     param = next(model.parameters())
     accumulator = QualityAccumulator(sae.cfg.d_in, sae.cfg.d_sae)
     captured: list[Tensor] = []
+    pool_patterns: list[Tensor] = []
 
     def capture(act: Tensor, hook: Any) -> None:
         captured.append(select_tokens(act.detach(), layout, tokens, model.cfg.n_ctx))
 
+    def keep_pattern(pattern: Tensor, hook: Any) -> None:
+        pool_patterns.append(pattern.detach())
+
     logits, labels, cls_parts, max_parts = [], [], [], []
     loader = make_loader(dataset, batch_size=batch_size, device=param.device)
-    with model.hooks(fwd_hooks=[(hook_name, capture)]):
+    pattern_hooks = [(name, keep_pattern) for name in readout_hooks(model)] if tokens == "all" else []
+    with model.hooks(fwd_hooks=[(hook_name, capture)] + pattern_hooks):
         for images, batch_labels in progress(loader, desc="held-out latents", total=len(loader),
                                              enabled=show_progress):
             captured.clear()
+            pool_patterns.clear()
             logits.append(model(images.to(device=param.device, dtype=param.dtype)).float().cpu())
             labels.append(batch_labels)
             x = captured[0].to(sae.dtype)  # [batch n_tok d_in]
@@ -82,8 +91,10 @@ def held_out_pass(
             accumulator.update(flat, sae.decode(latents).reshape(flat.shape), latents.reshape(-1, latents.shape[-1]))
             latents = latents.float().cpu()
             if tokens == "all":
-                cls_parts.append(latents[:, 0])
-                max_parts.append(latents[:, 1:].amax(dim=1))
+                readout, patch_max = readout_and_patch_max(latents, model.cfg,
+                                                           pool_patterns[0].float().cpu() if pool_patterns else None)
+                cls_parts.append(readout)
+                max_parts.append(patch_max)
             else:
                 pooled = latents.amax(dim=1)
                 cls_parts.append(pooled)

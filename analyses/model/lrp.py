@@ -17,7 +17,21 @@ Every method returns one relevance per patch, ``[batch, grid, grid]``, explainin
 DeiT-III adaptation: LayerScale passes relevance unchanged (``layerscale_rule="identity"``,
 equivalent to folding a positive ``gamma`` into ``proj``/``fc2``); the paper's eq. 14 divides the
 relevance by ``gamma + eps`` (``"eq14"``, opt-in, not conservative). ``no_embed_class`` needs no
-padding: the hooked model's token axis is always CLS then patches.
+padding: the hooked model's token axis is always the prefix tokens (CLS, registers) then the patches.
+
+Other readouts than the CLS token (:func:`readout_row`): the map is read from the row of whatever
+the classifier reads, over the patch tokens (prefix tokens, registers included, dropped). Mean
+pooling reads every patch token with weight ``1/N``; an attention-pool head (SigLIP's
+``AttentionPoolLatent``) reads them through its pattern. Chefer: relevance enters the last block's
+output through the pooling (the mean by the z-rule; the attention pool as a block: its residual MLP,
+LayerNorm passing, ``proj``, the ``pattern @ v`` and ``q @ k.T`` matmuls split and halved, the
+latent query's share dropped, ``kv``), and the pool's own map ``mean over heads of clamp(grad_A *
+R_A, min=0)`` ``[1, N]`` replaces the CLS row: ``map = pool_row @ rollout`` (the latent has no
+identity path: it is a constant). Attention rollout uses the head-averaged pool pattern as the
+row. AttnLRP through the pool: its pattern a constant (all relevance through the value path), its
+LayerNorm scale detached, epsilon-LRP at ``kv``, ``proj``, ``fc1``, ``fc2``, the identity rule at
+its GELU; every LayerNorm outside the blocks (``ln_final``, ``fc_norm``, ``ln_pre``) has its scale
+detached.
 
 The Chefer propagation is a pure function of the tensors cached by one forward (and one
 ``autograd.grad`` for the attention gradients) and of the weights: :func:`chefer_cache` then
@@ -27,7 +41,7 @@ The Chefer propagation is a pure function of the tensors cached by one forward (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +109,27 @@ def check_start_layer(model: nn.Module, start_layer: int) -> None:
 def _to_grid(model: nn.Module, per_patch: Float[Tensor, "batch n_patches"]) -> Float[Tensor, "batch grid grid"]:
     grid = model.cfg.grid_size
     return per_patch.reshape(per_patch.shape[0], grid, grid)
+
+
+def _patches_to_grid(model: nn.Module, per_token: Float[Tensor, "batch pos"]) -> Float[Tensor, "batch grid grid"]:
+    """The patch tokens of a per-position value (prefix tokens dropped) on the grid."""
+    return _to_grid(model, per_token[:, model.cfg.n_prefix_tokens:])
+
+
+def readout_row(model: nn.Module, joint: Float[Tensor, "batch pos pos"],
+                pool_row: Float[Tensor, "batch n_patches"] | None = None) -> Float[Tensor, "batch grid grid"]:
+    """The row of a rollout ``joint`` that the classifier reads, on the patch grid: the CLS row
+    (token pooling), the mean of the patch rows (mean pooling), or ``pool_row @ joint`` over the
+    patch rows (attention pool: ``pool_row`` its per-patch weights)."""
+    cfg = model.cfg
+    if cfg.pooling == "token":
+        return _patches_to_grid(model, joint[:, 0])
+    patch_rows = joint[:, cfg.n_prefix_tokens:]
+    if cfg.pooling == "avg":
+        return _patches_to_grid(model, patch_rows.mean(dim=1))
+    if pool_row is None:
+        _fail("an attention-pooled model's map needs the pool's row (its pattern or relevance map)")
+    return _patches_to_grid(model, torch.einsum("bp,bpq->bq", pool_row.to(joint.dtype), patch_rows))
 
 
 # ----------------------------------------------------------------------------- LRP rules
@@ -175,6 +210,26 @@ def _block_names(layer: int) -> dict[str, str]:
             "mlp_pre": p + "mlp.hook_pre", "mlp_post": p + "mlp.hook_post", "mlp_out": p + "hook_mlp_out"}
 
 
+def _pooled_tokens_name(model: nn.Module) -> str:
+    """The hook of the tokens a mean or attention pool reads: the final-norm tokens, or the last
+    block's output when the final norm is ``fc_norm`` (after pooling)."""
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post" if model.cfg.fc_norm else "ln_final.hook_normalized"
+
+
+def _head_names(model: nn.Module) -> dict[str, str]:
+    """The pooling's hooks the Chefer propagation reads: none for the CLS token; the pooled tokens
+    for mean pooling; those and the attention-pool head's activations for an attention pool."""
+    if model.cfg.pooling == "token":
+        return {}
+    names = {"tokens": _pooled_tokens_name(model)}
+    if model.cfg.pooling == "map":
+        p = "attn_pool."
+        names.update({"q": p + "hook_q", "k": p + "hook_k", "v": p + "hook_v", "pattern": p + "hook_pattern",
+                      "z": p + "hook_z", "attn_out": p + "hook_attn_out", "norm": p + "norm.hook_normalized",
+                      "mlp_pre": p + "mlp.hook_pre", "mlp_post": p + "mlp.hook_post", "mlp_out": p + "hook_mlp_out"})
+    return names
+
+
 @dataclass
 class CheferCache:
     """What the Chefer propagation reads, from one forward (and the attention gradients).
@@ -182,7 +237,11 @@ class CheferCache:
     ``blocks[l]`` maps ``resid_pre, ln1, q, k, v, pattern, z, attn_out, ln2, mlp_pre, mlp_post, mlp_out`` to
     block ``l``'s activations (q/k/v/z ``[batch pos head d_head]``, pattern ``[batch head pos pos]``,
     the rest ``[batch pos d]``) for ``l >= start_layer``; ``pattern_grads[l]`` is the gradient of
-    the target logit with respect to block ``l``'s pattern; ``pooled`` the head's input.
+    the target logit with respect to block ``l``'s pattern; ``pooled`` the head's input. ``head``:
+    the pooling's activations (empty for CLS pooling; ``tokens`` ``[batch pos d]`` for mean pooling;
+    with an attention pool also its ``q, k, v, pattern, z, attn_out, norm, mlp_pre, mlp_post,
+    mlp_out``, the latent as one query position), ``head_pattern_grad`` the target logit's gradient
+    with respect to the pool's pattern ``[batch head 1 n_patches]`` (``None`` without one).
     """
 
     logits: Tensor
@@ -191,6 +250,8 @@ class CheferCache:
     blocks: dict[int, dict[str, Tensor]]
     pattern_grads: dict[int, Tensor]
     start_layer: int
+    head: dict[str, Tensor] = field(default_factory=dict)
+    head_pattern_grad: Tensor | None = None
 
 
 def chefer_cache(model: nn.Module, images: Float[Tensor, "batch channel height width"], target: Target = None,
@@ -200,23 +261,31 @@ def chefer_cache(model: nn.Module, images: Float[Tensor, "batch channel height w
     respect to the cached patterns (images do not interact, so each image gets its own gradient)."""
     layers = range(start_layer, model.cfg.n_layers)
     names = {name: (layer, key) for layer in layers for key, name in _block_names(layer).items()}
+    head_keys = {name: key for key, name in _head_names(model).items()}
     store: dict[int, dict[str, Tensor]] = {layer: {} for layer in layers}
+    head: dict[str, Tensor] = {}
     pooled: list[Tensor] = []
 
     def keep(act: Tensor, hook) -> None:
-        layer, key = names[hook.name]
-        store[layer][key] = act
+        if hook.name in names:
+            layer, key = names[hook.name]
+            store[layer][key] = act
+        if hook.name in head_keys:
+            head[head_keys[hook.name]] = act
 
-    hooks = [(name, keep) for name in names] + [("hook_pooled", lambda act, hook: pooled.append(act))]
+    hooks = [(name, keep) for name in {**names, **head_keys}] + [
+        ("hook_pooled", lambda act, hook: pooled.append(act))]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         logits = model(images)
         chosen = resolve_target(target, logits.detach())
         score = logits.gather(1, chosen[:, None]).sum()
-        patterns = [store[layer]["pattern"] for layer in layers]
+        patterns = [store[layer]["pattern"] for layer in layers] + ([head["pattern"]] if "pattern" in head else [])
         grads = torch.autograd.grad(score, patterns)
     detached = {layer: {k: v.detach() for k, v in acts.items()} for layer, acts in store.items()}
     return CheferCache(logits.detach(), chosen, pooled[0].detach(), detached,
-                       {layer: g.detach() for layer, g in zip(layers, grads)}, start_layer)
+                       {layer: g.detach() for layer, g in zip(layers, grads)}, start_layer,
+                       {k: v.detach() for k, v in head.items()},
+                       grads[-1].detach() if "pattern" in head else None)
 
 
 # ----------------------------------------------------------------------------- Chefer: propagation
@@ -225,11 +294,13 @@ class CheferRelevance:
     """The Chefer propagation's output: per block ``l >= start_layer`` the relevance of the attention
     pattern ``attention[l]`` ``[batch head pos pos]`` (after the reference's halving) and of the
     block's input ``resid_pre[l]`` ``[batch pos d_model]``; ``maps[l]`` the per-block map
-    ``mean over heads of clamp(grad_A * R_A, min=0)`` ``[batch pos pos]``."""
+    ``mean over heads of clamp(grad_A * R_A, min=0)`` ``[batch pos pos]``; ``pool_map`` the
+    attention pool's map, the same over its pattern, ``[batch n_patches]`` (``None`` without one)."""
 
     attention: dict[int, Tensor]
     resid_pre: dict[int, Tensor]
     maps: dict[int, Tensor]
+    pool_map: Tensor | None = None
 
 
 def _layerscale(relevance: Tensor, ls: nn.Module, rule: str, dtype: torch.dtype) -> Tensor:
@@ -278,6 +349,43 @@ def _attention_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: T
     return r_pattern, lrp_linear(acts["ln1"], attn.qkv.weight.detach().to(dtype), r_qkv, product)
 
 
+def _pool_relevance(model: nn.Module, cache: CheferCache, r_pooled: Float[Tensor, "batch d_model"],
+                    dtype: torch.dtype, cp_attention: bool, reuse: bool) -> tuple[Tensor, Tensor]:
+    """Through the attention-pool head (``pooled = a + mlp(norm(a))``, ``a = proj(pattern @ v)``),
+    as through a block: (relevance of the pool's input tokens ``[batch n_patches d_model]``,
+    relevance of its pattern ``[batch head 1 n_patches]`` after the halving). The latent query's
+    share of ``q @ k.T`` is dropped (a constant, not the image's)."""
+    pool, acts = model.attn_pool, {k: v.to(dtype) for k, v in cache.head.items()}
+    r_attn, r_mlp = lrp_add(acts["attn_out"], acts["mlp_out"], r_pooled[:, None])
+    mlp = pool.mlp
+    r_hidden = lrp_linear(acts["mlp_post"], mlp.fc2.weight.detach().to(dtype), r_mlp,  # GELU passes
+                          _linear_product(acts["mlp_out"], mlp.fc2, None, reuse))
+    r_norm = lrp_linear(acts["norm"], mlp.fc1.weight.detach().to(dtype), r_hidden,  # LayerNorm passes
+                        _linear_product(acts["mlp_pre"], mlp.fc1, None, reuse))
+    r_attn = lrp_clone(acts["attn_out"], r_attn, r_norm)
+    batch, _, heads, d_head = acts["z"].shape
+    r_z = lrp_linear(acts["z"].reshape(batch, 1, -1), pool.proj.weight.detach().to(dtype), r_attn,
+                     _linear_product(acts["attn_out"], pool.proj, None, reuse))
+    r_z = r_z.reshape(batch, 1, heads, d_head).transpose(1, 2)  # [batch head 1 d_head]
+    q, k, v = (acts[n].transpose(1, 2) for n in ("q", "k", "v"))  # [batch head pos d_head]
+    r_pattern, r_v = lrp_matmul(acts["pattern"], v, r_z)
+    r_pattern = r_pattern / 2
+    if cp_attention:
+        r_k = torch.zeros_like(k)
+    else:
+        r_v = r_v / 2
+        _, r_k_t = lrp_matmul(q, k.transpose(-1, -2), r_pattern)  # softmax passes; the latent's half dropped
+        r_k = r_k_t.transpose(-1, -2) / 2
+    n_patches = k.shape[2]
+    r_kv = torch.stack([r_k, r_v], dim=2).transpose(1, 3).reshape(batch, n_patches, 2 * heads * d_head)
+    product = None
+    if reuse:  # kv's output, laid out as the Linear writes it
+        kv = torch.stack([acts["k"], acts["v"]], dim=2).reshape(batch, n_patches, 2 * heads * d_head)
+        product = _linear_product(kv, pool.kv, None, reuse)
+    tokens = acts["tokens"][:, model.cfg.n_prefix_tokens:]
+    return lrp_linear(tokens, pool.kv.weight.detach().to(dtype), r_kv, product), r_pattern
+
+
 def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: str = "identity",
                      cp_attention: bool = False, dtype: torch.dtype | None = None) -> CheferRelevance:
     """The relevance propagation of Chefer et al., a pure function of ``cache`` and the weights,
@@ -289,9 +397,19 @@ def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: s
     r_pooled = lrp_linear(pooled, model.head.weight.detach().to(dtype), seed)
     first = cache.blocks[model.cfg.n_layers - 1]["resid_pre"]
     relevance = torch.zeros(first.shape, dtype=dtype, device=first.device)
-    relevance[:, 0] = pooled * safe_divide(r_pooled, pooled)  # CLS pooling; the final LayerNorm passes
     reuse = cache.pooled.dtype == dtype  # the cached Linear outputs are exact in this dtype
     out = CheferRelevance({}, {}, {})
+    n_prefix = model.cfg.n_prefix_tokens
+    if model.cfg.pooling == "token":  # the final LayerNorm passes
+        relevance[:, 0] = pooled * safe_divide(r_pooled, pooled)
+    elif model.cfg.pooling == "avg":  # the z-rule through the mean; the final LayerNorm passes
+        tokens = cache.head["tokens"][:, n_prefix:].to(dtype)
+        relevance[:, n_prefix:] = tokens / tokens.shape[1] * safe_divide(r_pooled, tokens.mean(dim=1))[:, None]
+    else:
+        r_tokens, r_pattern = _pool_relevance(model, cache, r_pooled, dtype, cp_attention, reuse)
+        relevance[:, n_prefix:] = r_tokens  # the final LayerNorm passes
+        grad = cache.head_pattern_grad.to(dtype)
+        out.pool_map = (grad * r_pattern).clamp(min=0).mean(dim=1)[:, 0]
     for layer in range(model.cfg.n_layers - 1, cache.start_layer - 1, -1):
         block, acts = model.blocks[layer], {k: v.to(dtype) for k, v in cache.blocks[layer].items()}
         resid_mid = acts["resid_pre"] + acts["attn_out"]
@@ -347,7 +465,7 @@ def transformer_attribution(
     relevance = chefer_propagate(model, cache, layerscale_rule=layerscale_rule, cp_attention=cp_attention,
                                  dtype=dtype)
     joint = chefer_rollout([relevance.maps[layer] for layer in range(start_layer, model.cfg.n_layers)])
-    return _to_grid(model, joint[:, 0, 1:])
+    return readout_row(model, joint, relevance.pool_map)
 
 
 # ----------------------------------------------------------------------------- AttnLRP / CP-LRP
@@ -369,10 +487,13 @@ def attn_lrp_hooks(model: nn.Module, variant: str = "attnlrp", epsilon: float = 
     LayerNorm scales detached; the identity rule at GELU; epsilon-LRP at every Linear output
     (``qkv``, ``proj``, ``fc1``, ``fc2``: through LayerScale with ``eps * |gamma|``); the uniform rule
     (gradient halved to both operands) on ``q @ k.T`` and ``pattern @ v`` (``"attnlrp"``) or a
-    detached pattern (``"cp_lrp"``). Softmax keeps its gradient (AttnLRP's softmax rule)."""
+    detached pattern (``"cp_lrp"``). Softmax keeps its gradient (AttnLRP's softmax rule). Outside the
+    blocks: every LayerNorm scale detached; an attention-pool head with its pattern detached (the
+    value path linear), epsilon-LRP at ``kv``, ``proj``, ``fc1``, ``fc2`` and the identity rule at
+    its GELU."""
     check_choice(variant, ATTN_LRP_VARIANTS, "variant")
     hooks: list[tuple[str, Callable]] = []
-    pre: dict[int, Tensor] = {}
+    pre: dict[int | str, Tensor] = {}
 
     def detach(act: Tensor, hook) -> Tensor:
         return act.detach()
@@ -409,7 +530,22 @@ def attn_lrp_hooks(model: nn.Module, variant: str = "attnlrp", epsilon: float = 
             hooks += [(p + f"attn.hook_{n}", epsilon_half) for n in "qkv"] + [(p + "attn.hook_pattern", half)]
         else:
             hooks += [(p + "attn.hook_pattern", detach)] + [(p + f"attn.hook_{n}", epsilon_rule) for n in "qkv"]
-    hooks.append(("ln_final.hook_scale", detach))
+    hooks += [(name, detach) for name in model.hook_dict  # ln_final / fc_norm, ln_pre, the pool's norm
+              if name.endswith(".hook_scale") and not name.startswith("blocks.")]
+    if model.cfg.pooling == "map":  # the attention pool: its pattern a constant, value path linear
+        p = "attn_pool."
+
+        def keep_pool_pre(act: Tensor, hook) -> Tensor:
+            pre["pool"] = act = epsilon_rule(act, hook)
+            return act
+
+        def pool_identity_rule(act: Tensor, hook) -> Tensor:
+            x = pre["pool"]
+            return x * safe_ratio(act.detach(), x.detach())
+
+        hooks += [(p + "hook_pattern", detach), (p + "hook_k", epsilon_rule), (p + "hook_v", epsilon_rule),
+                  (p + "hook_attn_out", epsilon_rule), (p + "hook_mlp_out", epsilon_rule),
+                  (p + "mlp.hook_pre", keep_pool_pre), (p + "mlp.hook_post", pool_identity_rule)]
     return hooks
 
 
@@ -438,7 +574,7 @@ def _gradient_x_input(model: nn.Module, images: Tensor, target: Target, hooks: l
     relevance = (x.detach() * grad)
     if at == "pixels":
         return relevance.sum(1)
-    return _to_grid(model, relevance.sum(-1)[:, 1:])
+    return _patches_to_grid(model, relevance.sum(-1))
 
 
 def attn_lrp(
@@ -472,14 +608,18 @@ def gradient_x_input(model: nn.Module, images: Float[Tensor, "batch channel heig
 def attention_rollout(model: nn.Module, images: Float[Tensor, "batch channel height width"],
                       target: Target = None, start_layer: int = 0) -> Float[Tensor, "batch grid grid"]:
     """Abnar & Zuidema's attention rollout: per block the head-averaged pattern as ``0.5 A + 0.5 I``
-    (row-normalised), multiplied from ``start_layer`` to the last block; the CLS row over patches.
+    (row-normalised), multiplied from ``start_layer`` to the last block; the readout's row
+    (:func:`readout_row`: CLS, or the head-averaged attention-pool pattern) over patches.
     Class-agnostic: ``target`` is checked and ignored."""
     check_model_images(model, images)
     check_target(model, target, images.shape[0])
     check_start_layer(model, start_layer)
     patterns: list[Tensor] = []
+    pool: list[Tensor] = []
     hooks = [(f"blocks.{layer}.attn.hook_pattern", lambda act, hook: patterns.append(act.mean(1)))
              for layer in range(start_layer, model.cfg.n_layers)]
+    if model.cfg.pooling == "map":
+        hooks.append(("attn_pool.hook_pattern", lambda act, hook: pool.append(act.mean(1)[:, 0])))
     model.run_with_hooks(images, fwd_hooks=hooks)
     eye = torch.eye(patterns[0].shape[-1], dtype=patterns[0].dtype, device=patterns[0].device)
     joint = None
@@ -487,7 +627,7 @@ def attention_rollout(model: nn.Module, images: Float[Tensor, "batch channel hei
         step = 0.5 * pattern + 0.5 * eye
         step = step / step.sum(-1, keepdim=True)
         joint = step if joint is None else step @ joint
-    return _to_grid(model, joint[:, 0, 1:])
+    return readout_row(model, joint, pool[0] if pool else None)
 
 
 def random_map(model: nn.Module, images: Float[Tensor, "batch channel height width"], target: Target = None,

@@ -42,6 +42,8 @@ from analyses.common.metrics import (
     class_variance,
     label_entropy,
     normalized_logit_change,
+    readout_and_patch_max,
+    readout_hooks,
     selectivity_from_ranks,
     top_units,
 )
@@ -91,7 +93,7 @@ def unit_labels(sites: Sequence[Site]) -> list[str]:
 @dataclass
 class ActivationTables:
     """Per image of a dataset: the clean ``logits`` ``[n_images n_classes]`` and, per block, each
-    neuron unit's CLS-token activation and its max over the patch tokens (``[n_images n_units]``,
+    neuron unit's CLS-token (readout) activation and its max over the patch tokens (``[n_images n_units]``,
     units in :func:`unit_labels` order; heads as L2 norms over ``d_head``)."""
 
     logits: Tensor
@@ -110,20 +112,37 @@ def activation_tables(
     show_progress: bool = True,
 ) -> ActivationTables:
     """One streaming pass over ``dataset`` filling :class:`ActivationTables` for ``sites`` (block
-    -> sites); tables are kept on the CPU."""
+    -> sites); tables are kept on the CPU. The "CLS" activation is the model's readout
+    (:func:`~analyses.common.metrics.readout_and_patch_max`: the attention pool's weighting of the
+    patch tokens for an attention-pooled model, whose units then wait for the pool's pattern)."""
     param = next(model.parameters())
     batch_cls: dict[str, list[Tensor]] = {}
     batch_max: dict[str, list[Tensor]] = {}
     by_hook = {site.hook_name: site for block_sites in sites.values() for site in block_sites}
+    needs_pattern = bool(readout_hooks(model))
+    waiting: dict[str, Tensor] = {}  # this batch's units until the pool pattern is known
+
+    def reduce(name: str, units: Tensor, pool_pattern: Tensor | None) -> None:
+        readout, patch_max = readout_and_patch_max(units, model.cfg, pool_pattern)
+        batch_cls.setdefault(name, []).append(readout.float().cpu())
+        batch_max.setdefault(name, []).append(patch_max.float().cpu())
 
     def record(act: Tensor, hook) -> None:
         units = by_hook[hook.name].unit_activation(act)  # [batch pos width]
-        batch_cls.setdefault(hook.name, []).append(units[:, 0].float().cpu())
-        batch_max.setdefault(hook.name, []).append(units[:, 1:].amax(dim=1).float().cpu())
+        if needs_pattern:
+            waiting[hook.name] = units
+        else:
+            reduce(hook.name, units, None)
+
+    def pool(pattern: Tensor, hook) -> None:
+        for name, units in waiting.items():
+            reduce(name, units, pattern)
+        waiting.clear()
 
     logits, labels = [], []
     loader = make_loader(dataset, batch_size=batch_size, device=param.device)
-    with model.hooks(fwd_hooks=[(name, record) for name in by_hook]):
+    hooks = [(name, record) for name in by_hook] + [(name, pool) for name in readout_hooks(model)]
+    with model.hooks(fwd_hooks=hooks):
         for images, batch_labels in progress(loader, desc="unit activations", total=len(loader),
                                              enabled=show_progress):
             logits.append(model(images.to(device=param.device, dtype=param.dtype)).float().cpu())

@@ -1,0 +1,134 @@
+"""MIS level: the Machine Interpretability Score of every unit of the dense model and each pruned
+variant. A unit of work is one unit kind at one block (``<out>/sparsity_<s>/mlp_act/3.json``: the
+activations of every image at that site in one pass, the tasks, the scores), plus ``sae`` (the
+latents of the layer level's SAE, or of a small SAE trained here). Image embeddings of the
+similarity backend are computed once per image set and reused by every unit and variant."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from analyses.common.level import Level, Record, Variant, register_level
+from analyses.mis.config import MISConfig
+from analyses.mis.result import MISResult
+
+SAE_UNIT = "sae"
+SAE_FOLDER = "sae_model"
+
+
+def n_blocks(model: str) -> int:
+    """The number of blocks of model alias or saved folder ``model``, read without building it."""
+    import json
+
+    from hooked_vit.pretrained import get_spec, resolve_model_name
+
+    directory, alias = resolve_model_name(model)
+    if alias is None:
+        return int(json.loads((Path(directory) / "config.json").read_text())["n_layers"])
+    spec = get_spec(alias)
+    if "depth" in spec.timm_kwargs:
+        return int(spec.timm_kwargs["depth"])
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        return len(timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs).blocks)
+
+
+def site_hook(model: Any, kind: str, layer: int) -> str:
+    """The hook of unit kind ``kind`` (a circuit site's name, ``resid`` or ``heads``) at block ``layer``."""
+    if kind == "resid":
+        return f"blocks.{layer}.hook_resid_post"
+    if kind == "heads":
+        return f"blocks.{layer}.attn.hook_z"
+    return model.sites[layer, kind].hook_name
+
+
+@register_level("mis")
+class MIS(Level):
+    """Per-unit MIS per model variant; the result's tables give mean, median and share above 0.8
+    per kind and block, and neurons vs SAE latents at the SAE's block."""
+
+    title = "Machine interpretability score (MIS)"
+    paper = "MIS of Zimmermann, Klindt & Brendel (NeurIPS 2024) per sparsity (not in the IMPACT paper)"
+    unit = "unit kind at one block (e.g. mlp_act/3), and the SAE"
+    Config = MISConfig
+    Result = MISResult
+    run_only = ("sparsities", "device", "batch_size")
+    open_choices = ("position", "split", "n_tasks", "n_references", "quantile", "similarity", "temperature")
+    figures = {"mis_vs_depth.png": "Mean MIS per block and unit kind, one line per model variant"}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        from analyses.mis.similarity import EmbeddingCache
+
+        self.embeddings = EmbeddingCache()  # per image set and backend, shared by every variant
+        self._images: tuple[tuple, Any] | None = None
+
+    def units(self, config: MISConfig) -> list[str]:
+        layers = config.layers if config.layers is not None else tuple(range(n_blocks(config.model)))
+        return [SAE_UNIT if kind == SAE_UNIT else f"{kind}/{layer}" for kind in config.units
+                for layer in (layers if kind != SAE_UNIT else (None,))]
+
+    def prepare(self, config: MISConfig, model: Any, variant: Variant, out: Path) -> dict[str, Any]:
+        key = (config.data, config.split, tuple(model.cfg.preprocessing.get("input_size", ())))
+        if self._images is None or self._images[0] != key:  # the same images for every variant
+            images = self.dataset(config, config.split, model).tensors(show_progress=False)[0]
+            self._images = (key, images)
+        return {"config": config, "variant": variant, "out": Path(out), "images": self._images[1]}
+
+    def _sae(self, config: MISConfig, model: Any, data: dict[str, Any]) -> Any:
+        from analyses.common.ablation import model_key
+        from analyses.mis import sae as sae_module
+
+        variant = data["variant"]
+        if config.sae_from is not None:
+            return sae_module.layer_level_sae(config.sae_from, variant.key)
+        layer = config.sae_layer if config.sae_layer is not None else model.cfg.n_layers - 1
+        hook, tokens = f"blocks.{layer}.hook_resid_post", "cls" if config.position == "cls" else "patch"
+        settings = {"hook_name": hook, "tokens": tokens, "expansion_factor": config.sae_expansion_factor,
+                    "k": config.sae_k, "steps": config.sae_steps, "batch_size": config.sae_batch_size,
+                    "lr": config.sae_lr, "seed": config.seed, "data": config.data, "split": config.split,
+                    "model_key": model_key(model)}
+
+        def train() -> Any:
+            acts = sae_module.token_activations(model, data["images"], hook, tokens, batch_size=config.batch_size)
+            return sae_module.train_small_sae(acts, hook_name=hook, tokens=tokens,
+                                              expansion_factor=config.sae_expansion_factor, k=config.sae_k,
+                                              steps=config.sae_steps, batch_size=config.sae_batch_size,
+                                              lr=config.sae_lr, seed=config.seed)
+
+        return sae_module.cached_small_sae(data["out"] / variant.key / SAE_FOLDER, settings, train)
+
+    def compute(self, unit: str, model: Any, data: dict[str, Any]) -> dict[str, Any]:
+        """One site's units: their activations, tasks and MIS (per unit and summarised)."""
+        from analyses.mis.score import machine_interpretability_score
+        from analyses.mis.tasks import make_tasks
+        from hooked_vit.saes import sae_hook_name
+
+        config: MISConfig = data["config"]
+        start = time.perf_counter()
+        if unit == SAE_UNIT:
+            sae = self._sae(config, model, data)
+            hook, kind = sae_hook_name(sae), SAE_UNIT
+            width = int(sae.cfg.d_sae)
+        else:
+            kind, layer = unit.split("/")
+            hook, sae = site_hook(model, kind, int(layer)), None
+            width = len(model.units(hook, position=config.position))
+        indices = range(min(width, config.max_units or width))
+        units = model.units(hook, indices=indices, position=config.position, sae=sae)
+        tasks = make_tasks(model, units, data["images"], config)
+        scores = machine_interpretability_score(tasks, config.similarity, temperature=config.temperature,
+                                                embeddings=self.embeddings, batch_size=config.batch_size)
+        return {"kind": kind, "layer": units.layer, "hook_name": hook, "unit_kind": units.kind,
+                "position": units.position, "indices": list(units.indices), "mis": scores.mis.tolist(),
+                "constant": scores.constant.tolist(), **scores.summary(), "seconds": time.perf_counter() - start}
+
+    def combine(self, config: MISConfig, records: list[Record]) -> MISResult:
+        rows = [{"model": r.variant.label, "sparsity": r.variant.sparsity, "unit": r.unit, **r.record}
+                for r in records]
+        return MISResult(config, rows, {f"{r.variant.sparsity:g}": r.settings["model_key"] for r in records},
+                         sum(r.seconds for r in records))

@@ -1,0 +1,99 @@
+"""Settings of the MIS level: per-unit interpretability without humans (Zimmermann, Klindt & Brendel,
+NeurIPS 2024), on the 2AFC tasks of Zimmermann, Klein & Brendel (NeurIPS 2023). Standard library
+only (``hooked-vit mis --help`` imports no torch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from analyses.common.family import ModelFamily, check_choice, check_positive, setting
+from hooked_vit.errors import InvalidArgumentError, MissingFileError
+
+# Unit kinds per block: a circuit site's name, "resid" (the block's output residual stream),
+# "heads" (each head's output norm at attn.hook_z) or "sae" (latents of an SAE at one block).
+UNIT_KINDS: tuple[str, ...] = ("mlp_act", "mlp_out", "attn_out", "q", "k", "v", "norm1", "norm2", "resid", "heads",
+                               "sae")
+POSITIONS: tuple[str, ...] = ("patch_max", "patch_mean", "cls")  # as hooked_vit.units.POSITIONS
+SIMILARITIES = "pixels, features:ALIAS (a HookedViT's pooled features; ALIAS a model alias or folder) or dreamsim"
+PAPER_TEMPERATURE = 0.16
+N_TASKS, N_REFERENCES, QUANTILE = 20, 9, 0.1
+DREAMSIM_HELP = ("similarity='dreamsim' needs the dreamsim package and its weights: pip install dreamsim, then run "
+                 "once online (dreamsim(pretrained=True) downloads them to ~/.cache/dreamsim); offline, use "
+                 "similarity='pixels' or 'features:ALIAS'")
+
+
+def check_similarity(value: str) -> str:
+    """One-line error unless ``value`` names a similarity backend (and, for ``dreamsim``, the package
+    is installed)."""
+    if not isinstance(value, str) or not (value in ("pixels", "dreamsim") or
+                                          (value.startswith("features:") and len(value) > len("features:"))):
+        raise InvalidArgumentError(f"similarity must be {SIMILARITIES}, got {value!r}")
+    if value == "dreamsim":
+        import importlib.util
+
+        if importlib.util.find_spec("dreamsim") is None:
+            raise MissingFileError(DREAMSIM_HELP)
+    return value
+
+
+@dataclass
+class MISConfig(ModelFamily):
+    """Settings of a MIS run: for each model variant, the ``units`` kinds at each of ``layers``
+    (default every block), each unit's ``n_tasks`` 2AFC tasks (``n_references`` reference images per
+    side, drawn from the ``quantile`` most/least activating images of ``split``, seeded by ``seed``),
+    scored with the ``similarity`` backend and the sigmoid of ``temperature`` (refit one with
+    :func:`~analyses.mis.score.fit_temperature` on human answers). SAE latents come from the layer level's output ``sae_from``, else a
+    small SAE (``sae_*``) is trained on the variant at ``sae_layer`` (default the last block)."""
+
+    units: tuple[str, ...] = setting(("mlp_act", "resid", "sae"), "unit kinds scored per block: "
+                                     + ", ".join(UNIT_KINDS))
+    layers: tuple[int, ...] | None = setting(None, "blocks scored (default: every block)")
+    max_units: int | None = setting(None, "first units per site scored (default: all)")
+    position: str = setting("patch_max", "one value per image: max or mean over the patch tokens, or the CLS token",
+                            choices=POSITIONS)
+    split: str = setting("train", "images the tasks are drawn from (the papers: the training set)")
+    n_tasks: int = setting(N_TASKS, "2AFC tasks per unit")
+    n_references: int = setting(N_REFERENCES, "reference images per side (max and min) of a task")
+    quantile: float = setting(QUANTILE, "fraction of most (least) activating images the max (min) draws come from")
+    similarity: str = setting("pixels", f"image similarity: {SIMILARITIES}")
+    temperature: float = setting(PAPER_TEMPERATURE, "sigmoid temperature: P(correct) = sigmoid(margin / temperature)")
+    seed: int = setting(0, "seed of the task draws (and of the in-level SAE)")
+    sae_from: str | None = setting(None, "layer-level output folder whose <variant>/<sae> SAEs are read, or one "
+                                   "sae-lens SAE folder for every variant")
+    sae_layer: int | None = setting(None, "block of the in-level SAE (default: the last)")
+    sae_expansion_factor: int = setting(4, "in-level SAE: d_sae = expansion factor x d_model")
+    sae_k: int = setting(8, "in-level SAE: active latents per token (TopK)")
+    sae_steps: int = setting(300, "in-level SAE: Adam steps")
+    sae_batch_size: int = setting(512, "in-level SAE: activations per step")
+    sae_lr: float = setting(1e-3, "in-level SAE: Adam learning rate")
+    batch_size: int = setting(256, "images per forward pass")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.units, self.layers = tuple(self.units), None if self.layers is None else tuple(self.layers)
+        if not self.units or any(u not in UNIT_KINDS for u in self.units):
+            raise InvalidArgumentError(f"units must be a non-empty list of {', '.join(UNIT_KINDS)}, got {self.units}")
+        if self.layers is not None and (not self.layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
+                                                               for x in self.layers)):
+            raise InvalidArgumentError(f"layers must be block indices >= 0, got {self.layers}")
+        check_positive(self, "max_units")
+        check_positive(self, "n_tasks", "n_references", "sae_expansion_factor", "sae_k", "sae_steps",
+                       "sae_batch_size", "batch_size", allow_none=False)
+        check_choice(self, "position", POSITIONS)
+        check_similarity(self.similarity)
+        if not (isinstance(self.quantile, (int, float)) and 0 < self.quantile <= 0.5):
+            raise InvalidArgumentError(f"quantile must lie in (0, 0.5] (max and min draws must not overlap), "
+                                       f"got {self.quantile!r}")
+        for name in ("temperature", "sae_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise InvalidArgumentError(f"{name} must be a number > 0, got {value!r}")
+        if self.sae_layer is not None and (isinstance(self.sae_layer, bool) or self.sae_layer < 0):
+            raise InvalidArgumentError(f"sae_layer must be a block index >= 0, got {self.sae_layer!r}")
+
+
+PRESETS = {"quick": {"max_units": 48, "sae_steps": 200}}
+REDUCED = {"quick": "the first 48 units per site and block; the in-level SAE trained 200 steps"}
+
+CONFIG = MISConfig

@@ -1,0 +1,100 @@
+"""Speed of the replacement level (issue 22, requirement 9), as ratios measured in one run:
+
+1. one joint training step of every SAE (one model forward to the last block, every SAE's TopK step)
+   over one plain forward + backward of the model on the same images;
+2. the replacement forward (with and without error nodes) over a plain forward (target <= 1.5);
+3. one image's full attribution graph (node scores and every edge) in forward-equivalents: its time
+   over one plain forward of that image (target <= 100 on the embedded model).
+
+SAEs are random (timings do not depend on the weights). Timings are medians of interleaved rounds.
+Usage: ``python benchmarks/bench_replacement.py [--k 32 --expansion 8 --batch 32 --device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch
+from timing import interleaved_medians
+
+from analyses.replacement.replacement import ReplacementModel, compute_medians
+from analyses.replacement.saes import (
+    inference_sae,
+    resid_hooks,
+    train_saes,
+    training_sae,
+)
+from hooked_vit import HookedViT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit3_tiny_digits")
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--expansion", type=float, default=8)
+    parser.add_argument("--batch", type=int, default=32, help="images per training step / forward")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per timed round")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model = HookedViT.from_pretrained(args.model, device=args.device).eval()
+    size = model.cfg.img_size
+    images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    data = [(image, 0) for image in images.cpu()]
+    hooks = resid_hooks(model)
+    d = model.cfg.d_model
+    saes = {h: inference_sae(training_sae("topk", d, round(args.expansion * d), args.k, 1 / 32, args.device, i), h, None)
+            for i, h in enumerate(hooks)}
+    rm = ReplacementModel(saes, compute_medians(model, saes, images), "logit")
+    settings = [(args.k, args.expansion)] * len(hooks)
+
+    def plain_forward_backward() -> None:
+        for _ in range(args.steps):
+            model.zero_grad(set_to_none=True)
+            model(images).logsumexp(1).sum().backward()
+
+    def training_steps() -> None:
+        train_saes(model, data, settings, steps=args.steps, batch_images=args.batch, log_every=10**9)
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(images)
+
+    def replaced(error: bool):
+        def run() -> None:
+            with torch.no_grad(), rm.replaced(model, error=error):
+                model(images)
+        return run
+
+    def one_image_forward() -> None:
+        with torch.no_grad():
+            model(images[:1])
+
+    def one_graph() -> None:
+        rm.attribute(model, images[:1], 0)
+
+    train = interleaved_medians({"forward_backward": plain_forward_backward, "train": training_steps},
+                                args.device, args.repeats)
+    forward = interleaved_medians({"plain": plain, "replaced_error": replaced(True), "replaced": replaced(False)},
+                                  args.device, args.repeats * 3)
+    graph = interleaved_medians({"forward_1": one_image_forward, "graph_1": one_graph}, args.device, args.repeats)
+    result = {
+        "config": vars(args) | {"d_sae": round(args.expansion * d), "layers": len(hooks), "torch": torch.__version__,
+                                "threads": torch.get_num_threads()},
+        "seconds": {**train, **forward, **graph},
+        "train_step_over_forward_backward": train["train"] / train["forward_backward"],
+        "replaced_over_forward": forward["replaced"] / forward["plain"],
+        "replaced_with_error_over_forward": forward["replaced_error"] / forward["plain"],
+        "graph_forward_equivalents": graph["graph_1"] / graph["forward_1"],
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

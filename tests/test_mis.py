@@ -1,0 +1,284 @@
+"""The MIS level (issue 24): 2AFC tasks re-derived by hand, the MIS formula and the temperature fit
+re-derived, synthetic units with known behaviour, the export layout, units of every kind on the
+embedded model, and the level end to end on a tiny setting (with the layer level's SAE layout)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+N_IMAGES = 150
+
+
+@pytest.fixture(scope="module")
+def model():
+    from hooked_vit import HookedViT
+
+    return HookedViT.from_pretrained("deit3_tiny_digits")
+
+
+@pytest.fixture(scope="module")
+def digits(model):
+    from hooked_vit.data import load_dataset
+
+    return load_dataset("digits", split="val", model=model).subset(range(N_IMAGES))
+
+
+@pytest.fixture(scope="module")
+def images(digits):
+    return digits.tensors(show_progress=False)
+
+
+class FakeUnits:
+    """Stands in for SiteUnits when activations are made up (synthetic units)."""
+
+    hook_name, kind, layer, position = "synthetic", "synthetic", None, "cls"
+
+    def __init__(self, n: int):
+        self.indices = tuple(range(n))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self) -> dict:
+        return {"hook_name": self.hook_name, "indices": list(self.indices)}
+
+
+def _tasks(acts, images, *, n_tasks=20, n_references=9, quantile=0.1, seed=0, mean=(0.0,) * 3, std=(1.0,) * 3):
+    from analyses.mis.tasks import Tasks, draw_tasks
+
+    draws = draw_tasks(acts, n_tasks=n_tasks, n_references=n_references, quantile=quantile, seed=seed)
+    return Tasks(FakeUnits(acts.shape[1]), images, acts, draws, n_tasks, n_references, quantile, seed, mean, std)
+
+
+def test_tasks_are_drawn_as_specified_by_hand():
+    """Per unit: sort by activation, pools of ceil(q n); per task K+1 uniform draws (the seeded
+    generator, max pool first), the K most extreme are references, the remaining one the query."""
+    from analyses.mis.tasks import draw_tasks
+
+    acts = torch.randn(23, 3, generator=torch.Generator().manual_seed(5))
+    acts[:, 2] = torch.tensor([float(i % 4) for i in range(23)])  # ties: broken by image order
+    n_tasks, k, quantile, seed = 4, 2, 0.2, 7
+    draws = draw_tasks(acts, n_tasks=n_tasks, n_references=k, quantile=quantile, seed=seed)
+    pool = math.ceil(quantile * 23)
+    generator = torch.Generator().manual_seed(seed)
+    u_max = torch.rand(3, n_tasks, pool, generator=generator)
+    u_min = torch.rand(3, n_tasks, pool, generator=generator)
+    for u in range(3):
+        a = acts[:, u].tolist()
+        descending = sorted(range(23), key=lambda i: (-a[i], i))
+        top, bottom = descending[:pool], descending[::-1][:pool]  # bottom: least activating first
+        for t in range(n_tasks):
+            for uniform, pool_images, refs, query in (
+                    (u_max, top, draws.max_refs, draws.max_query),
+                    (u_min, bottom, draws.min_refs, draws.min_query)):
+                picked = [pool_images[j] for j in np.argsort(uniform[u, t].numpy(), kind="stable")[:k + 1]]
+                picked.sort(key=lambda i: pool_images.index(i))  # most extreme first
+                assert refs[u, t].tolist() == picked[:k] and int(query[u, t]) == picked[k]
+    with pytest.raises(ValueError, match="n_references"):
+        draw_tasks(acts, n_tasks=1, n_references=9, quantile=0.1, seed=0)
+
+
+def test_mis_formula_by_hand_and_temperature_fit(tmp_path):
+    """margin = [s(q+,E+) - s(q+,E-)] - [s(q-,E+) - s(q-,E-)], s the mean cosine to a set; MIS the mean of
+    sigmoid(margin / T), with the pixels' correlation as similarity; the temperature refit on human answers maximises their likelihood."""
+    from analyses.mis.score import fit_temperature, machine_interpretability_score
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(40, 3, 4, 4, generator=g)
+    acts = torch.randn(40, 3, generator=g)
+    tasks = _tasks(acts, images, n_tasks=5, n_references=3, quantile=0.25)
+    scores = machine_interpretability_score(tasks, "pixels", temperature=0.3)
+
+    def cos(i, j):  # the pixels backend: the correlation of the two images' pixels
+        x, y = images[i].flatten() - images[i].mean(), images[j].flatten() - images[j].mean()
+        return float(x @ y / (x.norm() * y.norm()))
+
+    d = tasks.draws
+    for u in range(3):
+        probabilities = []
+        for t in range(5):
+            s = {(qn, en): sum(cos(int(q[u, t]), int(e)) for e in refs[u, t]) / 3
+                 for qn, q in (("+", d.max_query), ("-", d.min_query)) for en, refs in (("+", d.max_refs), ("-", d.min_refs))}
+            margin = (s["+", "+"] - s["+", "-"]) - (s["-", "+"] - s["-", "-"])
+            assert scores.margin[u, t].item() == pytest.approx(margin, abs=1e-5)
+            probabilities.append(1 / (1 + math.exp(-margin / 0.3)))
+        assert scores.mis[u].item() == pytest.approx(sum(probabilities) / 5, abs=1e-5)
+    assert scores.similarity == "pixels" and scores.summary()["similarity"] == "pixels"
+
+    # the fit: the log-likelihood's derivative (autograd) vanishes at the fitted slope, and a large
+    # sample drawn at a known temperature gives it back
+    margins = torch.randn(4000, generator=g)
+    answers = torch.rand(4000, generator=g) < torch.sigmoid(margins / 0.25)
+    fitted = fit_temperature(margins, answers)
+    assert fitted == pytest.approx(0.25, rel=0.1)
+    slope = torch.tensor(1 / fitted, dtype=torch.float64, requires_grad=True)
+    p = torch.sigmoid(slope * margins.double())
+    loglik = (answers.double() * p.log() + (1 - answers.double()) * (1 - p).log()).sum()
+    loglik.backward()
+    assert abs(slope.grad.item()) < 1e-6
+    with pytest.raises(ValueError, match="both correct and incorrect"):
+        fit_temperature(margins[:5], torch.ones(5, dtype=torch.bool))
+
+    # refit from a CSV of task ids (the exported trial folders) and answers
+    ids = tasks.task_ids()
+    correct = (scores.margin.reshape(-1) > 0).tolist()
+    correct[0] = not correct[0]
+    csv = tmp_path / "answers.csv"
+    csv.write_text("task_id,correct\n" + "".join(f"{i},{int(c)}\n" for i, c in zip(ids, correct)))
+    refit = machine_interpretability_score(tasks, "pixels", human_csv=csv)
+    expected = fit_temperature(scores.margin.reshape(-1), torch.tensor(correct))
+    assert refit.temperature == pytest.approx(expected) and refit.temperature_source == str(csv)
+    csv.write_text("task_id,correct\ntask_9/trial_1,1\n")
+    with pytest.raises(ValueError, match="not among"):
+        machine_interpretability_score(tasks, "pixels", human_csv=csv)
+
+
+def test_synthetic_units_score_as_expected_with_each_backend(model, images):
+    """A unit that indicates one class scores high, a unit of random values (independent of the
+    images) scores at chance, with the pixels and the features backends; same seed, same scores."""
+    from analyses.mis.score import machine_interpretability_score
+    from analyses.mis.similarity import EmbeddingCache
+
+    x, labels = images
+    g = torch.Generator().manual_seed(1)
+    # classes with at least ceil(0.1 * 150) = 15 images, so that the max pool is the class
+    indicator = torch.stack([(labels == c).float() + 1e-3 * torch.rand(len(labels), generator=g) for c in (0, 2)], 1)
+    noise = torch.randn(len(labels), 64, generator=g) @ torch.randn(64, 32, generator=g)  # a random projection of noise
+    acts = torch.cat([indicator, noise], 1)
+    prep = model.cfg.preprocessing
+    tasks = _tasks(acts, x, mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    cache = EmbeddingCache()
+    results = {}
+    for backend in ("pixels", "features:deit3_tiny_digits"):
+        scores = machine_interpretability_score(tasks, backend, embeddings=cache)
+        results[backend] = scores.mis
+        assert scores.mis[2:].mean().item() == pytest.approx(0.5, abs=0.06), backend
+        assert scores.mis[0].item() > 0.8, backend  # the zeros look alike even in pixels
+    assert results["pixels"][:2].mean() > results["pixels"][2:].mean() + 0.15
+    assert results["features:deit3_tiny_digits"][:2].min().item() > 0.95  # near 1 in feature space
+    again = machine_interpretability_score(_tasks(acts, x, mean=tasks.mean, std=tasks.std), "pixels")
+    assert torch.equal(again.mis, results["pixels"])
+    other = machine_interpretability_score(_tasks(acts, x, seed=1, mean=tasks.mean, std=tasks.std), "pixels")
+    assert not torch.equal(other.mis, results["pixels"])
+
+
+def test_export_writes_the_trial_layout(tmp_path, model, images):
+    from PIL import Image
+
+    x = images[0][:30]
+    acts = torch.randn(30, 2, generator=torch.Generator().manual_seed(3))
+    prep = model.cfg.preprocessing
+    tasks = _tasks(acts, x, n_tasks=2, n_references=2, quantile=0.2, mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    out = tmp_path / "tasks"
+    (out / "stale").mkdir(parents=True)  # replaced whole
+    tasks.export(out)
+    assert not (out / "stale").exists()
+    index = json.loads((out / "index.json").read_text())
+    assert index["n_tasks"] == 2 and index["n_references"] == 2 and index["seed"] == 0
+    for u in range(2):
+        task = json.loads((out / f"task_{u + 1}" / "index.json").read_text())
+        assert task == {"task_name": f"task_{u + 1}", "n_reference_images": 2, "n_trials": 2, "unit": u,
+                        "hook_name": "synthetic"}
+        for t in range(2):
+            trial = out / f"task_{u + 1}" / "trials" / f"trial_{t + 1}"
+            names = sorted(p.relative_to(trial).as_posix() for p in trial.rglob("*.png"))
+            assert names == ["queries/max.png", "queries/min.png", "references/max_0.png", "references/max_1.png",
+                             "references/min_0.png", "references/min_1.png"]
+            i = int(tasks.draws.max_query[u, t])
+            expected = ((x[i] * 0.376 + 0.3054).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            assert np.array_equal(np.asarray(Image.open(trial / "queries" / "max.png")), expected)
+
+
+def test_site_units_of_every_kind(model, images):
+    """Neurons, heads (output norm), residual dims and SAE latents, each reduced by position, match
+    the cached hook values reduced by hand."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    from hooked_vit.errors import InvalidArgumentError
+    from hooked_vit.units import site_units
+
+    x = images[0][:6]
+    _, cache = model.run_with_cache(x)
+    neurons = model.units("blocks.1.mlp.hook_post", indices=[0, 5, 7])
+    assert (neurons.kind, neurons.layer, neurons.width) == ("neuron", 1, 384)
+    assert torch.allclose(neurons.activations(model, x, batch_size=4),
+                          cache["blocks.1.mlp.hook_post"][:, 1:, [0, 5, 7]].amax(1), atol=1e-6)
+    heads = site_units(model, (2, "v"), position="cls")  # a circuit site's key
+    assert heads.kind == "head" and heads.hook_name == "blocks.2.attn.hook_v"
+    assert torch.allclose(heads.activations(model, x), cache["blocks.2.attn.hook_v"][:, 0].norm(dim=-1), atol=1e-5)
+    z = model.units("blocks.0.attn.hook_z", position="patch_mean")
+    assert torch.allclose(z.activations(model, x), cache["blocks.0.attn.hook_z"][:, 1:].norm(dim=-1).mean(1), atol=1e-5)
+    resid = model.units("hook_pooled", position="cls")
+    assert resid.kind == "residual" and torch.allclose(resid.activations(model, x), cache["hook_pooled"], atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="position='cls'"):
+        model.units("hook_pooled")
+    with pytest.raises(InvalidArgumentError, match=r"indices must be"):
+        model.units("blocks.1.mlp.hook_post", indices=[384])
+    cfg = TopKSAEConfig(d_in=96, d_sae=32, k=4)
+    cfg.metadata.hook_name, cfg.metadata.tokens = "blocks.3.hook_resid_post", "patch"
+    sae = TopKSAE(cfg)
+    latents = model.units("blocks.3.hook_resid_post", sae=sae)
+    assert latents.kind == "sae_latent" and len(latents) == 32
+    expected = sae.encode(cache["blocks.3.hook_resid_post"][:, 1:]).amax(1)
+    assert torch.allclose(latents.activations(model, x), expected, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="reads blocks.3"):
+        model.units("blocks.2.hook_resid_post", sae=sae)
+
+
+def test_bad_settings_fail_in_one_line(images):
+    from analyses.mis.config import MISConfig
+    from analyses.mis.score import machine_interpretability_score
+    from hooked_vit.errors import InvalidArgumentError, MissingFileError
+
+    for bad in ({"quantile": 0.7}, {"similarity": "lpips"}, {"units": ("neurons",)}, {"temperature": 0.0}):
+        with pytest.raises(InvalidArgumentError):
+            MISConfig(**bad)
+    tasks = _tasks(torch.randn(20, 1), images[0][:20], n_tasks=1, n_references=1, quantile=0.1)
+    try:
+        import dreamsim  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingFileError, match="pip install dreamsim"):
+            machine_interpretability_score(tasks, "dreamsim")
+        with pytest.raises(MissingFileError, match="pip install dreamsim"):  # before any work starts
+            MISConfig(similarity="dreamsim")
+
+
+def test_level_end_to_end_on_a_tiny_setting(tmp_path, model, digits):
+    """hooked-vit mis on the dense model: units per kind and block, an SAE trained in the level, the
+    tables and the figure; resumed without recomputing; the layer level's SAE layout read back."""
+    from analyses.common.level import run_level
+    from analyses.mis import MIS, MISConfig, MISResult
+
+    config = MISConfig(sparsities=(0.0,), layers=(3,), units=("mlp_act", "resid", "sae"), max_units=6, n_tasks=3,
+                       n_references=3, quantile=0.2, sae_steps=5, sae_batch_size=64, split="val")
+    level = MIS(show_progress=False, model_loader=lambda config, variant: model, datasets={"val": digits})
+    assert level.units(config) == ["mlp_act/3", "resid/3", "sae"]
+    result = run_level(level, config, tmp_path / "mis")
+    kinds = [(r["kind"], r["layer"], r["n_units"] + r["n_constant"]) for r in result.summary()]
+    assert kinds == [("mlp_act", 3, 6), ("resid", 3, 6), ("sae", 3, 6)]
+    assert all(0 <= v <= 1 for r in result.rows for v in r["mis"]) and result.rows[0]["similarity"] == "pixels"
+    assert [r["kind"] for r in result.neurons_vs_sae()] == ["sae", "mlp_act", "resid"]
+    for name in ("mis_table.csv", "neurons_vs_sae.csv", "mis.md", "mis_vs_depth.png", "done.json"):
+        assert (tmp_path / "mis" / name).is_file()
+    assert MISResult.load(tmp_path / "mis").rows == result.rows
+
+    # the SAE as the layer level saves it (<out>/<variant>/<sae>/cfg.json) gives the same latents' MIS
+    layer_out = tmp_path / "layer"
+    shutil.copytree(tmp_path / "mis" / "sparsity_0" / "sae_model", layer_out / "sparsity_0" / "some-sae")
+    import dataclasses
+
+    from_layer = run_level(MIS(show_progress=False, model_loader=lambda c, v: model, datasets={"val": digits}),
+                           dataclasses.replace(config, units=("sae",), sae_from=str(layer_out)), tmp_path / "mis2")
+    assert from_layer.rows[0]["mis"] == result.rows[2]["mis"]
+    from analyses.mis.sae import layer_level_sae
+
+    one = layer_level_sae(layer_out / "sparsity_0" / "some-sae", "any variant")  # one SAE folder for every variant
+    assert torch.equal(one.W_enc, layer_level_sae(layer_out, "sparsity_0").W_enc)
+    with pytest.raises(FileNotFoundError, match="hooked-vit layer"):
+        layer_level_sae(layer_out, "sparsity_0.5")

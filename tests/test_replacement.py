@@ -1,0 +1,252 @@
+"""The replacement level (residual replacement model, Kim et al. 2025): the replacement forward, a node
+score and an edge weight re-derived by autograd on a hand-built two-SAE model, error-node
+exactness, joint SAE training, the faithfulness curves' end points, sae-lens save/load, bad
+settings, and the level end to end on a tiny config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_timm
+
+
+@pytest.fixture(scope="module")
+def three_blocks():
+    """A 3-block DeiT-III (width 32, 17 tokens, 10 classes): two replaced layers."""
+    from hooked_vit import HookedViT
+
+    model = HookedViT.from_timm(make_timm("deit3_small_patch16_224", depth=3, img_size=32, patch_size=8,
+                                          embed_dim=32, num_heads=2, num_classes=10))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def rm(three_blocks, images):
+    """Untrained (random, unit-norm decoder) TopK SAEs of width 48, k=6, with medians over ``images``."""
+    from analyses.replacement.replacement import ReplacementModel, compute_medians
+    from analyses.replacement.saes import inference_sae, resid_hooks, training_sae
+
+    hooks = resid_hooks(three_blocks)
+    saes = {}
+    for layer, hook in enumerate(hooks):
+        sae = training_sae("topk", 32, 48, 6, 1 / 32, "cpu", seed=layer)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(layer))
+            sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(10 + layer))
+        saes[hook] = inference_sae(sae, hook, None)
+    return ReplacementModel(saes, compute_medians(three_blocks, saes, images[:8]), "logit")
+
+
+def _stream(model, rm, x, start, stop=None):
+    """Blocks ``start``.. of ``model`` from residual ``x`` (entering block ``start``), each replaced layer
+    read through ``replace(layer, x)`` until ``stop``; logits at the end."""
+    for layer in range(start, model.cfg.n_layers):
+        x = model.blocks[layer](x)
+        if stop is not None and layer == stop:
+            return x
+    return model._head(x)
+
+
+def test_replacement_forward_is_the_reconstruction_chain_and_exact_with_error_nodes(three_blocks, rm, images):
+    model = three_blocks
+    with torch.no_grad():
+        x = model(images, stop_at_layer=0)
+        for layer in range(model.cfg.n_layers):
+            x = model.blocks[layer](x)
+            if layer < model.cfg.n_layers - 1:
+                sae = rm.saes[f"blocks.{layer}.hook_resid_post"]
+                x = sae.decode(sae.encode(x))
+        expected = model._head(x)
+        with rm.replaced(model, error=False):
+            replaced = model(images)
+        with rm.replaced(model, error=True):
+            exact = model(images)
+        plain = model(images)
+    torch.testing.assert_close(replaced, expected, rtol=1e-5, atol=1e-5)
+    assert (replaced - plain).abs().max() > 1e-2  # random SAEs do change the output
+    assert (exact - plain).abs().max() < 1e-5
+
+
+def _standardize(x):
+    mu = x.mean(-1, keepdim=True)
+    std = (x - mu).std(-1, keepdim=True)
+    return (x - mu) / (std + 1e-5), mu, std
+
+
+def test_node_scores_and_an_edge_match_autograd_on_the_hand_built_model(three_blocks, rm, images):
+    model, image, target = three_blocks, images[8:9], 4
+    graph = rm.attribute(model, image, target, objective="logit")
+    sae0, sae1 = rm.saes["blocks.0.hook_resid_post"], rm.saes["blocks.1.hook_resid_post"]
+    med0, med1 = rm.medians["blocks.0.hook_resid_post"], rm.medians["blocks.1.hook_resid_post"]
+    with torch.no_grad():
+        x0 = model.blocks[0](model(image, stop_at_layer=0))[0]
+        _, mu0, std0 = _standardize(x0)
+        z0 = sae0.encode(x0)
+        err0 = x0 - ((z0 @ sae0.W_dec + sae0.b_dec) * std0 + mu0)
+    # layer 0 as a function of its latents and an additive error: the rest of the model on top
+    z = z0.clone().requires_grad_(True)
+    e = err0.clone().requires_grad_(True)
+    x1 = model.blocks[1](((z @ sae0.W_dec + sae0.b_dec) * std0 + mu0 + e)[None])
+    logit = model._head(model.blocks[2](x1))[0, target]
+    gz, ge = torch.autograd.grad(logit, [z, e])
+    torch.testing.assert_close(graph.nodes[0], (gz * (z0 - med0["latents"])).sum(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(graph.error[0], (ge * (err0 - med0["error"])).sum(), rtol=1e-4, atol=1e-5)
+    # the downstream latents' gradient, the same way at layer 1
+    with torch.no_grad():
+        x1c = x1.detach()[0]
+        _, mu1, std1 = _standardize(x1c)
+        z1 = sae1.encode(x1c)
+        err1 = x1c - ((z1 @ sae1.W_dec + sae1.b_dec) * std1 + mu1)
+    w = z1.clone().requires_grad_(True)
+    (s1,) = torch.autograd.grad(model._head(model.blocks[2](((w @ sae1.W_dec + sae1.b_dec) * std1 + mu1 + err1)[None]))[0, target], w)
+    torch.testing.assert_close(graph.nodes[1], (s1 * (z1 - med1["latents"])).sum(0), rtol=1e-4, atol=1e-5)
+    # the edge from latent i (layer 0) to latent o (layer 1): d/dz0 of sum_t s1 * z1 through block 1
+    # (the downstream standardisation's std held constant), times (z0 - median), over tokens
+    i = int(torch.argmax((z0 != med0["latents"]).float().sum(0)))
+    o = int(torch.argmax((s1 * z1).abs().sum(0)))
+    z = z0.clone().requires_grad_(True)
+    y = model.blocks[1](((z @ sae0.W_dec + sae0.b_dec) * std0 + mu0 + err0)[None])[0]
+    mu = y.mean(-1, keepdim=True)
+    ys = (y - mu) / ((y - mu).std(-1, keepdim=True).detach() + 1e-5)
+    hidden = (ys - sae1.b_dec) @ sae1.W_enc + sae1.b_enc
+    top = torch.topk(hidden, sae1.cfg.k, dim=-1)
+    acts = torch.zeros_like(hidden).scatter(-1, top.indices, top.values.relu())
+    (gi,) = torch.autograd.grad((acts[:, o] * s1[:, o]).sum(), z)
+    expected = float((gi[:, i] * (z0[:, i] - med0["latents"][:, i])).sum())
+    assert abs(expected) > 1e-6
+    assert graph.edge(0, i, o) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # the last layer's latents feed the logit with their score; the error column closes each row
+    assert graph.edge(1, o, "logit") == pytest.approx(float(graph.nodes[1][o]))
+    assert float(graph.edges[0][i].sum()) == pytest.approx(float(graph.nodes[0][i]), rel=1e-4, abs=1e-6)
+
+
+def test_graph_prunes_saves_loads_and_plots(three_blocks, rm, images, tmp_path):
+    from analyses.replacement.graph import AttributionGraph
+
+    graph = rm.attribute(three_blocks, images[:2], 1)
+    pruned = graph.prune(5)
+    assert sum(len(k) for k in pruned.kept) == 5
+    top = torch.sort(torch.cat(graph.nodes), descending=True).values[:5]
+    assert torch.equal(torch.sort(torch.cat([graph.nodes[l][k] for l, k in enumerate(pruned.kept)]),
+                                  descending=True).values, top)
+    pruned.save(tmp_path / "g.json")
+    loaded = AttributionGraph.load(tmp_path / "g.json")
+    i, o = int(pruned.kept_nodes(0)[0]) if len(pruned.kept[0]) else "error", "error"
+    assert loaded.edge(0, i, o) == pytest.approx(pruned.edge(0, i, o))
+    assert loaded.error.tolist() == pytest.approx(graph.error.tolist())
+    pruned.plot(tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_faithfulness_curves_start_and_end_at_the_model(three_blocks, rm, images):
+    model = three_blocks
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    table = rm.faithfulness(model, (images, labels), fractions=(0, 0.1, 1), n_images=6, batch_size=4)
+    clean = model(images).gather(1, labels[:, None])[:, 0]
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:6]
+    for method in ("attribution", "random", "neuron"):
+        _, full = table.curve(method, "insertion", "logit")
+        _, none_deleted = table.curve(method, "deletion", "logit")
+        assert full[-1] == pytest.approx(float(clean[chosen].mean().detach()), abs=1e-4)  # every node kept: the model
+        assert none_deleted[0] == pytest.approx(float(clean[chosen].mean().detach()), abs=1e-4)
+        assert table.curve(method, "insertion", "accuracy")[1][-1] == 1.0
+    aucs = {(r["method"], r["mode"]): r for r in table.aucs()}
+    assert set(aucs) == {(m, d) for m in ("attribution", "random", "neuron") for d in ("insertion", "deletion")}
+
+
+def test_joint_training_improves_fve_resumes_exactly_and_the_saes_load_in_sae_lens(three_blocks, images, tmp_path):
+    from sae_lens import SAE
+
+    from analyses.replacement.replacement import ReplacementModel, compute_medians
+    from analyses.replacement.saes import capture_resid, resid_hooks, train_saes
+
+    data = [(image, 0) for image in torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))]
+
+    def fve(saes):
+        xs = capture_resid(three_blocks, images, resid_hooks(three_blocks))
+        with torch.no_grad():
+            return [float(1 - (s.decode(s.encode(x)) - x).pow(2).sum() / (x - x.mean((0, 1))).pow(2).sum())
+                    for s, x in zip(saes.values(), xs)]
+
+    kwargs = {"batch_images": 8, "lr": 3e-3, "seed": 1, "log_every": 10}
+    settings = [(4, 2.0), (6, 1.5)]
+    short, _, _ = train_saes(three_blocks, data, settings, steps=1, **kwargs)
+    longer, log, _ = train_saes(three_blocks, data, settings, steps=30, **kwargs)
+    assert [s.cfg.d_sae for s in longer.values()] == [64, 48]
+    assert all(after > before + 0.05 for before, after in zip(fve(short), fve(longer)))
+    assert [r["step"] for r in log] == [10, 20, 30]
+    for sae in longer.values():
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(sae.cfg.d_sae))
+
+    class Counted(list):  # counts the images fetched
+        fetched = 0
+
+        def __getitem__(self, index):
+            Counted.fetched += 1
+            return super().__getitem__(index)
+
+    # killed after 20 steps (checkpoint every 10), then resumed to 30: only the last 10 steps run again
+    train_saes(three_blocks, data, settings, steps=20, checkpoint=tmp_path / "state.pt", checkpoint_every=10, **kwargs)
+    resumed, resumed_log, _ = train_saes(three_blocks, Counted(data), settings, steps=30, checkpoint=tmp_path / "state.pt",
+                                         checkpoint_every=10, **kwargs)
+    assert Counted.fetched == 10 * 8 and [r["step"] for r in resumed_log] == [10, 20, 30]
+    for hook in longer:  # and it lands where the uninterrupted run does
+        torch.testing.assert_close(resumed[hook].W_enc, longer[hook].W_enc)
+    rm = ReplacementModel(longer, compute_medians(three_blocks, longer, images[:4]))
+    rm.save(tmp_path / "rrm")
+    for hook, sae in longer.items():
+        plain = SAE.load_from_disk(str(tmp_path / "rrm" / hook))
+        assert plain.cfg.normalize_activations == "layer_norm" and plain.cfg.metadata.hook_name == hook
+        torch.testing.assert_close(plain.decode(plain.encode(images[0, 0, :17, :32])),
+                                   sae.decode(sae.encode(images[0, 0, :17, :32])))
+    again = ReplacementModel.load(tmp_path / "rrm", three_blocks)
+    for hook in longer:
+        torch.testing.assert_close(again.medians[hook]["latents"], rm.medians[hook]["latents"])
+
+
+def test_bad_settings_fail_before_any_work(three_blocks, rm, images):
+    from analyses.replacement.config import ReplacementConfig, reference_schedule
+    from hooked_vit.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="k holds 2 values"):
+        ReplacementConfig(k=(4, 8)).layer_settings(3, 96)
+    with pytest.raises(InvalidArgumentError, match="fractions must lie"):
+        ReplacementConfig(fractions=(0, 1.5))
+    with pytest.raises(InvalidArgumentError, match="architecture"):
+        ReplacementConfig(architecture="relu")
+    with pytest.raises(InvalidArgumentError, match="target must be a class"):
+        rm.attribute(three_blocks, images[:1], 10)
+    assert reference_schedule(3, 96) == [(1, 0.25), (16, 2.0), (16, 2.0)]
+    assert reference_schedule(11, 768)[0] == (4, 0.25) and reference_schedule(11, 768)[6] == (128, 4.0)
+
+
+def test_level_runs_end_to_end_on_a_tiny_config(cache, tmp_path):
+    from analyses.common.level import run_level
+    from analyses.replacement import Replacement, ReplacementConfig, ReplacementResult
+    from hooked_vit import HookedViT
+    from hooked_vit.data import load_dataset
+
+    model = HookedViT.from_pretrained("deit3_tiny_digits")
+    splits = {"train": load_dataset("digits", split="train", model=model).subset(range(64)),
+              "val": load_dataset("digits", split="val", model=model).subset(range(0, 360, 9))}
+    config = ReplacementConfig(steps=3, batch_images=8, k=(4,), expansion_factor=(1,), classes=(1,), graph_images=1,
+                               node_budget=5, median_images=16, fractions=(0, 0.1, 1), faithfulness_images=4)
+    result = run_level(Replacement(show_progress=False, datasets=splits), config, tmp_path)
+    assert [r["replaced"] for r in result.replacement] == ["model", "all layers", *[f"blocks.{l}.hook_resid_post"
+                                                                                   for l in range(3)]]
+    assert result.replacement[0]["kl"] == 0.0 and len(result.layers) == 3
+    assert [g["class"] for g in result.graphs] == [1] and {r["method"] for r in result.aucs} == {
+        "attribution", "random", "neuron"}
+    assert {r["layer"] for r in result.catalogue} == {0, 1, 2} and len(result.catalogue_summary()) == 3
+    for name in ("result.json", "layers.csv", "faithfulness_auc.csv", "faithfulness.png", "graph.png", "replacement.md",
+                 "catalogue.png", "catalogue.csv"):
+        assert (tmp_path / name).is_file(), name
+    assert ReplacementResult.load(tmp_path).aucs == result.aucs
+    assert (tmp_path / "sparsity_0" / "graphs" / "class_1.json").is_file()

@@ -1,0 +1,345 @@
+"""Cross-layer transcoders (analyses/transcoders): every result re-derived in the test itself, by
+loops over layers and latents, hand-written hooks and the raw safetensors files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+D_LATENT = 24
+
+
+def random_clt(n_layers: int = 3, d_model: int = 8, *, seed: int = 0, **options):
+    """A CLT whose every weight is random (biases and thresholds too), so no term vanishes."""
+    from analyses.transcoders import CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder(n_layers, d_model, D_LATENT, seed=seed, **options)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in clt.named_parameters():
+            if name != "log_threshold":
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return clt
+
+
+def by_hand_target(clt, codes, l, inputs=None):
+    """y_l = sum_{i <= l} z_i @ W_dec[i][:, l - i] + b_dec[l] (+ x_l @ W_skip[l]), a loop over sources."""
+    y = clt.b_dec[l].expand(*codes[0].shape[:-1], clt.d_model).clone()
+    for i in range(l + 1):
+        y = y + codes[i] @ clt.W_dec[i][:, l - i, :]
+    if clt.W_skip is not None:
+        y = y + inputs[l] @ clt.W_skip[l]
+    return y
+
+
+def by_hand_decode(clt, codes, inputs=None):
+    return {l: by_hand_target(clt, codes, l, inputs) for l in range(clt.n_layers)}
+
+
+def by_hand_codes(clt, layer, x):
+    """The sparsifier written out: pre-activations, then per token the k largest (or the threshold)."""
+    pre = (x @ clt.W_enc[layer].T + clt.b_enc[layer]).detach()
+    flat = pre.reshape(-1, pre.shape[-1])
+    codes = torch.zeros_like(flat)
+    for row in range(flat.shape[0]):
+        values = flat[row]
+        if clt.activation == "jumprelu":
+            codes[row] = torch.where(values > clt.threshold[layer], values, torch.zeros_like(values))
+            continue
+        keys = values.abs() if clt.activation == "abstopk" else values
+        for j in sorted(range(values.numel()), key=lambda j: -float(keys[j]))[:clt.k]:
+            codes[row, j] = values[j] if clt.activation == "abstopk" else max(float(values[j]), 0.0)
+    return codes.reshape(pre.shape)
+
+
+@pytest.mark.parametrize("activation", ["topk", "abstopk", "jumprelu"])
+def test_each_sparsifier_matches_its_definition(activation):
+    clt = random_clt(activation=activation, k=5, threshold_init=0.2)
+    x = torch.randn(2, 7, 8, generator=torch.Generator().manual_seed(3))
+    for layer in range(clt.n_layers):
+        torch.testing.assert_close(clt.encode_layer(layer, x), by_hand_codes(clt, layer, x))
+
+
+def test_jumprelu_threshold_gets_the_straight_through_gradient():
+    from analyses.transcoders.clt import JumpReLUFunction
+
+    x = torch.tensor([[0.06, 0.12, 0.3, 0.21]])
+    threshold = torch.tensor([0.1, 0.1, 0.1, 0.25], requires_grad=True)
+    x.requires_grad_(True)
+    JumpReLUFunction.apply(x, threshold, 0.1).sum().backward()
+    # d/d theta = -(theta / eps) * 1[|x - theta| < eps / 2]; d/dx = 1[x > theta]
+    assert torch.allclose(threshold.grad, torch.tensor([-1.0, -1.0, 0.0, -2.5]))
+    assert torch.equal(x.grad, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_decoding_is_triangular_and_matches_the_loop(skip):
+    clt = random_clt(n_layers=4, skip=skip)
+    generator = torch.Generator().manual_seed(5)
+    codes = {l: torch.randn(2, 3, D_LATENT, generator=generator) for l in range(4)}
+    inputs = {l: torch.randn(2, 3, 8, generator=generator) for l in range(4)}
+    decoded = clt.decode(codes, inputs)
+    expected = by_hand_decode(clt, codes, inputs)
+    for l in range(4):
+        torch.testing.assert_close(decoded[l], expected[l])
+    for i in range(4):  # perturbing layer i's codes never changes a layer before i, and changes layer i
+        perturbed = clt.decode({**codes, i: codes[i] + 1.0}, inputs)
+        for l in range(4):
+            assert torch.equal(perturbed[l], decoded[l]) == (l < i), (i, l)
+
+
+def test_sparse_decoding_equals_the_dense_one():
+    from analyses.transcoders.clt import topk_pairs
+
+    clt = random_clt(n_layers=3, k=4)
+    x = torch.randn(10, 3, 8, generator=torch.Generator().manual_seed(6))
+    codes = {l: clt.encode_layer(l, x[:, l]) for l in range(3)}
+    values, indices = topk_pairs(torch.stack([clt.preactivations(l, x[:, l]) for l in range(3)], 1), 4, signed=False)
+    dense = by_hand_decode(clt, codes)
+    torch.testing.assert_close(clt.decode_sparse(values, indices), torch.stack([dense[l] for l in range(3)], 1))
+
+
+def test_topk_indices_match_a_full_sort():
+    from analyses.transcoders.clt import topk_indices
+
+    scores = torch.randn(50, 96, generator=torch.Generator().manual_seed(7))
+    for k in (1, 6, 12):  # two-stage for k <= 96 / 8 chunks of 8, else the plain topk
+        found = topk_indices(scores, k).sort(-1).values
+        assert torch.equal(found, scores.argsort(-1, descending=True)[:, :k].sort(-1).values)
+
+
+def model_clt(model, seed=0, **options):
+    """A random CLT on ``model``'s blocks, at the scale of its activations."""
+    clt = random_clt(model.cfg.n_layers, model.cfg.d_model, seed=seed, **options)
+    with torch.no_grad():
+        for w in clt.W_dec:
+            w.mul_(0.3)
+    return clt
+
+
+@pytest.mark.parametrize("positions", ["all", "cls", "patches"])
+def test_the_replaced_forward_equals_hand_written_hooks(tiny, positions):
+    clt = model_clt(tiny, k=4)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    layers = {"all": None, "cls": [1], "patches": [0]}[positions]
+    replaced = [0, 1] if layers is None else layers
+    seen = {}
+
+    def store(layer):
+        def hook(x, hook):
+            seen[layer] = by_hand_codes(clt, layer, x)
+        return hook
+
+    def substitute(layer):
+        def hook(out, hook):
+            y = by_hand_target(clt, seen, layer)
+            out = out.clone()
+            if positions == "all":
+                out[:] = y
+            elif positions == "cls":
+                out[:, 0] = y[:, 0]
+            else:  # the patch tokens, after the one prefix token (CLS)
+                out[:, 1:] = y[:, 1:]
+            return out
+        return hook
+
+    hooks = [(f"blocks.{l}.ln2.hook_normalized", store(l)) for l in range(2)]
+    hooks += [(f"blocks.{l}.hook_mlp_out", substitute(l)) for l in replaced]
+    with torch.no_grad():
+        expected = tiny.run_with_hooks(images, fwd_hooks=hooks)
+        with clt.replaced(tiny, layers=layers, positions=positions):
+            logits = tiny(images)
+        plain = tiny(images)
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, plain)  # the replacement changed something
+
+
+def test_a_contribution_score_by_hand(tiny):
+    clt = model_clt(tiny, k=4)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    scores = clt.contributions(tiny, images)
+    assert scores.shape == (3, 2)
+    # By hand: replace every MLP output, keep the codes, the last residual stream and the pooled output.
+    seen, kept = {}, {}
+
+    def store(layer):
+        def hook(x, hook):
+            seen[layer] = by_hand_codes(clt, layer, x)
+        return hook
+
+    def substitute(layer):
+        def hook(out, hook):
+            return by_hand_target(clt, seen, layer)
+        return hook
+
+    def keep(name):
+        def hook(x, hook):
+            kept[name] = x
+        return hook
+
+    hooks = [(f"blocks.{l}.ln2.hook_normalized", store(l)) for l in range(2)]
+    hooks += [(f"blocks.{l}.hook_mlp_out", substitute(l)) for l in range(2)]
+    names = ["hook_full_embed", "blocks.0.hook_attn_out", "blocks.1.hook_attn_out", "blocks.1.hook_resid_post",
+             "hook_pooled"]
+    hooks += [(name, keep(name)) for name in names]
+    with torch.no_grad():
+        tiny.run_with_hooks(images, fwd_hooks=hooks)
+    resid, pooled = kept["blocks.1.hook_resid_post"][:, 0], kept["hook_pooled"]
+    ln = tiny.ln_final
+    sigma = ((resid - resid.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True).add(ln.eps).sqrt()
+
+    def share(piece):  # the piece's part of the pooled CLS after the final LayerNorm (scale frozen)
+        mapped = (piece - piece.mean(-1, keepdim=True)) / sigma * ln.weight
+        return (mapped * pooled).sum(-1) / (pooled * pooled).sum(-1)
+
+    with torch.no_grad():
+        for source in range(2):
+            term = sum(seen[source][:, 0] @ clt.W_dec[source][:, l - source] for l in range(source, 2))
+            torch.testing.assert_close(scores[:, source], share(term))
+        # every piece of the last residual stream (and the LayerNorm bias) together make up all of it
+        others = [kept[n][:, 0] for n in names[:3]] + [clt.b_dec[0].expand(3, -1), clt.b_dec[1].expand(3, -1)]
+        bias_share = (ln.bias * pooled).sum(-1) / (pooled * pooled).sum(-1)
+        total = scores.sum(1) + sum(share(p) for p in others) + bias_share
+    torch.testing.assert_close(total, torch.ones(3))
+
+
+def tiny_images(n: int = 24):
+    from hooked_vit.data.dataset import LabelledImages
+
+    generator = torch.Generator().manual_seed(10)
+    return LabelledImages.from_tensors(torch.randn(n, 3, 32, 32, generator=generator),
+                                       torch.arange(n) % 3, ["a", "b", "c"])
+
+
+def small_config(**fields):
+    from analyses.transcoders import CLTConfig
+
+    base = dict(model="deit3_tiny_digits", steps=20, train_batch_size=64, images_per_forward=8, expansion_factor=2,
+                k=4, checkpoint_every=10, lr=1e-2, dead_steps=5)
+    return CLTConfig(**{**base, **fields})
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_a_few_training_steps_reduce_the_loss(tiny, activation, capsys):
+    from analyses.transcoders import train_clt
+
+    clt = train_clt(tiny, tiny_images(), small_config(activation=activation, sparsity_coefficient=1e-4),
+                    progress=False)
+    history = clt.training_history
+    assert history[-1]["fvu"] < 0.6 * history[0]["fvu"]
+    assert "parameters" in capsys.readouterr().out  # the parameter count is printed before training
+
+
+def test_a_killed_training_resumes_from_its_checkpoint_exactly(tiny, tmp_path, monkeypatch):
+    from analyses.transcoders import CrossLayerTranscoder, train_clt, training
+
+    config = small_config()
+    whole = train_clt(tiny, tiny_images(), config, out_dir=tmp_path / "whole", progress=False)
+    original = training.step_loss
+
+    def dies_at_step_15(clt, x, y, cfg, step, since_fired):
+        if step == 15:
+            raise KeyboardInterrupt
+        return original(clt, x, y, cfg, step, since_fired)
+
+    monkeypatch.setattr(training, "step_loss", dies_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        train_clt(tiny, tiny_images(), config, out_dir=tmp_path / "killed", progress=False)
+    assert (tmp_path / "killed" / training.CHECKPOINT_FILE).is_file()
+    monkeypatch.setattr(training, "step_loss", original)
+    resumed = train_clt(tiny, tiny_images(), config, out_dir=tmp_path / "killed", progress=False)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    loaded = CrossLayerTranscoder.load(tmp_path / "killed" / training.FINAL_DIR)
+    torch.testing.assert_close(loaded.W_enc, resumed.W_enc)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from analyses.transcoders import CrossLayerTranscoder
+
+    clt = random_clt(activation="jumprelu", skip=True, threshold_init=0.05)
+    clt.save(tmp_path / "clt")
+    loaded = CrossLayerTranscoder.load(tmp_path / "clt")
+    assert loaded.config() == clt.config()
+    for (name, a), b in zip(clt.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_the_circuit_tracer_layout_reads_with_plain_safetensors(tmp_path):
+    """Read back with safetensors and the documented layout alone (no class of ours)."""
+    from safetensors.torch import load_file
+
+    clt = random_clt(n_layers=3, activation="jumprelu", threshold_init=0.05)
+    clt.save(tmp_path / "clt")
+    config = json.loads((tmp_path / "clt" / "config.json").read_text())
+    assert config["feature_input_hook"] == "ln2.hook_normalized" and config["feature_output_hook"] == "hook_mlp_out"
+    n = len(list((tmp_path / "clt").glob("W_enc_*.safetensors")))
+    assert n == 3 == len(list((tmp_path / "clt").glob("W_dec_*.safetensors")))
+    x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(11))
+    codes, recon = [], []
+    for i in range(n):
+        enc = load_file(tmp_path / "clt" / f"W_enc_{i}.safetensors")
+        assert enc[f"W_enc_{i}"].shape == (D_LATENT, 8) and enc[f"threshold_{i}"].shape == (D_LATENT,)
+        pre = x[:, i] @ enc[f"W_enc_{i}"].T + enc[f"b_enc_{i}"]
+        codes.append(pre * (pre > enc[f"threshold_{i}"]))
+    for l in range(n):
+        y = load_file(tmp_path / "clt" / f"W_enc_{l}.safetensors")[f"b_dec_{l}"]
+        for i in range(l + 1):
+            w_dec = load_file(tmp_path / "clt" / f"W_dec_{i}.safetensors")[f"W_dec_{i}"]
+            assert w_dec.shape == (D_LATENT, n - i, 8)  # source i to targets i..n-1
+            y = y + codes[i] @ w_dec[:, l - i]
+        recon.append(y)
+    with torch.no_grad():
+        ours = clt.decode({l: clt.encode_layer(l, x[:, l]) for l in range(n)})
+    for l in range(n):
+        torch.testing.assert_close(recon[l], ours[l])
+
+
+def test_the_level_runs_end_to_end_on_a_tiny_config(tmp_path):
+    from analyses.common.level import run_level
+    from analyses.transcoders import CLTResult, Transcoders
+    from hooked_vit import HookedViT
+    from hooked_vit.data import load_dataset
+
+    model = HookedViT.from_pretrained("deit3_tiny_digits").eval()
+    train = load_dataset("digits", split="train", model=model).subset(range(64))
+    held_out = load_dataset("digits", split="val", model=model).subset(range(16))
+    level = Transcoders(model_loader=lambda config, variant: model, datasets={"train": train, "val": held_out},
+                        show_progress=False)
+    config = small_config(steps=8, baselines=("plt",), batch_size=8)
+    result = run_level(level, config, tmp_path)
+    assert {(r["kind"], r["layer"]) for r in result.quality} == {(k, l) for k in ("clt", "plt") for l in range(4)}
+    assert all(0 <= r["dead_fraction"] <= 1 and r["l0"] <= config.k for r in result.quality)
+    settings = [r["setting"] for r in result.replacement if r["kind"] == "clt"]
+    assert settings[:3] == ["model", "all tokens, all layers", "CLS, all layers"] and len(settings) == 7
+    curves = result.curves
+    assert [c["k"] for c in curves] == [0, 1, 2, 3, 4]
+    assert curves[0]["removal"] == curves[-1]["keep"]  # nothing removed = everything kept
+    assert len(result.per_class) == len(set(held_out.labels.tolist()))
+    assert (tmp_path / "contributions.png").is_file() and (tmp_path / "sparsity_0" / "clt" / "final").is_dir()
+    assert CLTResult.load(tmp_path) == result
+    assert "Replacement" in result.markdown()
+
+
+def test_bad_inputs_are_refused_in_one_line(tiny):
+    from analyses.transcoders import CLTConfig, CrossLayerTranscoder
+    from hooked_vit.errors import InvalidArgumentError
+
+    clt = model_clt(tiny, k=4)
+    images = torch.zeros(1, 3, 32, 32)
+    for call, message in [
+        (lambda: CLTConfig(activation="relu"), "activation must be one of"),
+        (lambda: CLTConfig(baselines=("clt",)), "baselines must be among"),
+        (lambda: CLTConfig(lr_decay_fraction=2), "lr_decay_fraction must lie in"),
+        (lambda: CrossLayerTranscoder(2, 8, 4, k=5), "k=5 exceeds d_latent=4"),
+        (lambda: clt.replaced(tiny, layers=[2]).__enter__(), "layers must lie in 0..1"),
+        (lambda: clt.replaced(tiny, positions="tokens").__enter__(), "positions must be one of"),
+        (lambda: clt.encode({}), "the cache lacks blocks.0.ln2.hook_normalized"),
+        (lambda: clt.decode({0: torch.zeros(1, D_LATENT)}), "missing [1]"),
+        (lambda: CrossLayerTranscoder.for_model(tiny, kind="sae", expansion_factor=1, k=4).contributions(tiny, images),
+         "not one reading hook_mlp_out"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            call()
