@@ -3,7 +3,9 @@
 A unit is one scalar per image: a neuron (``mlp.hook_pre``/``hook_post``), a head (the L2 norm of
 its ``[d_head]`` slice of ``attn.hook_q/k/v/z``: its output norm at ``hook_z``), a residual-stream
 dimension (``hook_resid_*``, ``hook_attn_out``, ``hook_mlp_out``, the LayerNorm outputs,
-``hook_pooled``) or an SAE latent (an sae-lens SAE read at its hook). A unit's value at one token is
+``hook_pooled``), an SAE latent (an sae-lens SAE read at its hook) or another dictionary's latent
+(any object with an sae-lens SAE's ``encode``, ``W_enc``, ``cfg.d_sae`` and ``cfg.metadata``, and
+its kind in ``unit_kind``, e.g. ``clt_latent`` for a cross-layer transcoder's encoder). A unit's value at one token is
 reduced to one number per image by ``position``: ``"patch_max"`` (the maximum over the patch tokens,
 the spatial max of a convolutional channel), ``"patch_mean"`` or ``"cls"`` (the CLS token; the only
 choice for a hook without a token axis such as ``hook_pooled``).
@@ -25,14 +27,14 @@ from torch import Tensor, nn
 from hooked_vit.errors import InvalidArgumentError, check
 
 POSITIONS: tuple[str, ...] = ("patch_max", "patch_mean", "cls")
-KINDS: tuple[str, ...] = ("neuron", "head", "residual", "sae_latent")
+KINDS: tuple[str, ...] = ("neuron", "head", "residual", "sae_latent", "clt_latent")
 
 
 @dataclass(frozen=True)
 class SiteUnits:
     """Units ``indices`` of kind ``kind`` at hook ``hook_name`` (block ``layer``; ``None`` before or
     after the blocks), each reduced over tokens by ``position``; ``sae`` holds the SAE whose latents
-    they are (kind ``sae_latent``)."""
+    they are (kind ``sae_latent`` or the dictionary's ``unit_kind``)."""
 
     hook_name: str
     kind: str
@@ -60,7 +62,7 @@ class SiteUnits:
         if act.ndim == 4:  # [batch pos head d_head]: a head's norm at each token
             act = torch.linalg.vector_norm(act, dim=-1)
         if act.ndim == 3:  # [batch pos width]
-            if self.kind == "sae_latent":
+            if self.sae is not None:
                 act = self.sae.encode(act.to(self.sae.W_enc.dtype))
             if self.position == "cls":
                 act = act[:, 0]
@@ -68,7 +70,7 @@ class SiteUnits:
                 act = act[:, n_prefix:].amax(dim=1)
             else:
                 act = act[:, n_prefix:].mean(dim=1)
-        elif self.kind == "sae_latent":
+        elif self.sae is not None:
             act = self.sae.encode(act.to(self.sae.W_enc.dtype))
         return act[:, list(self.indices)].float()
 
@@ -97,13 +99,24 @@ def _kind(hook_name: str, shape: tuple[int, ...]) -> str:
     return "residual"
 
 
+def _dictionary_input(sae: Any) -> tuple[str, str]:
+    """The hook a dictionary reads and the tokens it was trained on: an sae-lens SAE's through
+    :mod:`hooked_vit.saes`, another dictionary's from its ``cfg.metadata``."""
+    if getattr(sae, "unit_kind", "sae_latent") == "sae_latent":
+        from hooked_vit.saes import sae_hook_name, sae_tokens
+
+        return sae_hook_name(sae), sae_tokens(sae)
+    return str(sae.cfg.metadata.hook_name), str(sae.cfg.metadata.tokens)
+
+
 def site_units(model: nn.Module, site: Any, *, indices: Sequence[int] | None = None, position: str = "patch_max",
                sae: Any = None) -> SiteUnits:
     """The units at ``site``: a hook name (``"blocks.3.mlp.hook_post"``), a circuit
     :class:`~hooked_vit.sites.Site` or its key ``(layer, name)`` (``(3, "mlp_act")``). ``indices``
     picks some (default all); ``position`` reduces tokens (:data:`POSITIONS`). With ``sae`` (an
-    sae-lens SAE reading ``site``'s hook), the units are its latents; ``tokens='cls'`` SAEs are read
-    at the CLS token whatever ``position``, as trained."""
+    sae-lens SAE reading ``site``'s hook, or a dictionary shaped like one with its ``unit_kind``), the
+    units are its latents; ``tokens='cls'`` SAEs are read at the CLS token whatever ``position``, as
+    trained."""
     from hooked_vit.hook_table import hook_shape
     from hooked_vit.sites import Site
     from hooked_vit.tokens import hook_layout
@@ -121,13 +134,13 @@ def site_units(model: nn.Module, site: Any, *, indices: Sequence[int] | None = N
     shape = hook_shape(hook_name, model.cfg, 1)
     kind, width = _kind(hook_name, shape), (shape[2] if len(shape) == 4 else shape[-1])
     if sae is not None:
-        from hooked_vit.saes import sae_hook_name, sae_tokens
-
-        check(sae_hook_name(sae) == hook_name, f"the SAE reads {sae_hook_name(sae)}, not {hook_name}: pass its own hook")
+        reads, tokens = _dictionary_input(sae)
+        check(reads == hook_name, f"the SAE reads {reads}, not {hook_name}: pass its own hook")
         check(len(shape) == 3 or not layout.has_positions, f"SAE latents need a [batch pos d] or [batch d] hook, "
               f"{hook_name} is {list(shape)}")
-        kind, width = "sae_latent", int(sae.cfg.d_sae)
-        if sae_tokens(sae) == "cls":
+        kind, width = getattr(sae, "unit_kind", "sae_latent"), int(sae.cfg.d_sae)
+        check(kind in KINDS, f"a dictionary's unit_kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if tokens == "cls":
             position = "cls"
     chosen = tuple(range(width)) if indices is None else tuple(int(i) for i in indices)
     if not chosen or min(chosen) < 0 or max(chosen) >= width:

@@ -90,8 +90,9 @@ def cache(tmp_path_factory):
 # The modules that take longest (measured with --durations), run first: pytest-xdist hands each
 # worker whole modules in collection order, so a long module collected late would leave the other
 # worker idle at the end.
-LONGEST_FIRST = ("test_impact.py", "test_recovery.py", "test_circuits_runner.py", "test_loading.py",
-                 "test_default_model.py")
+LONGEST_FIRST = ("test_impact.py", "test_model_parity.py", "test_recovery.py", "test_families_clip_siglip.py",
+                 "test_level_interface.py", "test_default_model.py", "test_pruning.py", "test_loading.py",
+                 "test_circuits_runner.py", "test_neuron_level.py", "test_embedded_models.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -242,6 +242,34 @@ def test_attnlrp_conserves_relevance_through_the_attention_pool():
     assert float(relevance.sum()) == pytest.approx(float(picked.detach()), rel=1e-9)
 
 
+def test_chefer_pattern_pool_row_reads_the_rollout_with_the_pool_pattern():
+    """On an attention-pool model, ``pool_row="pattern"`` is the head-averaged pool pattern (captured
+    by a hook) times the rollout ``(I + M_L) ... (I + M_0)`` multiplied out here from the per-block
+    Chefer maps, over the patches; the default ``"chefer"`` row gives a different map."""
+    from analyses.model.lrp import chefer_cache, chefer_propagate, transformer_attribution
+    from hooked_vit import HookedViT
+    from hooked_vit.training import build_embedded_model
+
+    model = HookedViT.from_timm(build_embedded_model("siglip_tiny_digits", seed=1)).double().eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([TARGET, 7])
+    captured: list[torch.Tensor] = []
+    model.run_with_hooks(images, fwd_hooks=[("attn_pool.hook_pattern", lambda act, hook: captured.append(act))])
+    row = captured[0].detach().mean(dim=1)[:, 0]  # [batch n_patches]
+    maps = chefer_propagate(model, chefer_cache(model, images, target)).maps
+    eye = torch.eye(maps[0].shape[-1], dtype=torch.float64)
+    joint = eye.expand_as(maps[0])
+    for layer in range(model.cfg.n_layers):
+        joint = (maps[layer] + eye) @ joint
+    grid = model.cfg.grid_size
+    expected = torch.stack([row[b] @ joint[b] for b in range(2)]).reshape(2, grid, grid)  # no prefix tokens
+
+    pattern = transformer_attribution(model, images, target, pool_row="pattern")
+    torch.testing.assert_close(pattern, expected, rtol=1e-10, atol=1e-12)
+    chefer = transformer_attribution(model, images, target)
+    assert not torch.allclose(chefer / chefer.abs().amax(), pattern / pattern.abs().amax(), atol=1e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("alias", ALIASES)
 def test_quick_study_runs_offline_through_every_level(alias, tmp_path):

@@ -256,6 +256,14 @@ def test_batch_equals_loop(hooked_tiny64, images, method):
     torch.testing.assert_close(batched, looped, rtol=1e-9, atol=1e-12)
 
 
+def test_pool_row_has_no_effect_with_a_class_token(hooked_tiny64, images):
+    from analyses.model.lrp import transformer_attribution
+
+    x = images.double()
+    torch.testing.assert_close(transformer_attribution(hooked_tiny64, x, pool_row="pattern"),
+                               transformer_attribution(hooked_tiny64, x, pool_row="chefer"), rtol=0, atol=0)
+
+
 def test_target_changes_chefer_map(hooked_tiny64, images):
     from analyses.model.lrp import transformer_attribution
 
@@ -343,6 +351,7 @@ def test_random_map_is_seeded(hooked_tiny, images):
     (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, target=-1), "-1"),
     (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, layerscale_rule="fold"), "'fold'"),
     (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, start_layer=2), "start_layer 2"),
+    (lambda m, x: __import__("analyses.model.lrp").model.lrp.transformer_attribution(m, x, pool_row="mean"), "'mean'"),
     (lambda m, x: __import__("analyses.model.lrp").model.lrp.attn_lrp(m, x, variant="lrp"), "'lrp'"),
     (lambda m, x: __import__("analyses.model.lrp").model.lrp.attn_lrp(m, x, at="patches"), "'patches'"),
     (lambda m, x: __import__("analyses.model.lrp").model.lrp.attribution_map("gradcam", m, x), "'gradcam'"),

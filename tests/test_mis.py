@@ -1,6 +1,7 @@
 """The MIS level (issue 24): 2AFC tasks re-derived by hand, the MIS formula and the temperature fit
 re-derived, synthetic units with known behaviour, the export layout, units of every kind on the
-embedded model, and the level end to end on a tiny setting (with the layer level's SAE layout)."""
+embedded model, CLT latents from a hand-written transcoder folder, and the level end to end on a
+tiny setting (with the layer level's SAE layout, the replacement level's and the transcoders level's)."""
 
 from __future__ import annotations
 
@@ -231,6 +232,63 @@ def test_site_units_of_every_kind(model, images):
         model.units("blocks.2.hook_resid_post", sae=sae)
 
 
+def write_clt(folder, activation: str, *, k: int = 3, d_latent: int = 24, seed: int = 0) -> None:
+    """A tiny cross-layer transcoder for the embedded model (4 blocks, d_model 96) in the documented
+    layout (docs/transcoders.md), written by hand with safetensors."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    for i in range(4):
+        enc = {f"W_enc_{i}": torch.randn(d_latent, 96, generator=g) / 10, f"b_enc_{i}": torch.randn(d_latent, generator=g),
+               f"b_dec_{i}": torch.zeros(96)}
+        if activation == "jumprelu":
+            enc[f"threshold_{i}"] = torch.rand(d_latent, generator=g) + 0.5
+        save_file(enc, str(folder / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": torch.randn(d_latent, 4 - i, 96, generator=g)}, str(folder / f"W_dec_{i}.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "n_layers": 4, "d_model": 96, "d_latent": d_latent, "activation": activation, "k": k, "skip": False,
+        "cross_layer": True, "input_hook": "ln2.hook_normalized", "bandwidth": 0.1,
+        "feature_input_hook": "ln2.hook_normalized", "feature_output_hook": "hook_mlp_out"}))
+
+
+@pytest.mark.parametrize("activation", ["topk", "abstopk", "jumprelu"])
+def test_clt_latents_match_their_encoder_by_hand(tmp_path, model, images, activation):
+    """A CLT layer's latents (read from its saved files) are its encoder's codes reduced by position:
+    re-derived token by token with numpy's sort (the k-th largest value as the cut) or the threshold."""
+    from safetensors.numpy import load_file
+
+    from analyses.mis.dictionaries import clt_encoder
+    from hooked_vit.errors import InvalidArgumentError
+
+    write_clt(tmp_path / "clt", activation)
+    x = images[0][:5]
+    _, cache = model.run_with_cache(x)
+    encoder = clt_encoder(tmp_path / "clt", "any variant", 2)
+    units = model.units("blocks.2.ln2.hook_normalized", sae=encoder, indices=range(0, 24, 2), position="patch_mean")
+    assert (units.kind, units.layer, units.width, len(units)) == ("clt_latent", 2, 24, 12)
+    saved = load_file(str(tmp_path / "clt" / "W_enc_2.safetensors"))
+    tokens = cache["blocks.2.ln2.hook_normalized"][:, 1:].double().numpy()  # [5, 64, 96]
+    pre = tokens @ saved["W_enc_2"].T.astype(np.float64) + saved["b_enc_2"]
+    if activation == "jumprelu":
+        codes = np.where(pre > saved["threshold_2"], pre, 0.0)
+    else:
+        size = np.abs(pre) if activation == "abstopk" else pre
+        cut = -np.sort(-size, axis=-1)[..., 2:3]  # the 3rd largest per token
+        codes = np.where(size >= cut, pre, 0.0)
+        codes = codes if activation == "abstopk" else np.maximum(codes, 0.0)
+        assert ((codes != 0).sum(-1) <= 3).all()
+    expected = torch.from_numpy(codes.mean(1)[:, ::2]).float()
+    assert expected.abs().sum() > 0
+    assert torch.allclose(units.activations(model, x, batch_size=2), expected, atol=1e-4)
+    with pytest.raises(InvalidArgumentError, match="reads blocks.2.ln2"):
+        model.units("blocks.3.ln2.hook_normalized", sae=encoder)
+    with pytest.raises(InvalidArgumentError, match="layers 0..3, not 4"):
+        clt_encoder(tmp_path / "clt", "any variant", 4)
+    with pytest.raises(FileNotFoundError, match="hooked-vit transcoders"):
+        clt_encoder(tmp_path, "sparsity_0", 2)
+
+
 def test_bad_settings_fail_in_one_line(images):
     from analyses.mis.config import MISConfig
     from analyses.mis.score import machine_interpretability_score
@@ -251,9 +309,11 @@ def test_bad_settings_fail_in_one_line(images):
 
 def test_level_end_to_end_on_a_tiny_setting(tmp_path, model, digits):
     """hooked-vit mis on the dense model: units per kind and block, an SAE trained in the level, the
-    tables and the figure; resumed without recomputing; the layer level's SAE layout read back."""
+    tables and the figure; resumed without recomputing; the layer level's SAE layout, the replacement
+    level's SAEs and the transcoders level's CLT read back."""
     from analyses.common.level import run_level
     from analyses.mis import MIS, MISConfig, MISResult
+    from hooked_vit.errors import InvalidArgumentError
 
     config = MISConfig(sparsities=(0.0,), layers=(3,), units=("mlp_act", "resid", "sae"), max_units=6, n_tasks=3,
                        n_references=3, quantile=0.2, sae_steps=5, sae_batch_size=64, split="val")
@@ -282,3 +342,26 @@ def test_level_end_to_end_on_a_tiny_setting(tmp_path, model, digits):
     assert torch.equal(one.W_enc, layer_level_sae(layer_out, "sparsity_0").W_enc)
     with pytest.raises(FileNotFoundError, match="hooked-vit layer"):
         layer_level_sae(layer_out, "sparsity_0.5")
+
+    # the replacement level's SAEs (<out>/<variant>/rrm/<hook>/ beside replacement.json) and the
+    # transcoders level's CLT (<out>/<variant>/clt/final/): latents per block, compared with neurons
+    rrm = tmp_path / "replacement" / "sparsity_0" / "rrm"
+    shutil.copytree(tmp_path / "mis" / "sparsity_0" / "sae_model", rrm / "blocks.3.hook_resid_post")
+    (rrm / "replacement.json").write_text(json.dumps({"hooks": ["blocks.3.hook_resid_post"]}))
+    write_clt(tmp_path / "transcoders" / "sparsity_0" / "clt" / "final", "topk")
+    both = dataclasses.replace(config, units=("mlp_act", "sae"), sae_from=str(layer_out),
+                               replacement_from=str(tmp_path / "replacement"), clt_from=str(tmp_path / "transcoders"))
+    level = MIS(show_progress=False, model_loader=lambda c, v: model, datasets={"val": digits})
+    assert level.units(both) == ["mlp_act/3", "sae", "rrm/3", "clt/3"]
+    dictionaries = run_level(level, both, tmp_path / "mis3")
+    rows = {r["kind"]: r for r in dictionaries.rows}
+    assert rows["rrm"]["mis"] == rows["sae"]["mis"] == result.rows[2]["mis"]  # the same SAE, read as the rrm's
+    assert rows["mlp_act"]["mis"] == result.rows[0]["mis"]  # reproducible from the seed
+    assert (rows["clt"]["hook_name"], rows["clt"]["unit_kind"]) == ("blocks.3.ln2.hook_normalized", "clt_latent")
+    assert [r["kind"] for r in dictionaries.neurons_vs_sae()] == ["sae", "rrm", "clt", "mlp_act"]
+    from analyses.mis.dictionaries import replacement_sae
+
+    with pytest.raises(FileNotFoundError, match="no SAE at blocks.2.hook_resid_post"):
+        replacement_sae(tmp_path / "replacement", "sparsity_0", 2)
+    with pytest.raises(InvalidArgumentError, match="need clt_from"):
+        MISConfig(units=("clt",))

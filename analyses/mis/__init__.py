@@ -11,7 +11,8 @@ from analyses.mis.config import MISConfig
 from analyses.mis.result import MISResult
 
 _LAZY = {"MISScores": "score", "fit_temperature": "score", "machine_interpretability_score": "score",
-         "Tasks": "tasks", "draw_tasks": "tasks", "make_tasks": "tasks"}
+         "Tasks": "tasks", "draw_tasks": "tasks", "make_tasks": "tasks", "CLTEncoder": "dictionaries",
+         "clt_encoder": "dictionaries", "replacement_sae": "dictionaries"}
 
 
 def __getattr__(name: str) -> Any:
@@ -20,5 +21,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'analyses.mis' has no attribute {name!r}")
 
 
-__all__ = ["MIS", "MISConfig", "MISResult", "MISScores", "Tasks", "draw_tasks", "fit_temperature",
-           "machine_interpretability_score", "make_tasks"]
+__all__ = [
+    "MIS",
+    "CLTEncoder",
+    "MISConfig",
+    "MISResult",
+    "MISScores",
+    "Tasks",
+    "clt_encoder",
+    "draw_tasks",
+    "fit_temperature",
+    "machine_interpretability_score",
+    "make_tasks",
+    "replacement_sae",
+]

@@ -1,6 +1,8 @@
 """MIS level: the Machine Interpretability Score of every unit of the dense model and each pruned
 variant. A unit of work is one unit kind at one block (``<out>/sparsity_<s>/mlp_act/3.json``: the
-activations of every image at that site in one pass, the tasks, the scores), plus ``sae`` (the
+activations of every image at that site in one pass, the tasks, the scores), the dictionary latents
+per block (``rrm/3``: the replacement level's SAE at the block's output, ``clt/3``: the transcoders
+level's CLT encoder at the block's ln2 output, both read from their saved files), plus ``sae`` (the
 latents of the layer level's SAE, or of a small SAE trained here). Image embeddings of the
 similarity backend are computed once per image set and reused by every unit and variant."""
 
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from analyses.common.level import Level, Record, Variant, register_level
-from analyses.mis.config import MISConfig
+from analyses.mis.config import DICTIONARY_KINDS, MISConfig
 from analyses.mis.result import MISResult
 
 SAE_UNIT = "sae"
@@ -53,7 +55,7 @@ class MIS(Level):
 
     title = "Machine interpretability score (MIS)"
     paper = "MIS of Zimmermann, Klindt & Brendel (NeurIPS 2024) per sparsity (not in the IMPACT paper)"
-    unit = "unit kind at one block (e.g. mlp_act/3), and the SAE"
+    unit = "unit kind at one block (e.g. mlp_act/3, clt/3), and the SAE"
     Config = MISConfig
     Result = MISResult
     run_only = ("sparsities", "device", "batch_size")
@@ -102,6 +104,14 @@ class MIS(Level):
 
         return sae_module.cached_small_sae(data["out"] / variant.key / SAE_FOLDER, settings, train)
 
+    def _dictionary(self, config: MISConfig, kind: str, layer: int, variant: Variant) -> Any:
+        """Block ``layer``'s encoder of the saved replacement model (``rrm``) or CLT (``clt``)."""
+        from analyses.mis.dictionaries import clt_encoder, replacement_sae
+
+        if kind == "rrm":
+            return replacement_sae(config.replacement_from, variant.key, layer)
+        return clt_encoder(config.clt_from, variant.key, layer)
+
     def compute(self, unit: str, model: Any, data: dict[str, Any]) -> dict[str, Any]:
         """One site's units: their activations, tasks and MIS (per unit and summarised)."""
         from analyses.mis.score import machine_interpretability_score
@@ -114,6 +124,10 @@ class MIS(Level):
             sae = self._sae(config, model, data)
             hook, kind = sae_hook_name(sae), SAE_UNIT
             width = int(sae.cfg.d_sae)
+        elif unit.split("/")[0] in DICTIONARY_KINDS:
+            kind, layer = unit.split("/")
+            sae = self._dictionary(config, kind, int(layer), data["variant"])
+            hook, width = sae.cfg.metadata.hook_name, int(sae.cfg.d_sae)
         else:
             kind, layer = unit.split("/")
             hook, sae = site_hook(model, kind, int(layer)), None

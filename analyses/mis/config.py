@@ -11,9 +11,12 @@ from analyses.common.family import ModelFamily, check_choice, check_positive, se
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
 
 # Unit kinds per block: a circuit site's name, "resid" (the block's output residual stream),
-# "heads" (each head's output norm at attn.hook_z) or "sae" (latents of an SAE at one block).
+# "heads" (each head's output norm at attn.hook_z), "rrm" (the replacement level's SAE latents at the
+# block's output), "clt" (the transcoders level's CLT latents, read at the block's ln2 output) or
+# "sae" (latents of one SAE at one block).
 UNIT_KINDS: tuple[str, ...] = ("mlp_act", "mlp_out", "attn_out", "q", "k", "v", "norm1", "norm2", "resid", "heads",
-                               "sae")
+                               "rrm", "clt", "sae")
+DICTIONARY_KINDS: tuple[str, ...] = ("sae", "rrm", "clt")  # latents of a dictionary, not of the model
 POSITIONS: tuple[str, ...] = ("patch_max", "patch_mean", "cls")  # as hooked_vit.units.POSITIONS
 SIMILARITIES = "pixels, features:ALIAS (a HookedViT's pooled features; ALIAS a model alias or folder) or dreamsim"
 PAPER_TEMPERATURE = 0.16
@@ -43,8 +46,11 @@ class MISConfig(ModelFamily):
     (default every block), each unit's ``n_tasks`` 2AFC tasks (``n_references`` reference images per
     side, drawn from the ``quantile`` most/least activating images of ``split``, seeded by ``seed``),
     scored with the ``similarity`` backend and the sigmoid of ``temperature`` (refit one with
-    :func:`~analyses.mis.score.fit_temperature` on human answers). SAE latents come from the layer level's output ``sae_from``, else a
-    small SAE (``sae_*``) is trained on the variant at ``sae_layer`` (default the last block)."""
+    :func:`~analyses.mis.score.fit_temperature` on human answers). SAE latents come from the layer
+    level's output ``sae_from``, else a small SAE (``sae_*``) is trained on the variant at
+    ``sae_layer`` (default the last block); ``rrm`` latents from the replacement level's output
+    ``replacement_from`` and ``clt`` latents from the transcoders level's output ``clt_from`` (each
+    kind is scored when its folder is given)."""
 
     units: tuple[str, ...] = setting(("mlp_act", "resid", "sae"), "unit kinds scored per block: "
                                      + ", ".join(UNIT_KINDS))
@@ -61,6 +67,10 @@ class MISConfig(ModelFamily):
     seed: int = setting(0, "seed of the task draws (and of the in-level SAE)")
     sae_from: str | None = setting(None, "layer-level output folder whose <variant>/<sae> SAEs are read, or one "
                                    "sae-lens SAE folder for every variant")
+    replacement_from: str | None = setting(None, "replacement-level output folder whose <variant>/rrm SAEs are "
+                                           "read (units rrm), or one saved replacement model for every variant")
+    clt_from: str | None = setting(None, "transcoders-level output folder whose <variant>/clt/final CLT is read "
+                                   "(units clt), or one saved transcoder folder for every variant")
     sae_layer: int | None = setting(None, "block of the in-level SAE (default: the last)")
     sae_expansion_factor: int = setting(4, "in-level SAE: d_sae = expansion factor x d_model")
     sae_k: int = setting(8, "in-level SAE: active latents per token (TopK)")
@@ -72,6 +82,12 @@ class MISConfig(ModelFamily):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.units, self.layers = tuple(self.units), None if self.layers is None else tuple(self.layers)
+        for kind, folder in (("rrm", "replacement_from"), ("clt", "clt_from")):
+            if getattr(self, folder) is not None and kind not in self.units:
+                self.units += (kind,)  # naming a dictionary's folder scores its latents
+            if kind in self.units and getattr(self, folder) is None:
+                raise InvalidArgumentError(f"units {kind} need {folder} (--{folder.replace('_', '-')} DIR): the "
+                                           f"folder the {'replacement' if kind == 'rrm' else 'transcoders'} level saved")
         if not self.units or any(u not in UNIT_KINDS for u in self.units):
             raise InvalidArgumentError(f"units must be a non-empty list of {', '.join(UNIT_KINDS)}, got {self.units}")
         if self.layers is not None and (not self.layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 0

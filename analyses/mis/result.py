@@ -1,6 +1,6 @@
 """The MIS level's result: per model variant, unit kind and block the MIS summary (``mis_table.csv``:
-mean, median, share of units above 0.8, over the non-constant units), neurons vs SAE latents at
-the SAE's block (``neurons_vs_sae.csv``), every unit's MIS (``result.json``), ``mis.md`` and the
+mean, median, share of units above 0.8, over the non-constant units), neurons vs dictionary latents
+(SAE, replacement-model SAE, CLT) at each block where such latents were scored (``neurons_vs_sae.csv``), every unit's MIS (``result.json``), ``mis.md`` and the
 figure MIS vs depth (``mis_vs_depth.png``)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from analyses.common.results import AnalysisResult, markdown_table
-from analyses.mis.config import MISConfig
+from analyses.mis.config import DICTIONARY_KINDS, MISConfig
 from hooked_vit import atomic
 
 SUMMARY = ("model", "sparsity", "kind", "layer", "hook_name", "unit_kind", "n_units", "n_constant", "mean", "median",
@@ -34,11 +34,13 @@ class MISResult(AnalysisResult):
         return [{k: row[k] for k in SUMMARY} for row in self.rows]
 
     def neurons_vs_sae(self) -> list[dict[str, Any]]:
-        """At the block of each variant's SAE: its latents beside every other unit kind scored there."""
+        """Neurons vs dictionary latents: at each variant's blocks with latents of a dictionary (``sae``,
+        ``rrm``, ``clt``), those rows first, then every other unit kind scored at the same block."""
+        blocks = dict.fromkeys((r["model"], r["layer"]) for r in self.rows if r["kind"] in DICTIONARY_KINDS)
         table = []
-        for sae in (r for r in self.rows if r["kind"] == "sae"):
-            same = [r for r in self.rows if r["model"] == sae["model"] and r["layer"] == sae["layer"]]
-            table += [{k: r[k] for k in SUMMARY} for r in sorted(same, key=lambda r: r["kind"] != "sae")]
+        for model, layer in blocks:
+            same = [r for r in self.rows if r["model"] == model and r["layer"] == layer]
+            table += [{k: r[k] for k in SUMMARY} for r in sorted(same, key=lambda r: r["kind"] not in DICTIONARY_KINDS)]
         return table
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
@@ -55,7 +57,7 @@ class MISResult(AnalysisResult):
         columns = ("model", "kind", "layer", "n_units", "n_constant", "mean", "median", "share_above_0.8")
         text = f"{head}\n\n{markdown_table(self.summary(), columns)}"
         if self.neurons_vs_sae():
-            text += f"\n\nNeurons vs SAE latents at the SAE's block:\n\n{markdown_table(self.neurons_vs_sae(), columns)}"
+            text += f"\n\nNeurons vs dictionary latents (sae, rrm, clt) at the same block:\n\n{markdown_table(self.neurons_vs_sae(), columns)}"
         return text + f"\n\n{self.seconds:.0f} s of compute in total."
 
     def plot(self, directory: str | os.PathLike) -> list[Path]:

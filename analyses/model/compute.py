@@ -167,7 +167,8 @@ class Model(Level):
     Config = ModelConfig
     Result = ModelResult
     run_only = ("sparsities", "batch_size", "device", "figure_classes")
-    open_choices = ("methods", "reference", "step", "start_layer", "layerscale_rule", "n_images")
+    open_choices = ("methods", "reference", "step", "start_layer", "layerscale_rule", "pool_row",
+                    "n_images")
     figures: ClassVar[dict[str, str]] = {"figure4.png": "Figure 4: attribution maps of the dense and sparse models",
                                          "curves.png": "insertion and deletion curves"}
     paper_numbers = """| Sparsity | Dense | 10% | 30% | 50% | 70% |

@@ -15,6 +15,8 @@ ATTRIBUTION_METHODS: tuple[str, ...] = ("chefer", "attnlrp", "cp_lrp", "rollout"
 DEFAULT_METHODS: tuple[str, ...] = ("chefer", "rollout", "random")
 # How relevance crosses LayerScale (analyses.model.lrp): identity (conservative) or the paper's eq. 14.
 LAYERSCALE_RULES: tuple[str, ...] = ("identity", "eq14")
+# Chefer's row on an attention-pool model (analyses.model.lrp): the pool's own Chefer map or its pattern.
+POOL_ROWS: tuple[str, ...] = ("chefer", "pattern")
 # Reference images of insertion/deletion (analyses.model.faithfulness.reference_images).
 REFERENCES: tuple[str, ...] = ("zero", "black", "blur", "mean")
 KINDS: tuple[str, ...] = ("insertion", "deletion")  # the two faithfulness curves and their AUCs
@@ -40,7 +42,8 @@ class ModelConfig(ModelFamily):
     :class:`~analyses.common.family.ModelFamily`). Images: ``split`` of ``data``, the ``classes``
     given (default all), ``n_images`` of them drawn class-balanced with ``seed`` (default all, in
     dataset order). ``methods``: attribution methods (:data:`ATTRIBUTION_METHODS`). Chefer options:
-    ``start_layer``, ``layerscale_rule``, ``cp_attention``. Insertion/deletion: ``reference``
+    ``start_layer``, ``layerscale_rule``, ``cp_attention``, ``pool_row`` (:data:`POOL_ROWS`, attention-pool
+    models only). Insertion/deletion: ``reference``
     (:data:`REFERENCES`) and ``step`` (pixels per step, default the image width). ``batch_size``:
     perturbed images per forward (default :data:`PERTURBATION_BATCH`). ``chunk_size`` images per
     saved unit; ``figure_classes``: classes of the Figure 4 rows (default the first four present).
@@ -58,6 +61,9 @@ class ModelConfig(ModelFamily):
     layerscale_rule: str = setting("identity", "LayerScale relevance rule (eq14 is the paper's, not conservative)",
                                    choices=LAYERSCALE_RULES)
     cp_attention: bool = setting(False, "Chefer: send the attention relevance only through V")
+    pool_row: str = setting("chefer", "Chefer's row on an attention-pool model: the pool's Chefer map or its "
+                                      "head-averaged pattern (no effect with a class token or mean pooling)",
+                            choices=POOL_ROWS)
     figure_classes: tuple[int | str, ...] | None = setting(None, "classes of the Figure 4 rows (default the first "
                                                            "four present)")
     chunk_size: int = setting(50, "images per saved unit of work")
@@ -77,6 +83,8 @@ class ModelConfig(ModelFamily):
         if self.layerscale_rule not in LAYERSCALE_RULES:
             raise InvalidArgumentError(f"unknown layerscale rule {self.layerscale_rule!r}; choose one of "
                                        f"{', '.join(LAYERSCALE_RULES)}")
+        if self.pool_row not in POOL_ROWS:
+            raise InvalidArgumentError(f"unknown pool row {self.pool_row!r}; choose one of {', '.join(POOL_ROWS)}")
         if self.n_images is not None and self.n_images < 1:
             raise InvalidArgumentError(f"n_images must be >= 1 (or None for all), got {self.n_images}")
         if self.chunk_size < 1:
@@ -94,7 +102,7 @@ class ModelConfig(ModelFamily):
         """Keyword options of ``method`` for the chunk starting at image ``first``."""
         if method == "chefer":
             return {"start_layer": self.start_layer, "layerscale_rule": self.layerscale_rule,
-                    "cp_attention": self.cp_attention}
+                    "cp_attention": self.cp_attention, "pool_row": self.pool_row}
         if method == "rollout":
             return {"start_layer": self.start_layer}
         if method == "random":
@@ -114,4 +122,4 @@ REDUCED: dict[str, str] = {"quick": "100 class-balanced val images instead of al
 CONFIG = ModelConfig
 
 __all__ = ["ATTRIBUTION_METHODS", "CONFIG", "DEFAULT_METHODS", "KINDS", "LAYERSCALE_RULES", "PERTURBATION_BATCH",
-           "REFERENCES", "ModelConfig"]
+           "POOL_ROWS", "REFERENCES", "ModelConfig"]

@@ -27,11 +27,12 @@ output through the pooling (the mean by the z-rule; the attention pool as a bloc
 LayerNorm passing, ``proj``, the ``pattern @ v`` and ``q @ k.T`` matmuls split and halved, the
 latent query's share dropped, ``kv``), and the pool's own map ``mean over heads of clamp(grad_A *
 R_A, min=0)`` ``[1, N]`` replaces the CLS row: ``map = pool_row @ rollout`` (the latent has no
-identity path: it is a constant). Attention rollout uses the head-averaged pool pattern as the
-row. AttnLRP through the pool: its pattern a constant (all relevance through the value path), its
-LayerNorm scale detached, epsilon-LRP at ``kv``, ``proj``, ``fc1``, ``fc2``, the identity rule at
-its GELU; every LayerNorm outside the blocks (``ln_final``, ``fc_norm``, ``ln_pre``) has its scale
-detached.
+identity path: it is a constant); ``pool_row="pattern"`` uses the pool's head-averaged pattern
+instead (no effect on a model with a class token or mean pooling). Attention rollout uses the
+head-averaged pool pattern as the row. AttnLRP through the pool: its pattern a constant (all
+relevance through the value path), its LayerNorm scale detached, epsilon-LRP at ``kv``, ``proj``,
+``fc1``, ``fc2``, the identity rule at its GELU; every LayerNorm outside the blocks
+(``ln_final``, ``fc_norm``, ``ln_pre``) has its scale detached.
 
 The Chefer propagation is a pure function of the tensors cached by one forward (and one
 ``autograd.grad`` for the attention gradients) and of the weights: :func:`chefer_cache` then
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from analyses.model.config import ATTRIBUTION_METHODS, LAYERSCALE_RULES
+from analyses.model.config import ATTRIBUTION_METHODS, LAYERSCALE_RULES, POOL_ROWS
 from hooked_vit.errors import InvalidArgumentError
 
 ATTN_LRP_VARIANTS: tuple[str, ...] = ("attnlrp", "cp_lrp")
@@ -448,6 +449,7 @@ def transformer_attribution(
     *,
     layerscale_rule: str = "identity",
     cp_attention: bool = False,
+    pool_row: str = "chefer",
     dtype: torch.dtype | None = None,
 ) -> Float[Tensor, "batch grid grid"]:
     """Chefer et al.'s transformer attribution of ``target`` (default argmax) per patch.
@@ -455,17 +457,24 @@ def transformer_attribution(
     ``start_layer``: first block of the rollout (the reference's default 0; its ImageNet scripts
     use 1). ``layerscale_rule``: ``"identity"`` (default) or ``"eq14"`` (the paper's ``R /
     (gamma + eps)``, not conservative). ``cp_attention``: relevance of the attention output goes
-    only through V. ``dtype``: propagation precision (e.g. ``torch.float64``; default the model's).
+    only through V. ``pool_row`` (attention-pool models only): the row read from the rollout,
+    ``"chefer"`` (default) the pool's own map ``mean over heads of clamp(grad_A * R_A, min=0)``,
+    ``"pattern"`` its head-averaged pattern. ``dtype``: propagation precision (e.g.
+    ``torch.float64``; default the model's).
     """
     check_model_images(model, images)
     check_choice(layerscale_rule, LAYERSCALE_RULES, "layerscale_rule")
+    check_choice(pool_row, POOL_ROWS, "pool_row")
     check_start_layer(model, start_layer)
     check_target(model, target, images.shape[0])
     cache = chefer_cache(model, images, target, start_layer)
     relevance = chefer_propagate(model, cache, layerscale_rule=layerscale_rule, cp_attention=cp_attention,
                                  dtype=dtype)
     joint = chefer_rollout([relevance.maps[layer] for layer in range(start_layer, model.cfg.n_layers)])
-    return readout_row(model, joint, relevance.pool_map)
+    row = relevance.pool_map
+    if model.cfg.pooling == "map" and pool_row == "pattern":
+        row = cache.head["pattern"].mean(dim=1)[:, 0]  # [batch n_patches]
+    return readout_row(model, joint, row)
 
 
 # ----------------------------------------------------------------------------- AttnLRP / CP-LRP
@@ -664,7 +673,7 @@ def attribution_map(method: str, model: nn.Module, images: Float[Tensor, "batch 
 
 __all__ = [
     "ATTN_LRP_VARIANTS", "ATTRIBUTION_METHODS", "CheferCache", "CheferRelevance", "LAYERSCALE_RULES", "METHODS",
-    "attention_rollout", "attn_lrp", "attn_lrp_hooks", "attribution_map", "chefer_cache", "chefer_propagate",
-    "chefer_rollout", "gradient_x_input", "lrp_add", "lrp_clone", "lrp_linear", "lrp_linear_reference", "lrp_matmul",
-    "random_map", "resolve_target", "safe_divide", "transformer_attribution",
+    "POOL_ROWS", "attention_rollout", "attn_lrp", "attn_lrp_hooks", "attribution_map", "chefer_cache",
+    "chefer_propagate", "chefer_rollout", "gradient_x_input", "lrp_add", "lrp_clone", "lrp_linear",
+    "lrp_linear_reference", "lrp_matmul", "random_map", "resolve_target", "safe_divide", "transformer_attribution",
 ]
