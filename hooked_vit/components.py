@@ -95,6 +95,25 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def attend(q: Float[Tensor, "batch head q_pos d_head"], k: Float[Tensor, "batch head k_pos d_head"],
+           v: Float[Tensor, "batch head k_pos d_head"], scale: float, hook_attn_scores: HookPoint,
+           hook_pattern: HookPoint, hook_z: HookPoint) -> Float[Tensor, "batch q_pos head d_head"]:
+    """Softmax attention with its hooks: ``F.scaled_dot_product_attention`` unless the scores or the
+    pattern are hooked, then explicit scores ``[batch, head, q_pos, k_pos]`` and pattern; returns the
+    hooked ``z``."""
+    if hook_attn_scores.has_hooks() or hook_pattern.has_hooks():
+        scores = hook_attn_scores((q * scale) @ k.transpose(-2, -1))
+        # softmax's backward reads its output: a copy leaves it intact under in-place hook edits
+        pattern = scores.softmax(dim=-1)
+        pattern = hook_pattern(pattern.clone() if may_edit(hook_pattern) else pattern)
+        z = pattern @ v
+    else:
+        z = F.scaled_dot_product_attention(q, k, v)
+    z = z.transpose(1, 2)
+    # sdpa's backward reads its output too; copy (same strides) only when a hook may edit z
+    return hook_z(z.clone() if may_edit(hook_z) else z)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention on timm's fused ``qkv`` weight, with per-head hooks; returns the
     output after the block's LayerScale (``layer_scale``, held but registered by the block, so its
@@ -141,17 +160,7 @@ class Attention(nn.Module):
             q, k, v = self.hook_q(qkv[:, :, 0]), self.hook_k(qkv[:, :, 1]), self.hook_v(qkv[:, :, 2])
         # [batch, head, pos, d_head] views, laid out in memory as timm's are.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
-            scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
-            # softmax's backward reads its output: a copy leaves it intact under in-place hook edits
-            pattern = scores.softmax(dim=-1)
-            pattern = self.hook_pattern(pattern.clone() if may_edit(self.hook_pattern) else pattern)
-            z = pattern @ v
-        else:
-            z = F.scaled_dot_product_attention(q, k, v)
-        z = z.transpose(1, 2)
-        # sdpa's backward reads its output too; copy (same strides) only when a hook may edit z
-        z = self.hook_z(z.clone() if may_edit(self.hook_z) else z)
+        z = attend(q, k, v, self.scale, self.hook_attn_scores, self.hook_pattern, self.hook_z)
         if not self.use_attn_result:
             return self.layer_scale(self.proj(z.reshape(batch, pos, self.n_heads * self.d_head)))
         result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
@@ -390,14 +399,6 @@ class AttentionPool(nn.Module):
         kv = self.kv(x).view(batch, pos, 2, self.n_heads, self.d_head)
         k, v = self.hook_k(kv[:, :, 0]), self.hook_v(kv[:, :, 1])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # timm's layout
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
-            scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
-            pattern = scores.softmax(dim=-1)
-            pattern = self.hook_pattern(pattern.clone() if may_edit(self.hook_pattern) else pattern)
-            z = pattern @ v
-        else:
-            z = F.scaled_dot_product_attention(q, k, v)
-        z = z.transpose(1, 2)
-        z = self.hook_z(z.clone() if may_edit(self.hook_z) else z)
+        z = attend(q, k, v, self.scale, self.hook_attn_scores, self.hook_pattern, self.hook_z)
         out = self.hook_attn_out(self.proj(z.reshape(batch, 1, self.n_heads * self.d_head)))
         return out + self.hook_mlp_out(self.mlp(self.norm(out)))
