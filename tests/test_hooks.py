@@ -25,7 +25,8 @@ def test_hook_names_are_pinned_in_execution_order(hooked_deit3_base):
 
 
 def test_family_final_hook_names_are_pinned():
-    """The pooling head's hooks per family: fc_norm after pooling, a distilled DeiT's second pooled token."""
+    """The hooks each family adds: fc_norm after pooling, a distilled DeiT's second pooled token, CLIP's ln_pre,
+    SigLIP's attention pool."""
     import dataclasses
 
     from hooked_vit.config import HookedViTConfig
@@ -42,6 +43,15 @@ def test_family_final_hook_names_are_pinned():
     assert hook_names(1, dataclasses.replace(base, has_dist_token=True)) == embed + blocks + [
         "ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled", "hook_pooled_dist"]
     assert hook_names(1, dataclasses.replace(base, n_registers=4)) == hook_names(1)
+    # CLIP: ln_pre (timm's norm_pre) between the embedding and block 0.
+    assert hook_names(1, dataclasses.replace(base, ln_pre=True, patch_bias=False, act_fn="quick_gelu")) == embed + [
+        "ln_pre.hook_scale", "ln_pre.hook_normalized"] + blocks + [
+        "ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled"]
+    # SigLIP: no class token, the attention-pool head on the final-norm patch tokens.
+    pool = ["hook_latent", "hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z", "hook_attn_out",
+            "norm.hook_scale", "norm.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"]
+    assert hook_names(1, dataclasses.replace(base, class_token=False, pooling="map")) == embed + blocks + [
+        "ln_final.hook_scale", "ln_final.hook_normalized"] + [f"attn_pool.{name}" for name in pool] + ["hook_pooled"]
 
 
 def test_optional_tl_hook_names_are_pinned_and_listed_only_when_enabled(small_hooked):
