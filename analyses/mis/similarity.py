@@ -87,7 +87,8 @@ class EmbeddingCache:
     def __init__(self) -> None:
         self._cache: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # (images kept alive, embeddings)
 
-    def __call__(self, similarity: str, images: Float[Tensor, "n channel height width"], **kwargs: Any) -> Tensor:
+    def __call__(self, similarity: str, images: Float[Tensor, "n channel height width"], **kwargs: Any) -> Float[Tensor, "n d"]:
+        """:func:`embed` of ``images``, computed once per backend and image tensor."""
         key = (similarity, id(images))
         if key not in self._cache or self._cache[key][0] is not images:
             self._cache[key] = (images, embed(similarity, images, **kwargs))

@@ -355,8 +355,8 @@ def compute_medians(model: nn.Module, saes: dict[str, Any], images: Float[Tensor
     return {h: {name: torch.cat(v).median(dim=0).values for name, v in d.items()} for h, d in parts.items()}
 
 
-def layer_metrics(model: nn.Module, rm: ReplacementModel, images: Tensor, labels: Tensor, batch_size: int = 64
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def layer_metrics(model: nn.Module, rm: ReplacementModel, images: Float[Tensor, "n channel height width"],
+                  labels: Int[Tensor, "n"], batch_size: int = 64) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per SAE: FVE of the CLS token, the patches and all tokens (raw space), L0 and the fraction of
     latents never active on ``images``; per replacement (none, every layer, each single layer, all
     without error nodes): accuracy and the mean KL divergence from the model's predictions."""

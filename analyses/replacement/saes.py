@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # sae-lens imports wandb; never log to it from here
@@ -128,7 +128,7 @@ class TrainingState:
         self.step, self.since_fired, self.log = int(saved["step"]), list(saved["since_fired"]), list(saved["log"])
 
 
-def batch_indices(n: int, step: int, batch: int, seed: int) -> Tensor:
+def batch_indices(n: int, step: int, batch: int, seed: int) -> Int[Tensor, "n_batch"]:
     """The images of training step ``step``: consecutive slices of a seeded permutation per epoch
     (a function of the step alone, so a resumed run sees the same stream)."""
     per_epoch = max(n // batch, 1)

@@ -90,8 +90,9 @@ def fvu(pred: Float[Tensor, "tokens n_layers d_model"], target: Float[Tensor, "t
     return error / variance.clamp_min(1e-12)
 
 
-def step_loss(clt: CrossLayerTranscoder, x: Tensor, y: Tensor, config: Any, step: int,
-              since_fired: Tensor) -> tuple[Tensor, dict[str, Any]]:
+def step_loss(clt: CrossLayerTranscoder, x: Float[Tensor, "tokens n_layers d_model"],
+              y: Float[Tensor, "tokens n_layers d_model"], config: Any, step: int,
+              since_fired: Float[Tensor, "n_layers d_latent"]) -> tuple[Float[Tensor, ""], dict[str, Any]]:
     """The training loss of one batch ``x``/``y`` ``[tokens, n_layers, d_model]`` and its parts;
     updates ``since_fired`` ``[n_layers, d_latent]`` (steps since each latent last fired). TopK codes
     decode sparsely (:meth:`CrossLayerTranscoder.decode_sparse`), JumpReLU codes densely."""
