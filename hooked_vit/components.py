@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat, create_rope_embed
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.config import HookedViTConfig
@@ -124,21 +125,29 @@ class Attention(nn.Module):
     LayerScaled output is ``hook_result``; the heads' results plus ``b_O`` sum to ``hook_attn_out``.
     """
 
-    def __init__(self, cfg: HookedViTConfig, layer_scale: nn.Module):
+    def __init__(self, cfg: HookedViTConfig, layer_scale: nn.Module, rope: nn.Module | None = None):
         super().__init__()
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
         self.scale = self.d_head**-0.5
         self.use_attn_result = cfg.use_attn_result
+        self.n_prefix_tokens, self.grid_size = cfg.n_prefix_tokens, cfg.grid_size
         self.__dict__["layer_scale"] = layer_scale  # not a submodule: the block owns it
+        self.__dict__["rope"] = rope  # not a submodule: the model owns the rotary table (shared by the blocks)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, head, d_head]
+        if rope is not None:  # TransformerLens's names: q and k after the rotation (prefix tokens unrotated)
+            self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head]
+            self.hook_rot_k = HookPoint()  # [batch, pos, head, d_head]
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]: q.k / sqrt(d_head)
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]: softmax of the scores
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]: pattern-weighted values
-        self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output after LayerScale
+        if cfg.attn_norm:  # EVA-02 CLIP: LayerNorm on the concatenated heads' z, proj's input
+            self.norm = LayerNorm(cfg.d_model, cfg.ln_eps)
+        if not cfg.attn_norm:  # no per-head outputs through a LayerNorm across the heads
+            self.hook_result = HookPoint()  # [batch, pos, head, d_model]: per-head output after LayerScale
 
     def forward(
         self,
@@ -160,11 +169,24 @@ class Attention(nn.Module):
             q, k, v = self.hook_q(qkv[:, :, 0]), self.hook_k(qkv[:, :, 1]), self.hook_v(qkv[:, :, 2])
         # [batch, head, pos, d_head] views, laid out in memory as timm's are.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.rope is not None:
+            table = rotary_table(self.rope, self.grid_size)
+            q = self.hook_rot_q(self._rotate(q, table, v).transpose(1, 2)).transpose(1, 2)
+            k = self.hook_rot_k(self._rotate(k, table, v).transpose(1, 2)).transpose(1, 2)
         z = attend(q, k, v, self.scale, self.hook_attn_scores, self.hook_pattern, self.hook_z)
         if not self.use_attn_result:
-            return self.layer_scale(self.proj(z.reshape(batch, pos, self.n_heads * self.d_head)))
+            z = z.reshape(batch, pos, self.n_heads * self.d_head)
+            return self.layer_scale(self.proj(self.norm(z) if hasattr(self, "norm") else z))
         result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
         return result.sum(dim=2) + self.b_O
+
+    def _rotate(self, x: Float[Tensor, "batch head pos d_head"], table: Float[Tensor, "n_patches two_d_head"],
+                like: Tensor) -> Float[Tensor, "batch head pos d_head"]:
+        """timm Eva's rotation: the patch positions rotated by ``table`` (sin then cos), the prefix
+        tokens (CLS, registers) left as they are."""
+        n = self.n_prefix_tokens
+        rotated = apply_rot_embed_cat(x[:, :, n:], table, half=self.rope.rotate_half)
+        return torch.cat([x[:, :, :n], rotated], dim=2).type_as(like)
 
     # ---------------------------------------------------------------- TransformerLens weight views
     @property
@@ -222,6 +244,27 @@ class Attention(nn.Module):
         return self.qkv.bias.view(3, self.n_heads, self.d_head)[which]
 
 
+def build_rope(cfg: HookedViTConfig) -> nn.Module | None:
+    """timm's rotary position embedding of ``cfg.rope`` (``None`` without), built as timm's ``Eva`` builds
+    it for a fixed image size; its sin/cos tables are non-persistent buffers, computed here on the CPU
+    (so also when the model is built on the meta device) and moved with the model."""
+    if cfg.rope is None:
+        return None
+    kwargs = dict(cfg.rope)
+    rope_type = kwargs.pop("rope_type")
+    if rope_type == "cat":
+        kwargs.update(in_pixels=False, feat_shape=[cfg.grid_size, cfg.grid_size])
+    with torch.device("cpu"):  # also inside HookedViT's meta-device construction
+        return create_rope_embed(rope_type=rope_type, dim=cfg.d_model, num_heads=cfg.n_heads, **kwargs)
+
+
+def rotary_table(rope: nn.Module, grid_size: int) -> Float[Tensor, "n_patches two_d_head"]:
+    """The rotary table ``[n_patches, 2 * d_head]`` (sin then cos) of a ``grid_size`` x ``grid_size`` patch grid."""
+    if getattr(rope, "feat_shape", None) is not None:
+        return rope.get_embed()
+    return rope.get_embed(shape=[grid_size, grid_size])
+
+
 def quick_gelu(x: Float[Tensor, "*dims"]) -> Float[Tensor, "*dims"]:
     """OpenAI CLIP's QuickGELU, ``x * sigmoid(1.702 x)`` (timm's formula, so bit-identical)."""
     return x * torch.sigmoid(1.702 * x)
@@ -233,38 +276,71 @@ def gelu_pytorch_tanh(x: Float[Tensor, "*dims"]) -> Float[Tensor, "*dims"]:
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_pytorch_tanh": gelu_pytorch_tanh,
+    "gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_pytorch_tanh": gelu_pytorch_tanh, "silu": F.silu,
 }
 
 
 class MLP(nn.Module):
-    """fc1 -> activation (``cfg.act_fn``: exact GELU, QuickGELU or tanh GELU) -> fc2 -> the block's
-    LayerScale (``layer_scale``, registered by the block), with pre- and post-activation hooks."""
+    """fc1 -> activation (``cfg.act_fn``) -> fc2 -> the block's LayerScale (``layer_scale``, registered
+    by the block), with pre- and post-activation hooks.
 
-    def __init__(self, cfg: HookedViTConfig, layer_scale: nn.Module):
+    Gated (``gated``, SwiGLU): ``hook_post = act(hook_pre) * hook_pre_linear`` with ``hook_pre = fc1_g x``
+    and ``hook_pre_linear = fc1_x x`` (TransformerLens's gated-MLP hooks; timm's ``SwiGLU`` names).
+    ``inner_norm`` (EVA-02's scale_mlp): a LayerNorm ``norm`` on ``hook_post`` before ``fc2``."""
+
+    def __init__(self, cfg: HookedViTConfig, layer_scale: nn.Module, *, gated: bool = False, inner_norm: bool = False):
         super().__init__()
         self.__dict__["layer_scale"] = layer_scale  # not a submodule: the block owns it
         self.act = ACTIVATIONS[cfg.act_fn]
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.gated = gated
+        if gated:
+            self.fc1_g = nn.Linear(cfg.d_model, cfg.d_mlp)
+            self.fc1_x = nn.Linear(cfg.d_model, cfg.d_mlp)
+        else:
+            self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]: fc1 output (the gate's, fc1_g, when gated)
+        if gated:
+            self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]: fc1_x output, the gated branch
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]: activation output, or the gated product (mlp_act)
+        if inner_norm:
+            self.norm = LayerNorm(cfg.d_mlp, cfg.ln_eps)
         self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model)
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]: fc1 output
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp]: activation output (the mlp_act site)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.layer_scale(self.fc2(self.hook_post(self.act(self.hook_pre(self.fc1(x))))))
+        if self.gated:
+            gate = self.hook_pre(self.fc1_g(x))
+            post = self.hook_post(self.act(gate) * self.hook_pre_linear(self.fc1_x(x)))
+        else:
+            post = self.hook_post(self.act(self.hook_pre(self.fc1(x))))
+        if hasattr(self, "norm"):
+            post = self.norm(post)
+        return self.layer_scale(self.fc2(post))
+
+    @property
+    def fc_in(self) -> nn.Linear:
+        """The Linear whose output is multiplied into ``hook_post``: ``fc1`` (``fc1_x`` when gated)."""
+        return self.fc1_x if self.gated else self.fc1
 
     # ---------------------------------------------------------------- TransformerLens weight views
     @property
     def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self.fc1.weight.T
+        return self.fc_in.weight.T
 
     @property
     def b_in(self) -> Float[Tensor, "d_mlp"]:
-        return self.fc1.bias
+        return self.fc_in.bias
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        """The gate's weight (``fc1_g``) of a gated MLP (TransformerLens's ``W_gate``)."""
+        if not self.gated:
+            raise AttributeError("W_gate exists only for a gated (SwiGLU) MLP")
+        return self.fc1_g.weight.T
 
     @property
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
-        """``fc2`` weight, LayerScale folded in: ``post @ W_out + b_out`` is ``hook_mlp_out``."""
+        """``fc2`` weight, LayerScale folded in: ``post @ W_out + b_out`` is ``hook_mlp_out`` (after the
+        inner norm, if any)."""
         gamma = _layer_scale_gamma(self.layer_scale)
         return (self.fc2.weight if gamma is None else self.fc2.weight * gamma[:, None]).T
 
@@ -286,7 +362,7 @@ class TransformerBlock(nn.Module):
     ``hook_mlp_in``, the residual stream entering ``ln2``.
     """
 
-    def __init__(self, cfg: HookedViTConfig):
+    def __init__(self, cfg: HookedViTConfig, rope: nn.Module | None = None):
         super().__init__()
         # Registered in execution order, so model.hook_dict lists hooks in the order they fire.
         # (and parameters in timm's order: ln1, attn, ls1, ln2, mlp, ls2).
@@ -299,13 +375,13 @@ class TransformerBlock(nn.Module):
         self.hook_k_input = HookPoint()  # [batch, pos, head, d_model] (use_split_qkv_input)
         self.hook_v_input = HookPoint()  # [batch, pos, head, d_model] (use_split_qkv_input)
         self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.attn = Attention(cfg, ls1)
+        self.attn = Attention(cfg, ls1, rope)
         self.ls1 = ls1
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]: after LayerScale, before the add
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_in = HookPoint()  # [batch, pos, d_model] (use_hook_mlp_in)
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
-        self.mlp = MLP(cfg, ls2)
+        self.mlp = MLP(cfg, ls2, gated=cfg.gated_mlp, inner_norm=cfg.mlp_norm)
         self.ls2 = ls2
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]: after LayerScale, before the add
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]

@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 NORMALIZATION_TYPES = ("LN", "LNPre")
-POOLINGS = ("token", "avg", "map")
-# MLP activations (TransformerLens's names): exact GELU, OpenAI CLIP's x * sigmoid(1.702 x), tanh GELU.
-ACT_FNS = ("gelu", "quick_gelu", "gelu_pytorch_tanh")
+POOLINGS = ("token", "avg", "map", "token_avg")
+# MLP activations (TransformerLens's names): exact GELU, OpenAI CLIP's x * sigmoid(1.702 x), tanh GELU,
+# and SiLU (the gate of a SwiGLU MLP, EVA-02).
+ACT_FNS = ("gelu", "quick_gelu", "gelu_pytorch_tanh", "silu")
+# The timm model classes a HookedViT mirrors: VisionTransformer (ViT, DeiT, DINOv2, CLIP, SigLIP) and
+# Eva (EVA-02, DINOv3: rotary position embeddings, SwiGLU MLPs, inner norms).
+TIMM_CLASSES = ("VisionTransformer", "Eva")
+ROPE_TYPES = ("cat", "dinov3")  # timm's axial RoPE with concatenated sin/cos (EVA-02) and DINOv3's
 
 
 @dataclass
@@ -44,7 +49,9 @@ class HookedViTConfig:
     n_registers: int = 0
     # timm's global_pool: "token" (the CLS token), "avg" (mean of the patch tokens) or "map" (an
     # attention-pool head, timm's AttentionPoolLatent: a learned latent query attends to the patch
-    # tokens, then proj and a residual MLP; SigLIP); fc_norm: the final LayerNorm runs after pooling
+    # tokens, then proj and a residual MLP; SigLIP); or "token_avg" (transformers'
+    # Dinov2ForImageClassification: the CLS token and the mean patch token side by side, [2 d_model];
+    # no timm equivalent, so no to_timm()); fc_norm: the final LayerNorm runs after pooling
     # (timm's fc_norm, module ``fc_norm``) instead of on every position before it (``ln_final``).
     pooling: str = "token"
     fc_norm: bool = False
@@ -56,6 +63,19 @@ class HookedViTConfig:
     patch_bias: bool = True
     # The MLP activation (of the blocks and the attention-pool head), one of ACT_FNS.
     act_fn: str = "gelu"
+    # EVA-02 / DINOv3 (timm's Eva). abs_pos_embed: a learned absolute position embedding (DINOv3 has
+    # none). rope: timm's rotary embedding of q and k at the patch tokens, as the keyword arguments of
+    # timm's create_rope_embed (rope_type 'cat' for EVA-02, 'dinov3'; temperature, grid_indexing,
+    # grid_offset, rotate_half, ref_feat_shape), None without. gated_mlp: a SwiGLU MLP,
+    # act(fc1_g x) * fc1_x x (TransformerLens's W_gate / W_in). mlp_norm: a LayerNorm on the MLP's hidden
+    # activation before fc2 (EVA-02's scale_mlp); attn_norm: a LayerNorm on the heads' concatenated
+    # outputs before proj (EVA-02 CLIP's scale_attn_inner).
+    abs_pos_embed: bool = True
+    rope: dict[str, Any] | None = None
+    gated_mlp: bool = False
+    mlp_norm: bool = False
+    attn_norm: bool = False
+    timm_class: str = "VisionTransformer"
     use_attn_result: bool = False
     # TransformerLens's per-head attention inputs and MLP input hook (off: the hooks are not registered).
     use_split_qkv_input: bool = False
@@ -76,8 +96,6 @@ class HookedViTConfig:
 
     # TransformerLens config constants that are fixed for a ViT.
     attn_only: ClassVar[bool] = False
-    positional_embedding_type: ClassVar[str] = "standard"
-    gated_mlp: ClassVar[bool] = False
     n_key_value_heads: ClassVar[int | None] = None
     num_experts: ClassVar[int | None] = None
     final_rms: ClassVar[bool] = False
@@ -91,16 +109,30 @@ class HookedViTConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.pooling == "token" and not self.class_token:
-            raise ValueError("pooling='token' reads the class token: use class_token=True, or pooling 'avg' or 'map'")
+        if self.pooling in ("token", "token_avg") and not self.class_token:
+            raise ValueError(f"pooling={self.pooling!r} reads the class token: use class_token=True, or pooling 'avg' or 'map'")
+        if self.pooling == "token_avg" and (self.fc_norm or self.has_dist_token):
+            raise ValueError("pooling='token_avg' reads the final-norm tokens (fc_norm=False) of a model without a "
+                             "distillation token")
         if self.has_dist_token and not self.class_token:
             raise ValueError("a distillation token comes with a class token (timm's VisionTransformerDistilled)")
         if self.act_fn not in ACT_FNS:
             raise ValueError(f"act_fn must be one of {ACT_FNS}, got {self.act_fn!r}")
+        if self.use_attn_result and self.attn_norm:
+            raise ValueError("use_attn_result needs per-head outputs, which a LayerNorm across the heads (attn_norm) mixes")
+        if self.timm_class not in TIMM_CLASSES:
+            raise ValueError(f"timm_class must be one of {TIMM_CLASSES}, got {self.timm_class!r}")
+        if self.rope is not None and self.rope.get("rope_type") not in ROPE_TYPES:
+            raise ValueError(f"rope['rope_type'] must be one of {ROPE_TYPES}, got {self.rope.get('rope_type')!r}")
         if self.n_registers < 0 or self.n_classes < 0:
             raise ValueError(f"n_registers and n_classes must be >= 0, got {self.n_registers}, {self.n_classes}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """TransformerLens's: ``"rotary"`` with RoPE (EVA-02 adds a learned absolute embedding too), else ``"standard"``."""
+        return "rotary" if self.rope is not None else "standard"
 
     @property
     def eps(self) -> float:
@@ -110,6 +142,11 @@ class HookedViTConfig:
     @eps.setter
     def eps(self, value: float) -> None:
         self.ln_eps = value
+
+    @property
+    def d_pooled(self) -> int:
+        """Width of the pooled features the head reads: ``2 * d_model`` for ``token_avg``, else ``d_model``."""
+        return 2 * self.d_model if self.pooling == "token_avg" else self.d_model
 
     @property
     def d_head(self) -> int:

@@ -8,8 +8,11 @@ Supported classes and the output the hooked forward returns (the HF model's main
   ``ViTModel`` built with ``add_pooling_layer=False``: the final-norm CLS token
   (``last_hidden_state[:, 0]``). Its default pooler (Linear + tanh on CLS) is refused.
 - ``Dinov2Model`` / ``Dinov2WithRegistersModel``: ``pooler_output`` (the final-norm CLS token).
-  (``...ForImageClassification`` is refused: its classifier reads CLS and the mean patch token side by
-  side, which no HookedViT pooling does; its backbone is supported.)
+- ``Dinov2ForImageClassification`` / ``Dinov2WithRegistersForImageClassification``: ``logits`` of its
+  classifier on the final-norm CLS token and mean patch token side by side (HookedViT pooling
+  ``'token_avg'``, ``hook_pooled`` ``[batch, 2 d_model]``). timm has no such pooling: these load through
+  ``HookedViT.from_hf`` only (the backbone through the timm twin, then the classifier), and the result
+  has no ``to_timm()``.
 - ``CLIPVisionModel``: ``pooler_output`` (``post_layernorm`` of CLS);
   ``CLIPVisionModelWithProjection``: ``image_embeds`` (that, times the bias-free projection).
 - ``SiglipVisionModel``: ``pooler_output`` (the attention-pool head's output).
@@ -40,7 +43,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from hooked_vit.errors import UnsupportedModelError, check
-from hooked_vit.loading import check_state_dict
+from hooked_vit.loading import check_state_dict, config_from_timm, timm_to_hooked_state_dict
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -138,10 +141,12 @@ def _square(value: Any, name: str, problems: list[str]) -> int:
 # How to load what a refused class holds.
 _FIXES = {
     "Dinov2ForImageClassification": "its classifier reads the CLS token and the mean patch token side by side, which "
-                                    "no HookedViT pooling does; wrap the backbone, HookedViT.from_hf(hf_model.dinov2)",
+                                    "no timm pooling does: HookedViT.from_hf(hf_model) loads it (pooling 'token_avg'), "
+                                    "timm_from_hf(hf_model.dinov2) its backbone",
     "Dinov2WithRegistersForImageClassification": "its classifier reads the CLS token and the mean patch token side by "
-                                                 "side, which no HookedViT pooling does; wrap the backbone, "
-                                                 "HookedViT.from_hf(hf_model.dinov2_with_registers)",
+                                                 "side, which no timm pooling does: HookedViT.from_hf(hf_model) loads "
+                                                 "it (pooling 'token_avg'), timm_from_hf(hf_model.dinov2_with_registers) "
+                                                 "its backbone",
     "CLIPModel": "load its image tower, CLIPVisionModelWithProjection.from_pretrained(<the same name>)",
     "SiglipModel": "load its image tower, SiglipVisionModel.from_pretrained(<the same name>)",
 }
@@ -302,9 +307,40 @@ def timm_from_hf(hf_model: nn.Module, *, img_size: int | None = None) -> VisionT
     return _convert(hf_model, img_size, copy=True)
 
 
+# transformers classifiers reading CLS and the mean patch token side by side -> their backbone's attribute
+_TOKEN_AVG_CLASSIFIERS = {"Dinov2ForImageClassification": "dinov2",
+                          "Dinov2WithRegistersForImageClassification": "dinov2_with_registers"}
+
+
 def hooked_from_hf(cls: type, hf_model: nn.Module, *, img_size: int | None = None, **cfg_overrides: Any) -> Any:
     """``cls.from_timm`` of :func:`timm_from_hf`'s twin (the weights are copied once); the config's
-    ``model_name`` is ``hf:<name_or_path>``, its preprocessing the family's image-processor settings."""
+    ``model_name`` is ``hf:<name_or_path>``, its preprocessing the family's image-processor settings.
+    DINOv2's ``...ForImageClassification``: the backbone's twin with pooling ``'token_avg'`` and the
+    classifier as ``head``."""
+    kind = type(hf_model).__name__
+    if kind in _TOKEN_AVG_CLASSIFIERS and type(hf_model).__module__.startswith("transformers."):
+        return _token_avg_classifier(cls, hf_model, getattr(hf_model, _TOKEN_AVG_CLASSIFIERS[kind]), img_size,
+                                     cfg_overrides)
     timm_model = _convert(hf_model, img_size, copy=False)
     overrides = {"model_name": f"hf:{timm_model.pretrained_cfg['architecture']}", **cfg_overrides}
     return cls.from_timm(timm_model, **overrides)
+
+
+def _token_avg_classifier(cls: type, hf_model: nn.Module, backbone: nn.Module, img_size: int | None,
+                          cfg_overrides: dict[str, Any]) -> Any:
+    """A DINOv2 classifier: ``backbone``'s twin, pooling ``'token_avg'``, ``hf_model.classifier`` as ``head``."""
+    classifier = hf_model.classifier
+    check(isinstance(classifier, nn.Linear),
+          f"{type(hf_model).__name__} has no classifier (num_labels=0); load its backbone, whose output is the "
+          "final-norm CLS token")
+    timm_model = _convert(backbone, img_size, copy=False)
+    name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+    overrides = {"model_name": f"hf:{name}", **cfg_overrides, "pooling": "token_avg",
+                 "n_classes": classifier.out_features}
+    cfg = config_from_timm(timm_model, **overrides)
+    with torch.device("meta"):  # no random init: every parameter is assigned below
+        model = cls(cfg)
+    state = timm_to_hooked_state_dict(timm_model.state_dict(), cfg)
+    state.update({"head.weight": classifier.weight, "head.bias": classifier.bias})
+    model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, assign=True)
+    return model.eval()

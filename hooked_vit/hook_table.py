@@ -86,6 +86,25 @@ OPTIONAL_BLOCK_HOOKS = [
 ]
 OPTIONAL_HOOK_FLAGS = {name: flag for name, _, _, flag, _ in OPTIONAL_BLOCK_HOOKS}
 
+# Block hooks of timm's Eva (EVA-02, DINOv3): (name, shape, meaning, the config field that makes the
+# model have them, the default hook they follow).
+EVA_BLOCK_HOOKS = [
+    ("attn.hook_rot_q", "batch pos head d_head", "queries after the rotary embedding (RoPE; prefix tokens unrotated)",
+     "rope", "attn.hook_v"),
+    ("attn.hook_rot_k", "batch pos head d_head", "keys after the rotary embedding (RoPE; prefix tokens unrotated)",
+     "rope", "attn.hook_v"),
+    ("attn.norm.hook_scale", "batch pos 1", "scale of the LayerNorm on the concatenated heads' z (attn_norm)",
+     "attn_norm", "attn.hook_z"),
+    ("attn.norm.hook_normalized", "batch pos d_model", "that LayerNorm's output: proj's input (attn_norm)",
+     "attn_norm", "attn.hook_z"),
+    ("mlp.hook_pre_linear", "batch pos d_mlp", "fc1_x output, the gated branch (gated_mlp; hook_pre is then the "
+     "gate's fc1_g output and hook_post act(pre) * pre_linear)", "gated_mlp", "mlp.hook_pre"),
+    ("mlp.norm.hook_scale", "batch pos 1", "scale of the MLP's inner LayerNorm on hook_post (mlp_norm)",
+     "mlp_norm", "mlp.hook_post"),
+    ("mlp.norm.hook_normalized", "batch pos d_mlp", "the MLP's inner LayerNorm output: fc2's input (mlp_norm)",
+     "mlp_norm", "mlp.hook_post"),
+]
+
 # Hooks without an axis over the model's n_ctx token positions (pos_slice leaves them whole).
 POOLED_HOOKS = tuple(dict.fromkeys(name for name, shape, _ in FINAL_HOOKS + FC_NORM_HOOKS + DIST_HOOKS + ATTN_POOL_HOOKS
                                    if "pos" not in shape.split()))
@@ -93,6 +112,7 @@ _POOLED_MEANING = {
     "token": "final-norm CLS token: the classifier head's input",
     "avg": "mean of the final-norm patch tokens: the classifier head's input",
     "map": "attention-pool output (attn_out + mlp_out at its latent): the classifier head's input",
+    "token_avg": "final-norm CLS token and the mean of the final-norm patch tokens side by side: the head's input",
 }
 
 
@@ -107,7 +127,8 @@ def final_hooks(cfg: HookedViTConfig | None = None) -> list[tuple[str, str, str]
     if cfg.fc_norm:
         hooks += FC_NORM_HOOKS
     else:
-        hooks.append(("hook_pooled", "batch d_model", _POOLED_MEANING[cfg.pooling]))
+        width = "d_pooled" if cfg.pooling == "token_avg" else "d_model"
+        hooks.append(("hook_pooled", f"batch {width}", _POOLED_MEANING[cfg.pooling]))
     return hooks + (DIST_HOOKS if cfg.has_dist_token else [])
 
 
@@ -117,14 +138,19 @@ def embed_hooks(cfg: HookedViTConfig | None = None) -> list[tuple[str, str, str]
 
 
 def block_hook_names(use_attn_in: bool = False, use_split_qkv_input: bool = False,
-                     use_hook_mlp_in: bool = False) -> list[str]:
+                     use_hook_mlp_in: bool = False, cfg: HookedViTConfig | None = None) -> list[str]:
     """A block's hook names (relative to ``blocks.{layer}``) in firing order, with the optional
-    TransformerLens hooks that the flags enable."""
+    TransformerLens hooks that the flags enable and, with ``cfg``, an Eva's hooks (RoPE, gated MLP,
+    inner norms)."""
     flags = {"use_attn_in": use_attn_in, "use_split_qkv_input": use_split_qkv_input,
              "use_hook_mlp_in": use_hook_mlp_in}
     names = []
     for default, _, _ in BLOCK_HOOKS:
+        if default == "attn.hook_result" and cfg is not None and cfg.attn_norm:
+            continue  # no per-head results through a norm across the heads
         names.append(default)
+        names += [name for name, _, _, field, after in EVA_BLOCK_HOOKS
+                  if after == default and cfg is not None and getattr(cfg, field)]
         names += [name for name, _, _, flag, after in OPTIONAL_BLOCK_HOOKS if after == default and flags[flag]]
     return names
 
@@ -134,7 +160,7 @@ def hook_names(n_layers: int, cfg: HookedViTConfig | None = None, **flags: bool)
     ``use_attn_in``, ``use_split_qkv_input``, ``use_hook_mlp_in``, see :func:`block_hook_names`;
     ``cfg``: the pooling head's hooks, see :func:`final_hooks`)."""
     return ([name for name, _, _ in embed_hooks(cfg)]
-            + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in block_hook_names(**flags)]
+            + [f"blocks.{layer}.{name}" for layer in range(n_layers) for name in block_hook_names(**flags, cfg=cfg)]
             + [name for name, _, _ in final_hooks(cfg)])
 
 
@@ -143,11 +169,12 @@ def hook_shape(name: str, cfg: HookedViTConfig, batch: int) -> tuple[int, ...]:
     axis while ``cfg.use_attn_in`` or ``cfg.use_split_qkv_input`` is on, as in TransformerLens)."""
     sizes = {"batch": batch, "pos": cfg.n_ctx, "query_pos": cfg.n_ctx, "key_pos": cfg.n_ctx,
              "d_model": cfg.d_model, "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp, "1": 1,
-             "latent": 1, "patch_pos": cfg.n_patches}
+             "latent": 1, "patch_pos": cfg.n_patches, "d_pooled": cfg.d_pooled}
     suffix = name.split(".", 2)[2] if name.startswith("blocks.") else name
     shapes = {n: s for n, s, _ in (EMBED_HOOKS + LN_PRE_HOOKS + BLOCK_HOOKS + FINAL_HOOKS + FC_NORM_HOOKS
                                    + DIST_HOOKS + ATTN_POOL_HOOKS)}
-    shapes.update({n: s for n, s, *_ in OPTIONAL_BLOCK_HOOKS})
+    shapes.update({n: s for n, s, _ in final_hooks(cfg)})  # hook_pooled's width
+    shapes.update({n: s for n, s, *_ in OPTIONAL_BLOCK_HOOKS + EVA_BLOCK_HOOKS})
     shape = shapes[suffix]
     if suffix.startswith("ln1.") and (cfg.use_attn_in or cfg.use_split_qkv_input):
         shape = shape.replace("pos", "pos head")
@@ -166,6 +193,9 @@ def hook_table(cfg: HookedViTConfig | None = None) -> str:
 
     lines = ["| hook | shape | meaning |", "|---|---|---|"]
     lines += [row(*h) for h in embed_hooks(cfg)]
-    lines += [row(f"blocks.{{L}}.{n}", s, m) for n, s, m in BLOCK_HOOKS]
+    block = {n: (s, m) for n, s, m in BLOCK_HOOKS}
+    block.update({n: (s, m) for n, s, m, *_ in EVA_BLOCK_HOOKS})
+    names = block_hook_names(cfg=cfg) if cfg is not None else [n for n, _, _ in BLOCK_HOOKS]
+    lines += [row(f"blocks.{{L}}.{n}", *block[n]) for n in names]
     lines += [row(*h) for h in final_hooks(cfg)]
     return "\n".join(lines)

@@ -12,17 +12,16 @@ from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.layers import AttentionPoolLatent, Mlp
-from timm.layers.activations import GELU as TimmGELU
-from timm.layers.activations import GELUTanh, QuickGELU
 from timm.layers import LayerNorm as TimmLayerNorm
-from timm.layers import PatchEmbed as TimmPatchEmbed
+from timm.layers import Mlp
 from timm.layers.attention import Attention as TimmAttention
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from hooked_vit.config import HookedViTConfig
+from hooked_vit.eva import config_from_eva, eva_problems, eva_to_hooked_state_dict, hooked_to_eva_state_dict
 from hooked_vit.errors import (
     CheckpointMismatchError,
     CorruptFileError,
@@ -32,6 +31,17 @@ from hooked_vit.errors import (
     short_exception,
 )
 from hooked_vit.pretrained import PretrainedSpec
+from hooked_vit.timm_parts import (
+    TIMM_ACT_LAYER,
+    act_fn_name,
+    attn_pool_problems,
+    foreign_parts,
+    is_exactly,
+    is_layer_norm,
+    mlp_ratio,
+    norm_and_attention_problems,
+    patch_embed_problems,
+)
 
 
 
@@ -49,93 +59,26 @@ def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
     return key
 
 
-def timm_to_hooked_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename timm keys (``blocks.0.norm1.weight``) to hooked keys (``blocks.0.ln1.weight``)."""
-    return {_rename(k, _TO_HOOKED): v for k, v in state_dict.items()}
+def timm_to_hooked_state_dict(state_dict: dict[str, torch.Tensor], cfg: HookedViTConfig | None = None
+                              ) -> dict[str, torch.Tensor]:
+    """Rename timm keys (``blocks.0.norm1.weight``) to hooked keys (``blocks.0.ln1.weight``); for an
+    Eva (``cfg.timm_class``) also fuse q/k/v and rename LayerScale (:func:`hooked_vit.eva.eva_to_hooked_state_dict`)."""
+    renamed = {_rename(k, _TO_HOOKED): v for k, v in state_dict.items()}
+    return eva_to_hooked_state_dict(renamed, cfg) if cfg is not None and cfg.timm_class == "Eva" else renamed
 
 
-def hooked_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`timm_to_hooked_state_dict`."""
-    return {_rename(k, _TO_TIMM): v for k, v in state_dict.items()}
+def hooked_to_timm_state_dict(state_dict: dict[str, torch.Tensor], cfg: HookedViTConfig | None = None,
+                              target_keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`timm_to_hooked_state_dict` (for an Eva, into the layout of the timm model whose
+    state-dict keys are ``target_keys``)."""
+    renamed = {_rename(k, _TO_TIMM): v for k, v in state_dict.items()}
+    if cfg is not None and cfg.timm_class == "Eva":
+        return hooked_to_eva_state_dict(renamed, cfg, target_keys or set())
+    return renamed
 
 
-def _is(module: nn.Module, kind: type) -> bool:
-    return type(module) is kind
-
-
-# Module kinds (class-name fragments) of other architectures, named in a refusal.
-_FOREIGN_PARTS = [
-    ("relative_position_bias", "relative position bias", "param"),
-    ("RelPos", "relative position bias", "module"),
-    ("Rope", "rotary position embeddings", "module"),
-    ("RotaryEmbedding", "rotary position embeddings", "module"),
-    ("SwiGLU", "SwiGLU MLP", "module"),
-    ("GluMlp", "gated (GLU) MLP", "module"),
-    ("PatchMerging", "hierarchical patch merging (Swin)", "module"),
-    ("WindowAttention", "windowed attention (Swin)", "module"),
-    ("AttentionPoolPrr", "PRR attention pool (global_pool='prr')", "module"),
-    ("RmsNorm", "RMSNorm", "module"),
-]
-
-
-def _foreign_parts(model: nn.Module) -> list[str]:
-    """Known unsupported building blocks found anywhere in ``model`` (by module class or parameter name)."""
-    found = []
-    module_kinds = {type(m).__name__ for m in model.modules()}
-    param_names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
-    for part, label, where in _FOREIGN_PARTS:
-        hit = (any(part in name for name in param_names) if where == "param"
-               else any(part in kind for kind in module_kinds))
-        if hit and label not in found:
-            found.append(label)
-    return found
-
-
-def _is_layer_norm(norm: nn.Module) -> bool:
-    return (isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
-            and len(norm.normalized_shape) == 1)
-
-
-def _act_fn(act: nn.Module) -> str | None:
-    """The :data:`~hooked_vit.config.ACT_FNS` name of a timm MLP activation module, ``None`` if unsupported."""
-    if _is(act, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_pytorch_tanh"}.get(act.approximate)
-    return {TimmGELU: "gelu", GELUTanh: "gelu_pytorch_tanh", QuickGELU: "quick_gelu"}.get(type(act))
-
-
-# act_fn -> timm's act_layer argument (None: timm's default, nn.GELU)
-_TIMM_ACT_LAYER = {"gelu": None, "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
-
-
-def _attn_pool_problems(pool: nn.Module, model: nn.Module) -> list[str]:
-    """Unsupported features of a ``global_pool='map'`` head (timm's ``AttentionPoolLatent``)."""
-    if not _is(pool, AttentionPoolLatent):
-        return [f"attention pool {type(pool).__name__} (expected timm AttentionPoolLatent)"]
-    problems = []
-    if pool.latent_len != 1 or pool.pool != "token":
-        problems.append(f"attention pool with {pool.latent_len} latents / pool {pool.pool!r} (supported: 1 latent)")
-    if pool.pos_embed is not None:
-        problems.append("attention pool with its own position embedding")
-    if not (_is(pool.q_norm, nn.Identity) and _is(pool.k_norm, nn.Identity)):
-        problems.append("attention pool qk_norm")
-    q_ok = isinstance(pool.q, nn.Linear) and pool.q.bias is not None
-    if not q_ok or pool.kv.bias is None or pool.latent.shape[-1] != model.embed_dim:
-        problems.append("attention pool without q projection, q/kv bias or latent of the model's width")
-    block = model.blocks[0] if len(model.blocks) else None
-    heads = getattr(getattr(block, "attn", None), "num_heads", None)
-    if pool.num_heads != heads or pool.kv.in_features != model.embed_dim:
-        problems.append(f"attention pool with {pool.num_heads} heads / width {pool.kv.in_features} (expected the blocks')")
-    mlp = pool.mlp
-    if mlp is None or not isinstance(pool.proj, nn.Linear) or pool.proj.bias is None:
-        problems.append("attention pool without its output projection and MLP (out_features=0)")
-    elif not _is_layer_norm(pool.norm):
-        problems.append(f"attention pool norm {type(pool.norm).__name__}, expected LayerNorm")
-    elif not (_is(mlp, Mlp) and _is(mlp.norm, nn.Identity) and isinstance(mlp.fc1, nn.Linear)
-              and mlp.fc1.bias is not None and isinstance(getattr(block, "mlp", None), Mlp)
-              and mlp.fc1.out_features == block.mlp.fc1.out_features
-              and _act_fn(mlp.act) is not None and _act_fn(mlp.act) == _act_fn(block.mlp.act)):
-        problems.append("attention pool MLP unlike the blocks' (width, activation or bias)")
-    return problems
+# Parts of an Eva that foreign_parts names but HookedViT reproduces (rotary embeddings, SwiGLU)
+_EVA_PARTS = ("rotary position embeddings", "SwiGLU MLP", "gated (GLU) MLP")
 
 
 def unsupported_features(model: nn.Module) -> list[str]:
@@ -146,60 +89,49 @@ def unsupported_features(model: nn.Module) -> list[str]:
     embedding, optional ``norm_pre`` (CLIP, with its bias-free patch embedding), pre-norm ``Block``s
     (plain ``Attention``, ``Mlp`` with exact GELU, QuickGELU or tanh GELU, optional LayerScale),
     LayerNorms, and token, average or attention-pool (``AttentionPoolLatent``) pooling with the
-    final norm before (``norm``) or after pooling (``fc_norm``)."""
+    final norm before (``norm``) or after pooling (``fc_norm``); and timm's ``Eva`` (EVA-02, DINOv3:
+    :func:`hooked_vit.eva.eva_problems`)."""
+    if isinstance(model, Eva):
+        return eva_problems(model) + [p for p in foreign_parts(model) if p not in _EVA_PARTS]
     if not isinstance(model, VisionTransformer):
-        return ["not a timm VisionTransformer"] + _foreign_parts(model)
+        return ["not a timm VisionTransformer"] + foreign_parts(model)
     problems = []
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
         problems.append(f"VisionTransformer subclass {type(model).__name__}")
-    foreign = _foreign_parts(model)
+    foreign = foreign_parts(model)
     problems += foreign
     distilled = isinstance(model, VisionTransformerDistilled)
     if model.pos_embed is None:
         problems.append("no learned absolute position embedding")
     if model.dynamic_img_size:
         problems.append("dynamic_img_size=True")
-    patch = model.patch_embed
-    if type(patch) is not TimmPatchEmbed or not isinstance(patch.proj, nn.Conv2d) or (
-            not patch.flatten and not model.dynamic_img_size):
-        problems.append(f"patch embedding {type(patch).__name__} (expected timm PatchEmbed, conv + flatten)")
-    else:
-        if getattr(patch, "dynamic_img_pad", False):
-            problems.append("dynamic_img_pad=True")
-        if (patch.proj.bias is None) != (not _is(getattr(model, "norm_pre", nn.Identity()), nn.Identity)):
-            problems.append("patch embedding bias with norm_pre, or none without (timm's pre_norm sets both)")
-        if not _is(patch.norm, nn.Identity):
-            problems.append("a norm after the patch embedding")
-        if patch.img_size[0] != patch.img_size[1] or patch.patch_size[0] != patch.patch_size[1]:
-            problems.append(f"non-square images or patches ({patch.img_size}, {patch.patch_size})")
-        if patch.proj.stride != patch.proj.kernel_size:
-            problems.append("overlapping patches")
+    problems += patch_embed_problems(model.patch_embed, getattr(model, "norm_pre", nn.Identity()))
     if model.global_pool not in ("token", "avg", "map"):
         problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg', 'map')")
     if model.global_pool in ("avg", "map") and model.pool_include_prefix:
         problems.append("pool_include_prefix=True")
     if model.global_pool == "map" and getattr(model, "attn_pool", None) is not None:
-        problems += _attn_pool_problems(model.attn_pool, model)
+        problems += attn_pool_problems(model.attn_pool, model)
     norm_pre = getattr(model, "norm_pre", nn.Identity())
-    if not (_is(norm_pre, nn.Identity) or _is_layer_norm(norm_pre)):
+    if not (is_exactly(norm_pre, nn.Identity) or is_layer_norm(norm_pre)):
         problems.append(f"norm_pre is {type(norm_pre).__name__}, expected LayerNorm or Identity")
-    if not _is(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
+    if not is_exactly(getattr(model, "patch_drop", nn.Identity()), nn.Identity):
         problems.append(f"patch_drop is {type(model.patch_drop).__name__}, expected Identity")
     norm, fc_norm = model.norm, getattr(model, "fc_norm", nn.Identity())
-    if _is(norm, nn.Identity) and _is(fc_norm, nn.Identity):
+    if is_exactly(norm, nn.Identity) and is_exactly(fc_norm, nn.Identity):
         problems.append("no final norm (final_norm=False)")
-    elif not _is(norm, nn.Identity) and not _is(fc_norm, nn.Identity):
+    elif not is_exactly(norm, nn.Identity) and not is_exactly(fc_norm, nn.Identity):
         problems.append("both a final norm and fc_norm")
-    elif not _is_layer_norm(fc_norm if _is(norm, nn.Identity) else norm):
-        problems.append(f"final norm is {type(fc_norm if _is(norm, nn.Identity) else norm).__name__}, expected LayerNorm")
+    elif not is_layer_norm(fc_norm if is_exactly(norm, nn.Identity) else norm):
+        problems.append(f"final norm is {type(fc_norm if is_exactly(norm, nn.Identity) else norm).__name__}, expected LayerNorm")
     heads = [model.head] + ([model.head_dist] if distilled else [])
     for head in heads:
-        if not (_is(head, nn.Identity) or (isinstance(head, nn.Linear) and head.bias is not None)):
+        if not (is_exactly(head, nn.Identity) or (isinstance(head, nn.Linear) and head.bias is not None)):
             problems.append(f"classifier head {type(head).__name__} (expected nn.Linear with bias, or none)")
     if distilled:
         if model.no_embed_class:
             problems.append("distillation token with no_embed_class=True")
-        if not _is(fc_norm, nn.Identity):
+        if not is_exactly(fc_norm, nn.Identity):
             problems.append("distillation token with fc_norm (timm's distilled head skips it)")
         if model.num_reg_tokens:
             problems.append("distillation token with register tokens")
@@ -209,19 +141,19 @@ def unsupported_features(model: nn.Module) -> list[str]:
     shapes, per_block = set(), {}  # per_block: problem -> the blocks that have it
     for i, block in enumerate(model.blocks):
         found = []
-        if not _is(block, Block):
+        if not is_exactly(block, Block):
             found.append(f"block type {type(block).__name__} (expected timm Block)")
         else:
             found += _block_problems(block, model.embed_dim, foreign)
-            if _is(block.mlp, Mlp) and isinstance(block.mlp.fc1, nn.Linear) and _is(block.attn, TimmAttention):
+            if is_exactly(block.mlp, Mlp) and isinstance(block.mlp.fc1, nn.Linear) and is_exactly(block.attn, TimmAttention):
                 shapes.add((block.mlp.fc1.out_features, block.attn.num_heads, block.attn.qkv.bias is not None,
-                            _act_fn(block.mlp.act)))
+                            act_fn_name(block.mlp.act)))
         for problem in found:
             per_block.setdefault(problem, []).append(i)
     for problem, layers in per_block.items():
         where = "every block" if len(layers) == len(model.blocks) else "blocks " + ",".join(map(str, layers))
         problems.append(f"{problem} ({where})")
-    layer_scales = {type(getattr(b, ls)).__name__ for b in model.blocks if _is(b, Block) for ls in ("ls1", "ls2")}
+    layer_scales = {type(getattr(b, ls)).__name__ for b in model.blocks if is_exactly(b, Block) for ls in ("ls1", "ls2")}
     if len(layer_scales) > 1:
         problems.append("LayerScale on some blocks only")
     if len(shapes) > 1:
@@ -231,43 +163,30 @@ def unsupported_features(model: nn.Module) -> list[str]:
 
 def _block_problems(block: nn.Module, embed_dim: int, foreign: list[str]) -> list[str]:
     """Unsupported features of one timm ``Block`` (without the block index)."""
-    problems = []
+    problems = norm_and_attention_problems(block)
     attn, mlp = block.attn, block.mlp
-    if not (_is_layer_norm(block.norm1) and _is_layer_norm(block.norm2)):
-        problems.append("block norms that are not LayerNorm")
-    if not _is(attn, TimmAttention):
+    if not is_exactly(attn, TimmAttention):
         problems.append(f"attention {type(attn).__name__} (expected timm Attention)")
     else:
-        if not (_is(attn.q_norm, nn.Identity) and _is(attn.k_norm, nn.Identity)):
-            problems.append("qk_norm")
-        if not _is(attn.norm, nn.Identity):
+        if not is_exactly(attn.norm, nn.Identity):
             problems.append("scale_attn_norm")
-        if getattr(attn, "gate", None) is not None:
-            problems.append("gated attention")
         if attn.num_heads * attn.head_dim != embed_dim or attn.qkv.out_features != 3 * embed_dim:
             problems.append(f"attention width {attn.num_heads} x {attn.head_dim} != embed_dim {embed_dim}")
         if attn.proj.bias is None:
             problems.append("attention projection without bias (proj_bias=False)")
-    if not _is(mlp, Mlp):
+    if not is_exactly(mlp, Mlp):
         if not any("MLP" in part for part in foreign):
             problems.append(f"MLP {type(mlp).__name__} (expected timm Mlp)")
-    elif not _is(mlp.norm, nn.Identity):
+    elif not is_exactly(mlp.norm, nn.Identity):
         problems.append("a norm inside the MLP (scale_mlp_norm)")
     elif not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)) or mlp.fc1.bias is None:
         problems.append("MLP without bias or not linear (proj_bias=False / use_conv)")
-    elif _act_fn(mlp.act) is None:
+    elif act_fn_name(mlp.act) is None:
         problems.append(f"MLP activation {mlp.act} (supported: exact GELU, QuickGELU, tanh GELU)")
     for name in ("ls1", "ls2"):
         if type(getattr(block, name)).__name__ not in ("LayerScale", "Identity"):
             problems.append(f"{name} is {type(getattr(block, name)).__name__}")
     return problems
-
-
-def _mlp_ratio(d_model: int, d_mlp: int) -> float:
-    """The ``mlp_ratio`` timm turns back into ``d_mlp`` (``int(d_model * ratio)``): the plain ratio
-    where it does, else one nudged by half a unit (e.g. d_model 176, d_mlp 240)."""
-    ratio = d_mlp / d_model
-    return ratio if int(d_model * ratio) == d_mlp else (d_mlp + 0.5) / d_model
 
 
 def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
@@ -278,22 +197,29 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         raise UnsupportedModelError(
             f"HookedViT cannot load {name} (timm {type(model).__name__}): unsupported: {'; '.join(problems)}. "
-            "Supported: timm ViT/AugReg, DeiT (distilled too), DeiT-III, DINOv2 (registers), CLIP, SigLIP; "
-            "token, avg or map pooling"
+            "Supported: timm ViT/AugReg, DeiT (distilled too), DeiT-III, DINOv2 (registers), CLIP, SigLIP, "
+            "EVA-02 and DINOv3 (timm Eva); token, avg or map pooling"
         )
+    pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    if isinstance(model, Eva):
+        cfg = config_from_eva(model)
+        cfg.update(model_name=pretrained_cfg.get("architecture", "custom"),
+                   preprocessing=_preprocessing(pretrained_cfg, model.patch_embed))
+        cfg.update(overrides)
+        return HookedViTConfig(**cfg)
     patch = model.patch_embed
     img_h, _ = patch.img_size
     block = model.blocks[0]
     layer_scale = type(block.ls1).__name__ == "LayerScale"
     distilled = isinstance(model, VisionTransformerDistilled)
-    fc_norm = _is(model.norm, nn.Identity)
-    ln_pre = not _is(model.norm_pre, nn.Identity)
-    act_fn = _act_fn(block.mlp.act)
+    fc_norm = is_exactly(model.norm, nn.Identity)
+    ln_pre = not is_exactly(model.norm_pre, nn.Identity)
+    act_fn = act_fn_name(block.mlp.act)
     d_model, d_mlp = model.embed_dim, block.mlp.fc1.out_features
     timm_kwargs = dict(
         img_size=img_h, patch_size=patch.patch_size[0], in_chans=patch.proj.in_channels,
         num_classes=model.num_classes, embed_dim=d_model, depth=len(model.blocks),
-        num_heads=block.attn.num_heads, mlp_ratio=_mlp_ratio(d_model, d_mlp),
+        num_heads=block.attn.num_heads, mlp_ratio=mlp_ratio(d_model, d_mlp),
         qkv_bias=block.attn.qkv.bias is not None, init_values=1.0 if layer_scale else None,
         no_embed_class=model.no_embed_class, class_token=model.has_class_token, global_pool=model.global_pool,
     )
@@ -303,12 +229,9 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
         timm_kwargs["fc_norm"] = fc_norm
     if ln_pre:  # norm_pre and a bias-free patch embedding
         timm_kwargs["pre_norm"] = True
-    if _TIMM_ACT_LAYER[act_fn] is not None:
-        timm_kwargs["act_layer"] = _TIMM_ACT_LAYER[act_fn]
-    pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained_cfg.items()
-                     if k in ("mean", "std", "crop_pct", "crop_mode", "interpolation")}
-    preprocessing["input_size"] = [patch.proj.in_channels, img_h, img_h]  # the model's, not the tag's
+    if TIMM_ACT_LAYER[act_fn] is not None:
+        timm_kwargs["act_layer"] = TIMM_ACT_LAYER[act_fn]
+    preprocessing = _preprocessing(pretrained_cfg, patch)
     cfg = dict(
         img_size=img_h, patch_size=patch.patch_size[0], in_chans=patch.proj.in_channels,
         d_model=d_model, n_layers=len(model.blocks), n_heads=block.attn.num_heads, d_mlp=d_mlp,
@@ -323,20 +246,33 @@ def config_from_timm(model: nn.Module, **overrides) -> HookedViTConfig:
     return HookedViTConfig(**cfg)
 
 
-def build_timm_model(cfg: HookedViTConfig) -> VisionTransformer:
+def _preprocessing(pretrained_cfg: dict, patch: nn.Module) -> dict:
+    """The eval transform's settings of a timm ``pretrained_cfg``, at the model's own input size."""
+    preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in pretrained_cfg.items()
+                     if k in ("mean", "std", "crop_pct", "crop_mode", "interpolation")}
+    img = patch.img_size[0]
+    preprocessing["input_size"] = [patch.proj.in_channels, img, img]  # the model's, not the tag's
+    return preprocessing
+
+
+def build_timm_model(cfg: HookedViTConfig) -> VisionTransformer | Eva:
     """A fresh timm ``VisionTransformer`` (``VisionTransformerDistilled`` with a distillation token)
     of ``cfg``'s architecture (weights not loaded)."""
     kwargs = dict(cfg.timm_kwargs)
     if cfg.ln_eps != 1e-6:  # timm ViT's default eps; the config (JSON) holds the number, not a class
         kwargs["norm_layer"] = partial(TimmLayerNorm, eps=cfg.ln_eps)
-    model = (VisionTransformerDistilled if cfg.has_dist_token else VisionTransformer)(**kwargs)
+    if cfg.timm_class == "Eva":
+        model_class = Eva
+    else:
+        model_class = VisionTransformerDistilled if cfg.has_dist_token else VisionTransformer
+    model = model_class(**kwargs)
     if cfg.preprocessing:
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **cfg.preprocessing,
                                 "architecture": cfg.timm_name or cfg.model_name}
     return model
 
 
-def create_timm_from_spec(spec: PretrainedSpec, **kwargs) -> VisionTransformer:
+def create_timm_from_spec(spec: PretrainedSpec, **kwargs) -> VisionTransformer | Eva:
     """Build the spec's timm architecture with random weights (seeded by the caller)."""
     if spec.timm_name is not None:
         return timm.create_model(spec.timm_name, pretrained=False, **{**spec.timm_kwargs, **kwargs})
@@ -425,7 +361,7 @@ def load_checkpoint_into(model: nn.Module, path: str | os.PathLike) -> nn.Module
     return model
 
 
-def load_pretrained_timm(spec: PretrainedSpec) -> VisionTransformer:
+def load_pretrained_timm(spec: PretrainedSpec) -> VisionTransformer | Eva:
     """The spec's timm model with its pretrained weights: shipped file, HF cache, or timm's hub."""
     local = spec.weights_path or _cached_hub_file(spec)
     if local is not None:

@@ -16,7 +16,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
 from hooked_vit.cache import ViTActivationCache
-from hooked_vit.components import AttentionPool, LayerNorm, PatchEmbed, TransformerBlock, Unembed
+from hooked_vit.components import AttentionPool, LayerNorm, PatchEmbed, TransformerBlock, Unembed, build_rope
 from hooked_vit.config import HookedViTConfig
 from hooked_vit.errors import InvalidArgumentError, InvalidTypeError
 from hooked_vit.hook_table import hook_table
@@ -49,6 +49,20 @@ def _cross_entropy(logits: Tensor, labels: Tensor, per_image: bool) -> Tensor:
     return F.cross_entropy(logits, labels.to(logits.device), reduction="none" if per_image else "mean")
 
 
+def _with_buffers(timm_model: nn.Module, rope: nn.Module | None) -> nn.Module:
+    """``timm_model`` (an Eva built on the meta device) with its non-persistent buffers filled: the
+    rotary tables from ``rope`` (the HookedViT's, built as timm builds them) and the zero k biases."""
+    device = next(iter(timm_model.parameters())).device
+    if rope is not None:
+        for name, buffer in rope.named_buffers():
+            module_name, _, attr = f"rope.{name}".rpartition(".")
+            timm_model.get_submodule(module_name).register_buffer(attr, buffer.to(device), persistent=False)
+    for block in timm_model.blocks:
+        if getattr(block.attn, "k_bias", None) is not None:
+            block.attn.register_buffer("k_bias", torch.zeros_like(block.attn.q_bias), persistent=False)
+    return timm_model
+
+
 class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
     """A Vision Transformer whose every intermediate activation is a named HookPoint.
 
@@ -68,24 +82,28 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         if cfg.n_registers:  # DINOv2's register tokens
             self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_registers, d_model))
         n_pos = cfg.n_patches + (0 if cfg.no_embed_class else cfg.n_prefix_tokens)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d_model))
+        # None without a learned absolute position embedding (DINOv3), as timm's Eva
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d_model)) if cfg.abs_pos_embed else None
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: CLS (DIST, registers) then patch embeddings
-        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]: position embedding (0 at prefix tokens if no_embed_class)
+        # [batch, pos, d_model]: position embedding (0 at prefix tokens if no_embed_class; 0 everywhere without one)
+        self.hook_pos_embed = HookPoint()
         self.hook_full_embed = HookPoint()  # [batch, pos, d_model]: embed + pos_embed
         if cfg.ln_pre:  # CLIP: timm's norm_pre, LayerNorm on embed + pos_embed; its output enters block 0
             self.ln_pre = LayerNorm(d_model, cfg.ln_eps)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        # EVA-02 / DINOv3: timm's rotary embedding, applied to q and k in every block (hook_rot_q/k)
+        self.rope = build_rope(cfg)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         if not cfg.fc_norm:  # the final LayerNorm on every position
             self.ln_final = LayerNorm(d_model, cfg.ln_eps)
         if cfg.pooling == "map":  # SigLIP's attention-pool head over the (final-norm) patch tokens
             self.attn_pool = AttentionPool(cfg)
         if cfg.fc_norm:  # timm's fc_norm: the final LayerNorm runs on the pooled features
             self.fc_norm = LayerNorm(d_model, cfg.ln_eps)
-        self.hook_pooled = HookPoint()  # [batch, d_model]: the pooled features, the head's input
+        self.hook_pooled = HookPoint()  # [batch, d_pooled]: the pooled features, the head's input
         if cfg.has_dist_token:
             self.hook_pooled_dist = HookPoint()  # [batch, d_model]: final-norm DIST token, head_dist's input
         # TL's unembed: W_U, b_U; nn.Identity for a headless model (n_classes=0), as timm
-        self.head = Unembed(d_model, cfg.n_classes) if cfg.n_classes else nn.Identity()
+        self.head = Unembed(cfg.d_pooled, cfg.n_classes) if cfg.n_classes else nn.Identity()
         if cfg.has_dist_token:
             self.head_dist = Unembed(d_model, cfg.n_classes) if cfg.n_classes else nn.Identity()
         self.distilled_training = False  # timm's flag: in train mode return both heads' logits
@@ -117,13 +135,16 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             check_return_type(return_type, labels, images.shape[0], self.cfg.n_classes)
         batch = images.shape[0]
         tokens = torch.cat([*self._prefix_tokens(batch), self.patch_embed(images)], dim=1)
-        pos_embed = self.pos_embed
-        if self.cfg.no_embed_class:  # zero at the prefix tokens: timm adds pos_embed to the patches only
-            pos_embed = F.pad(pos_embed, (0, 0, self.cfg.n_prefix_tokens, 0))
-        pos_embed = pos_embed.expand(batch, -1, -1)
-        if self.hook_pos_embed.has_hooks():  # a hook may edit it in place: give it its own memory
-            pos_embed = pos_embed.clone()
-        x = self.hook_full_embed(self.hook_embed(tokens) + self.hook_pos_embed(pos_embed))
+        if self.pos_embed is None:  # zeros, so TransformerLens's embed + pos_embed decomposition still holds
+            x = self.hook_full_embed(self.hook_embed(tokens) + self.hook_pos_embed(torch.zeros_like(tokens)))
+        else:
+            pos_embed = self.pos_embed
+            if self.cfg.no_embed_class:  # zero at the prefix tokens: timm adds pos_embed to the patches only
+                pos_embed = F.pad(pos_embed, (0, 0, self.cfg.n_prefix_tokens, 0))
+            pos_embed = pos_embed.expand(batch, -1, -1)
+            if self.hook_pos_embed.has_hooks():  # a hook may edit it in place: give it its own memory
+                pos_embed = pos_embed.clone()
+            x = self.hook_full_embed(self.hook_embed(tokens) + self.hook_pos_embed(pos_embed))
         if self.cfg.ln_pre:
             x = self.ln_pre(x)
         for block in self.blocks[:stop_at_layer]:
@@ -161,6 +182,8 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
             pooled = x[:, 0]
         elif cfg.pooling == "avg":
             pooled = x[:, cfg.n_prefix_tokens:].mean(dim=1)
+        elif cfg.pooling == "token_avg":  # transformers' Dinov2ForImageClassification
+            pooled = torch.cat([x[:, 0], x[:, cfg.n_prefix_tokens:].mean(dim=1)], dim=1)
         else:
             pooled = self.attn_pool(x[:, cfg.n_prefix_tokens:])[:, 0]
         if cfg.fc_norm:
@@ -179,6 +202,14 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         if not self.cfg.has_dist_token:
             raise InvalidArgumentError("set_distilled_training needs a distilled DeiT (a distillation token)")
         self.distilled_training = bool(enable)
+
+    def with_classifier(self, classifier: Any) -> "HookedViT":
+        """This model with ``head`` replaced by ``classifier`` (a :class:`~hooked_vit.classifier.LinearProbe`,
+        or an ``nn.Linear`` d_model -> n_classes such as :func:`~hooked_vit.classifier.zero_shot_head`'s),
+        in place: see :func:`hooked_vit.classifier.attach_classifier`."""
+        from hooked_vit.classifier import attach_classifier
+
+        return attach_classifier(self, classifier)
 
     def loss_fn(self, logits: Float[Tensor, "batch n_classes"], labels: Int[Tensor, "batch"], *,
                 per_image: bool = False) -> Float[Tensor, "*loss"]:
@@ -212,6 +243,9 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute (and hook) each head's output ``attn.hook_result`` ``[batch, pos, head, d_model]``."""
+        if use_attn_result and self.cfg.attn_norm:
+            raise InvalidArgumentError("per-head results (hook_result) do not exist with a LayerNorm across the heads' "
+                                       "outputs before proj (attn_norm, EVA-02 CLIP): read attn.hook_z per head instead")
         self.cfg.use_attn_result = use_attn_result
         for block in self.blocks:
             block.attn.use_attn_result = use_attn_result
@@ -311,7 +345,7 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         cfg = config_from_timm(timm_model, **cfg_overrides)
         with torch.device("meta"):  # no random init: every parameter is assigned from timm's
             model = cls(cfg)
-        state_dict = {k: v.clone() for k, v in timm_to_hooked_state_dict(timm_model.state_dict()).items()}
+        state_dict = {k: v.clone() for k, v in timm_to_hooked_state_dict(timm_model.state_dict(), cfg).items()}
         model.load_state_dict(state_dict, assign=True)
         model.distilled_training = bool(getattr(timm_model, "distilled_training", False))
         return model.eval()
@@ -333,14 +367,21 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         return site_units(self, site, **kwargs)
 
     def to_timm(self) -> nn.Module:
-        """An equivalent timm ``VisionTransformer`` holding a copy of these weights."""
+        """An equivalent timm ``VisionTransformer`` (``Eva`` for EVA-02/DINOv3) holding a copy of these weights."""
         from hooked_vit.pruning.masks import without_masks
+
+        if self.cfg.pooling == "token_avg":
+            raise InvalidArgumentError("pooling 'token_avg' (CLS and mean patch token side by side, transformers' "
+                                       "Dinov2ForImageClassification) has no timm equivalent; to_timm() needs pooling "
+                                       "'token', 'avg' or 'map'")
 
         with torch.device("meta"):  # no random init: every parameter is assigned below
             timm_model = build_timm_model(self.cfg)
         # Pruned weights are already zero; the masks themselves have no timm counterpart.
-        state_dict = hooked_to_timm_state_dict(without_masks(self.state_dict()))
+        state_dict = hooked_to_timm_state_dict(without_masks(self.state_dict()), self.cfg, set(timm_model.state_dict()))
         timm_model.load_state_dict({k: v.clone() for k, v in state_dict.items()}, assign=True)
+        if self.cfg.timm_class == "Eva":  # non-persistent buffers (the rotary table, the zero k bias) built on meta
+            timm_model = _with_buffers(timm_model, self.rope)
         if self.cfg.has_dist_token:
             timm_model.distilled_training = self.distilled_training
         return timm_model.eval()

@@ -64,6 +64,7 @@ class TransformerLensMixin:
     b_V = HookedTransformer.b_V
     b_O = HookedTransformer.b_O
     W_in = HookedTransformer.W_in
+    W_gate = HookedTransformer.W_gate  # None unless gated_mlp (SwiGLU: EVA-02)
     b_in = HookedTransformer.b_in
     W_out = HookedTransformer.W_out
     b_out = HookedTransformer.b_out
@@ -100,7 +101,10 @@ class TransformerLensMixin:
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
         """Position embedding of each token, CLS (DIST, registers) first (zero rows there when
-        ``no_embed_class``)."""
+        ``no_embed_class``; all zero without a learned absolute embedding, DINOv3's RoPE-only models)."""
+        if self.pos_embed is None:
+            weight = self.patch_embed.proj.weight
+            return weight.new_zeros(self.cfg.n_ctx, self.cfg.d_model)
         pos = self.pos_embed[0]
         if not self.cfg.no_embed_class:
             return pos
@@ -166,6 +170,9 @@ class TransformerLensMixin:
         if classes.numel() and not (0 <= int(classes.min()) and int(classes.max()) < self.cfg.n_classes):
             raise InvalidArgumentError(f"class indices must be in 0..{self.cfg.n_classes - 1}, got "
                                        f"{int(classes.min())}..{int(classes.max())}")
+        if self.cfg.pooling == "token_avg":
+            raise InvalidArgumentError("with pooling 'token_avg' the head reads two vectors (CLS and the mean patch "
+                                       "token), not one residual position: use the directions at hook_pooled (model.W_U)")
         if self.cfg.pooling == "map":
             raise InvalidArgumentError("with an attention-pool head (pooling 'map') the logits are not linear in the "
                                        "residual stream: there is no class residual direction; use the gradient of "

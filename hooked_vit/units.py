@@ -94,7 +94,7 @@ class SiteUnits:
 def _kind(hook_name: str, shape: tuple[int, ...]) -> str:
     if len(shape) == 4:
         return "head"
-    if hook_name.endswith(("mlp.hook_pre", "mlp.hook_post")):
+    if hook_name.endswith(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "mlp.norm.hook_normalized")):
         return "neuron"
     return "residual"
 

@@ -144,10 +144,11 @@ def process_weights_(
     if tl_steps:
         cfg = model.cfg
         if (cfg.has_dist_token or cfg.n_registers or cfg.fc_norm or cfg.pooling != "token" or not cfg.n_classes
-                or cfg.ln_pre or not cfg.patch_bias):
+                or cfg.ln_pre or not cfg.patch_bias or cfg.timm_class != "VisionTransformer"):
             raise InvalidArgumentError("TransformerLens weight processing is implemented for CLS-token models with one "
                                        "classifier head (DeiT-III, ViT); not yet for distillation/register tokens, "
-                                       "average or attention pooling, fc_norm, ln_pre (CLIP) or headless models "
+                                       "average or attention pooling, fc_norm, ln_pre (CLIP), headless models or "
+                                       "timm Eva (EVA-02/DINOv3: RoPE, SwiGLU, inner norms) "
                                        "(fold_layer_scale alone works)")
     if fold_layer_scale:
         fold_layer_scale_(model)

@@ -171,7 +171,11 @@ def test_save_and_load_a_register_model(tmp_path):
 REFUSED = [
     ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1)), ["not a timm VisionTransformer", "windowed attention"]),
     ("beit_base_patch16_224", dict(depth=1), ["not a timm VisionTransformer", "relative position bias"]),
-    ("eva02_tiny_patch14_224", dict(depth=1), ["rotary position embeddings", "gated (GLU) MLP"]),
+    ("vit_base_patch16_rope_224", dict(depth=1), ["attention AttentionRope"]),  # timm Eva: tests/test_families_eva.py
+    ("vit_small_patch16_rope_mixed_224", dict(depth=1), ["RotaryEmbeddingMixed", "attention AttentionRope"]),
+    ("eva02_tiny_patch14_224", dict(depth=1, qk_norm=True), ["qk_norm (every block)"]),
+    ("vit_small_patch16_dinov3", dict(depth=1, init_values=1.0, attn_only_layer_scale=True), ["attn_only_layer_scale"]),
+    ("eva_giant_patch14_224", dict(depth=1, use_post_norm=True), ["EvaBlockPostNorm"]),
     ("vit_base_patch16_siglip_224", dict(depth=1, class_token=True, pool_include_prefix=True),
      ["pool_include_prefix=True"]),
     ("vit_base_patch16_224", dict(depth=1, global_pool="prr"), ["global_pool='prr'", "PRR attention pool"]),
@@ -206,6 +210,9 @@ def test_unsupported_models_are_refused_in_one_line(name, kwargs, features):
     ("clip_vitb16", "vit_base_patch16_clip_quickgelu_224.openai", 512, 0, False),
     ("siglip2_vitb16", "vit_base_patch16_siglip_224.v2_webli", 0, 0, False),
     ("siglip2_vitb16_gap", "vit_base_patch16_siglip_gap_224.v2_webli", 0, 0, False),
+    ("dinov3_vitb16", "vit_base_patch16_dinov3.lvd1689m", 0, 4, False),
+    ("eva02_vitb14_in1k", "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k", 1000, 0, False),
+    ("eva02_clip_vitb16", "eva02_base_patch16_clip_224.merged2b", 512, 0, False),
 ])  # every alias's architecture and preprocessing: test_model_parity.py::test_every_registered_alias_matches_timm_architecture
 def test_aliases_resolve_without_downloading(alias, hub_name, n_classes, n_registers, dist):
     from hooked_vit.loading import config_from_timm, create_timm_from_spec

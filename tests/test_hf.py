@@ -238,8 +238,6 @@ def test_attention_without_qkv_bias(class_name, kwargs, output):
     (lambda: make_hf("ViTModel", image_size=32, add_pooling_layer=True, **SMALL), "add_pooling_layer=False"),
     (lambda: make_hf("Dinov2Model", image_size=28, patch_size=14, use_swiglu_ffn=True, hidden_size=32,
                      num_attention_heads=2), "SwiGLU"),
-    (lambda: make_hf("Dinov2ForImageClassification", image_size=28, patch_size=14, hidden_size=32,
-                     num_attention_heads=2), r"from_hf\(hf_model.dinov2\)"),
     (lambda: make_hf("ViTForImageClassification", image_size=32, hidden_act="relu", **SMALL), "hidden_act='relu'"),
     (lambda: make_hf("SiglipVisionModel", image_size=32, patch_size=16, vision_use_head=False, **SMALL),
      "vision_use_head=False"),
@@ -256,6 +254,46 @@ def test_refusals_are_one_line(make, match):
 
     with pytest.raises(UnsupportedModelError, match=match) as error:
         HookedViT.from_hf(make())
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("class_name, prefix", [("Dinov2ForImageClassification", ["CLS"]),
+                                                ("Dinov2WithRegistersForImageClassification", ["CLS"] + [f"REG{i}" for i in range(4)])])
+def test_dinov2_classifiers_read_cls_and_the_mean_patch_token(class_name, prefix, tmp_path):
+    """Pooling 'token_avg': logits = classifier([CLS, mean of the patch tokens]) of the final-norm tokens
+    (registers excluded from the mean), as transformers; no timm twin (timm_from_hf and to_timm refuse)."""
+    from hooked_vit import HookedViT
+    from hooked_vit.errors import InvalidArgumentError, UnsupportedModelError
+    from hooked_vit.hf import timm_from_hf
+
+    hf_model = make_hf(class_name, image_size=28, patch_size=14, num_labels=7)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    model = HookedViT.from_hf(hf_model)
+    expected = hf_output(hf_model, images, "logits")
+    with torch.no_grad():
+        assert relative_error(model(images), expected) <= DEFAULT_RTOL
+        logits, cache = model.run_with_cache(images)
+        backbone = hf_model.dinov2 if hasattr(hf_model, "dinov2") else hf_model.dinov2_with_registers
+        tokens = backbone(pixel_values=images).last_hidden_state  # HF's final-norm tokens
+    assert relative_error(logits, expected) <= RTOL
+    assert model.cfg.pooling == "token_avg" and model.to_str_tokens()[:len(prefix) + 1] == prefix + ["r0c0"]
+    n = len(prefix)
+    pooled = torch.cat([tokens[:, 0], tokens[:, n:].mean(1)], dim=1)
+    assert cache["hook_pooled"].shape == (2, 2 * model.cfg.d_model)
+    assert relative_error(cache["hook_pooled"], pooled) <= RTOL
+    from analyses.model.lrp import attn_lrp, chefer_cache, chefer_propagate, transformer_attribution
+
+    relevance = chefer_propagate(model, chefer_cache(model, images), dtype=torch.float64)  # both halves enter
+    torch.testing.assert_close(relevance.resid_pre[0].sum((1, 2)), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert all(bool(torch.isfinite(m).all()) for m in (transformer_attribution(model, images), attn_lrp(model, images)))
+    model.save_pretrained(tmp_path / "dinov2_cls")
+    with torch.no_grad():
+        assert torch.equal(HookedViT.from_pretrained(tmp_path / "dinov2_cls")(images), model(images))
+    with pytest.raises(InvalidArgumentError, match="no timm equivalent") as error:
+        model.to_timm()
+    assert "\n" not in str(error.value)
+    with pytest.raises(UnsupportedModelError, match=r"timm_from_hf\(hf_model.dinov2") as error:
+        timm_from_hf(hf_model)
     assert "\n" not in str(error.value)
 
 

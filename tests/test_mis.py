@@ -5,6 +5,8 @@ tiny setting (with the layer level's SAE layout, the replacement level's and the
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -63,16 +65,17 @@ def test_tasks_are_drawn_as_specified_by_hand():
     from analyses.mis.tasks import draw_tasks
 
     acts = torch.randn(23, 3, generator=torch.Generator().manual_seed(5))
-    acts[:, 2] = torch.tensor([float(i % 4) for i in range(23)])  # ties: broken by image order
+    acts[:, 2] = torch.tensor([float(i % 4) for i in range(23)])  # ties: broken by a seeded shuffle of the images
     n_tasks, k, quantile, seed = 4, 2, 0.2, 7
     draws = draw_tasks(acts, n_tasks=n_tasks, n_references=k, quantile=quantile, seed=seed)
     pool = math.ceil(quantile * 23)
     generator = torch.Generator().manual_seed(seed)
     u_max = torch.rand(3, n_tasks, pool, generator=generator)
     u_min = torch.rand(3, n_tasks, pool, generator=generator)
+    shuffled = torch.randperm(23, generator=generator).tolist()
     for u in range(3):
         a = acts[:, u].tolist()
-        descending = sorted(range(23), key=lambda i: (-a[i], i))
+        descending = sorted(range(23), key=lambda i: (-a[i], shuffled.index(i)))
         top, bottom = descending[:pool], descending[::-1][:pool]  # bottom: least activating first
         for t in range(n_tasks):
             for uniform, pool_images, refs, query in (
@@ -83,6 +86,37 @@ def test_tasks_are_drawn_as_specified_by_hand():
                 assert refs[u, t].tolist() == picked[:k] and int(query[u, t]) == picked[k]
     with pytest.raises(ValueError, match="n_references"):
         draw_tasks(acts, n_tasks=1, n_references=9, quantile=0.1, seed=0)
+
+
+def test_ties_of_sparse_units_are_drawn_at_random():
+    """A latent active on 3 of 100 images: its max pool is those 3 (most active first) and zeros, its
+    min pool zeros; the tied zeros are drawn from all the zero images (a seeded shuffle), not the
+    first/last ones in image order, and the unit is counted as tied."""
+    from analyses.mis.score import machine_interpretability_score
+
+    g = torch.Generator().manual_seed(2)
+    acts = torch.zeros(100, 2)
+    acts[[50, 5, 90], 0] = torch.tensor([3.0, 2.0, 1.0])
+    acts[:, 1] = torch.randn(100, generator=g)
+    images = torch.randn(100, 1, 2, 2, generator=g)
+    seen_max, seen_min = set(), set()
+    for seed in range(10):
+        tasks = _tasks(acts, images, n_tasks=4, n_references=9, quantile=0.1, seed=seed)
+        d = tasks.draws
+        assert tasks.tied.tolist() == [True, False]
+        assert (d.max_refs[0, :, :3] == torch.tensor([50, 5, 90])).all()  # the pool is 10 images: all drawn
+        assert (acts[d.max_query[0], 0] == 0).all() and (acts[d.min_query[0], 0] == 0).all()  # undecidable tasks
+        seen_max |= set(d.max_refs[0, :, 3:].flatten().tolist()) | set(d.max_query[0].tolist())
+        seen_min |= set(d.min_refs[0].flatten().tolist()) | set(d.min_query[0].tolist())
+        top10 = set(acts[:, 1].argsort(descending=True)[:10].tolist())  # a dense unit: its 10 most active images
+        assert set(d.max_refs[1, 0].tolist()) == top10 - {int(d.max_query[1, 0])}
+    # in image order the zeros of the max pool would always be images 0-6 and the min pool 89-99
+    assert len(seen_max - {50, 5, 90}) > 30 and len(seen_min) > 30
+    scores = machine_interpretability_score(tasks, "pixels")
+    summary = scores.summary()
+    assert (summary["n_tied"], summary["n_units"]) == (1, 2)
+    assert summary["mean_untied"] == pytest.approx(float(scores.mis[1]))
+    assert summary["mean"] == pytest.approx(float(scores.mis.mean()))
 
 
 def test_mis_formula_by_hand_and_temperature_fit(tmp_path):
@@ -289,22 +323,61 @@ def test_clt_latents_match_their_encoder_by_hand(tmp_path, model, images, activa
         clt_encoder(tmp_path, "sparsity_0", 2)
 
 
-def test_bad_settings_fail_in_one_line(images):
+def test_bad_settings_fail_in_one_line():
     from analyses.mis.config import MISConfig
-    from analyses.mis.score import machine_interpretability_score
     from hooked_vit.errors import InvalidArgumentError, MissingFileError
 
     for bad in ({"quantile": 0.7}, {"similarity": "lpips"}, {"units": ("neurons",)}, {"temperature": 0.0}):
         with pytest.raises(InvalidArgumentError):
             MISConfig(**bad)
-    tasks = _tasks(torch.randn(20, 1), images[0][:20], n_tasks=1, n_references=1, quantile=0.1)
-    try:
-        import dreamsim  # noqa: F401
-    except ImportError:
-        with pytest.raises(MissingFileError, match="pip install dreamsim"):
-            machine_interpretability_score(tasks, "dreamsim")
-        with pytest.raises(MissingFileError, match="pip install dreamsim"):  # before any work starts
-            MISConfig(similarity="dreamsim")
+    with pytest.raises(MissingFileError, match="human_csv"):
+        MISConfig(human_csv="no/such/answers.csv")
+
+
+def test_dreamsim_errors_are_one_line_and_its_input_is_pixels(monkeypatch, model, images):
+    """Without the extra, and without its weights (offline), similarity='dreamsim' stops in one line
+    naming how to get them; with a stand-in DreamSim, it is given [0, 1] RGB images at 224 x 224."""
+    import importlib.machinery
+    import os
+    import sys
+    import types
+    import urllib.error
+
+    from analyses.mis.config import MISConfig
+    from analyses.mis.similarity import embed
+    from hooked_vit.errors import MissingFileError
+
+    x, prep = images[0][:3], model.cfg.preprocessing
+    monkeypatch.setitem(sys.modules, "dreamsim", None)  # the extra is not installed
+    for call in (lambda: MISConfig(similarity="dreamsim"), lambda: embed("dreamsim", x)):
+        with pytest.raises(MissingFileError, match=r"pip install 'hooked-vit\[mis\]'") as error:
+            call()
+        assert "\n" not in str(error.value) and "~/.cache/dreamsim" in str(error.value)
+    fake, calls = types.ModuleType("dreamsim"), []
+    fake.__spec__ = importlib.machinery.ModuleSpec("dreamsim", None)
+
+    def offline(pretrained, device, cache_dir):
+        calls.append(cache_dir)
+        raise urllib.error.URLError("no network")
+
+    fake.dreamsim = offline
+    monkeypatch.setitem(sys.modules, "dreamsim", fake)
+    with pytest.raises(MissingFileError, match=r"run it once online.*\(URLError\)$") as error:
+        embed("dreamsim", x)
+    assert "\n" not in str(error.value) and calls == [os.path.expanduser("~/.cache/dreamsim")]
+
+    class StandIn:  # DreamSim's embed: [batch 3 224 224] in [0, 1] -> [batch d]
+        def embed(self, batch):
+            calls.append(batch)
+            return batch.mean(dim=(2, 3))
+
+    fake.dreamsim = lambda pretrained, device, cache_dir: (StandIn(), None)
+    vectors = embed("dreamsim", x, mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    given = calls[-1]
+    assert given.shape == (3, 3, 224, 224) and 0 <= given.min() and given.max() <= 1
+    pixels = (x * torch.tensor(prep["std"]).view(-1, 1, 1) + torch.tensor(prep["mean"]).view(-1, 1, 1)).clamp(0, 1)
+    assert torch.allclose(given.mean(dim=(2, 3)), pixels.mean(dim=(2, 3)).expand(-1, 3), atol=1e-2)
+    assert torch.allclose(vectors, given.mean(dim=(2, 3)) / given.mean(dim=(2, 3)).norm(dim=1, keepdim=True))
 
 
 def test_level_end_to_end_on_a_tiny_setting(tmp_path, model, digits):
@@ -331,8 +404,6 @@ def test_level_end_to_end_on_a_tiny_setting(tmp_path, model, digits):
     # the SAE as the layer level saves it (<out>/<variant>/<sae>/cfg.json) gives the same latents' MIS
     layer_out = tmp_path / "layer"
     shutil.copytree(tmp_path / "mis" / "sparsity_0" / "sae_model", layer_out / "sparsity_0" / "some-sae")
-    import dataclasses
-
     from_layer = run_level(MIS(show_progress=False, model_loader=lambda c, v: model, datasets={"val": digits}),
                            dataclasses.replace(config, units=("sae",), sae_from=str(layer_out)), tmp_path / "mis2")
     assert from_layer.rows[0]["mis"] == result.rows[2]["mis"]
@@ -365,3 +436,60 @@ def test_level_end_to_end_on_a_tiny_setting(tmp_path, model, digits):
         replacement_sae(tmp_path / "replacement", "sparsity_0", 2)
     with pytest.raises(InvalidArgumentError, match="need clt_from"):
         MISConfig(units=("clt",))
+
+
+def test_level_refits_the_temperature_on_human_answers(tmp_path, model, digits):
+    """human_csv: answers drawn at a known temperature from the margins of the level's tasks
+    (re-derived here: the draws' pixel correlations) give that temperature back; every score uses
+    the refit one and stores its source; the tasks are exported for the study; a unit's settings
+    hold the answers' digest (a resumed run recomputes units when the answers change); unknown
+    units fail."""
+    from analyses.common.level import Variant, run_level
+    from analyses.mis import MIS, MISConfig
+    from analyses.mis.tasks import make_tasks
+    from hooked_vit.errors import InvalidArgumentError
+
+    digits = digits.subset(range(60))
+    config = MISConfig(sparsities=(0.0,), layers=(3,), units=("mlp_act",), max_units=6, n_tasks=3, n_references=3,
+                       quantile=0.2, split="val")
+    x = digits.tensors(show_progress=False)[0]
+    tasks = make_tasks(model, model.units(model.sites[3, "mlp_act"].hook_name, indices=range(6)), x, config)
+    flat = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
+    flat = flat / flat.norm(dim=1, keepdim=True)
+    d = tasks.draws
+
+    def s(q, refs):  # mean correlation of query image q with reference images refs
+        return float((flat[refs] @ flat[q]).mean())
+
+    margins = {f"mlp_act/3/task_{u + 1}/trial_{t + 1}":
+               (s(d.max_query[u, t], d.max_refs[u, t]) - s(d.max_query[u, t], d.min_refs[u, t]))
+               - (s(d.min_query[u, t], d.max_refs[u, t]) - s(d.min_query[u, t], d.min_refs[u, t]))
+               for u in range(6) for t in range(3)}
+    g = torch.Generator().manual_seed(0)
+    csv = tmp_path / "answers.csv"
+
+    def write_answers(temperature):
+        rows = [f"{task},{int(torch.rand(1, generator=g) < 1 / (1 + math.exp(-m / temperature)))}\n"
+                for task, m in margins.items() for _ in range(300)]
+        csv.write_text("task_id,correct\n" + "".join(rows))
+
+    write_answers(0.1)
+    level = MIS(show_progress=False, model_loader=lambda c, v: model, datasets={"val": digits})
+    config = dataclasses.replace(config, human_csv=str(csv), export_tasks=str(tmp_path / "study"))
+    row = run_level(level, config, tmp_path / "mis").rows[0]  # the tasks also exported for the people answering them
+    trial = tmp_path / "study" / "sparsity_0" / "mlp_act" / "3" / "task_6" / "trials" / "trial_3"
+    assert json.loads((trial.parents[1] / "index.json").read_text())["unit"] == 5
+    assert sorted(p.name for p in (trial / "references").iterdir()) == [f"{side}_{i}.png" for side in ("max", "min")
+                                                                        for i in range(3)]
+    assert row["temperature"] == pytest.approx(0.1, rel=0.15) and row["temperature_source"] == str(csv)
+    expected = [sum(1 / (1 + math.exp(-margins[f"mlp_act/3/task_{u + 1}/trial_{t + 1}"] / row["temperature"]))
+                    for t in range(3)) / 3 for u in range(6)]
+    assert row["mis"] == pytest.approx(expected, abs=1e-5)
+    saved = json.loads((tmp_path / "mis" / "sparsity_0" / "mlp_act" / "3.json").read_text())["settings"]
+    write_answers(0.3)  # other answers in the same file
+    assert level.settings(config, model, Variant("sparsity_0", 0.0, "dense")) \
+        == {**saved, "human_csv_sha256": hashlib.sha256(csv.read_bytes()).hexdigest()} != saved
+    csv.write_text("task_id,correct\nresid/3/task_1/trial_1,1\n")
+    with pytest.raises(InvalidArgumentError, match="not among this run's mlp_act/3"):
+        run_level(MIS(show_progress=False, model_loader=lambda c, v: model, datasets={"val": digits}), config,
+                  tmp_path / "mis3")

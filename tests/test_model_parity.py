@@ -70,13 +70,40 @@ def capture_timm(timm_model, images, grad_target=None):
     return logits.detach(), {k: views[k](v.detach()) for k, v in acts.items()}, grads
 
 
-def test_logits_bit_identical_on_default_path(timm_deit3_base, hooked_deit3_base, images_224):
+def logsumexp_target(logits: torch.Tensor) -> torch.Tensor:
+    """What the gradient tests differentiate: it reaches every logit, so every head row gets a gradient."""
+    return logits.logsumexp(-1).sum()
+
+
+# One timm forward (and one forward+backward) of deit3_base serves every test below that compares
+# with timm's default path: forward hooks that only store tensors do not change what timm computes.
+@pytest.fixture(scope="module")
+def timm_default(timm_deit3_base, images_224):
+    """timm's logits and every captured site on its default (fused attention) path, no grad."""
+    logits, ref, _ = capture_timm(timm_deit3_base, images_224)
+    return logits, ref
+
+
+@pytest.fixture(scope="module")
+def timm_grads(timm_deit3_base, images_224):
+    """timm's gradients of :func:`logsumexp_target`: per captured site (``<name>_grad``) and per
+    parameter (under the HookedViT parameter names)."""
+    from hooked_vit.loading import timm_to_hooked_state_dict
+
+    timm_deit3_base.zero_grad(set_to_none=True)
+    _, _, site_grads = capture_timm(timm_deit3_base, images_224, grad_target=logsumexp_target)
+    param_grads = timm_to_hooked_state_dict({n: p.grad for n, p in timm_deit3_base.named_parameters()})
+    timm_deit3_base.zero_grad(set_to_none=True)
+    return site_grads, param_grads
+
+
+def test_logits_bit_identical_on_default_path(timm_default, hooked_deit3_base, images_224):
     with torch.no_grad():
-        assert torch.equal(hooked_deit3_base(images_224), timm_deit3_base(images_224))
+        assert torch.equal(hooked_deit3_base(images_224), timm_default[0])
 
 
-def test_embeddings_match_timm(timm_deit3_base, hooked_deit3_base, images_224):
-    _, ref, _ = capture_timm(timm_deit3_base, images_224)
+def test_embeddings_match_timm(timm_deit3_base, timm_default, hooked_deit3_base, images_224):
+    ref = timm_default[1]
     _, cache = hooked_deit3_base.run_with_cache(images_224, names_filter=lambda n: "embed" in n)
     assert torch.equal(cache["hook_embed"][:, 1:], ref["patch_embed"])
     assert torch.equal(cache["hook_embed"][:, 0], timm_deit3_base.cls_token[0].expand(2, -1))
@@ -85,8 +112,8 @@ def test_embeddings_match_timm(timm_deit3_base, hooked_deit3_base, images_224):
     assert not cache["hook_pos_embed"][:, 0].any()
 
 
-def test_every_site_bit_identical_when_no_explicit_path_is_needed(timm_deit3_base, hooked_deit3_base, images_224):
-    ref_logits, ref, _ = capture_timm(timm_deit3_base, images_224)
+def test_every_site_bit_identical_when_no_explicit_path_is_needed(timm_default, hooked_deit3_base, images_224):
+    ref_logits, ref = timm_default
     fast = [n for n in ref if not re.search(r"hook_scale|attn_scores|pattern|patch_embed", n)]
     logits, cache = hooked_deit3_base.run_with_cache(images_224, names_filter=fast)
     assert torch.equal(logits, ref_logits)
@@ -118,14 +145,14 @@ def test_every_site_matches_timm_on_explicit_path(timm_deit3_base, hooked_deit3_
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "explicit"])
-def test_gradients_match_timm(timm_deit3_base, hooked_deit3_base, images_224, explicit):
-    target = lambda logits: logits[:, 7].sum()  # noqa: E731
-    _, _, ref_grads = capture_timm(timm_deit3_base, images_224, grad_target=target)
+def test_gradients_match_timm(timm_grads, hooked_deit3_base, images_224, explicit):
+    ref_grads = timm_grads[0]
     names = ["hook_full_embed", "blocks.0.attn.hook_q", "blocks.4.mlp.hook_post", "blocks.11.hook_attn_out",
              "blocks.11.hook_resid_post", "hook_pooled"]
     if explicit:
         names.append("blocks.3.attn.hook_pattern")  # forces the explicit path in block 3
-    _, cache = hooked_deit3_base.run_with_cache(images_224, names_filter=names, incl_bwd=True, metric=target)
+    _, cache = hooked_deit3_base.run_with_cache(images_224, names_filter=names, incl_bwd=True,
+                                                metric=logsumexp_target)
     for name in names:
         if name.endswith("hook_pattern"):
             assert cache[name + "_grad"].shape == (2, 12, 197, 197)
@@ -134,23 +161,18 @@ def test_gradients_match_timm(timm_deit3_base, hooked_deit3_base, images_224, ex
         torch.testing.assert_close(cache[name + "_grad"], ref, rtol=0,
                                    atol=EXPLICIT_ATOL * max(1.0, ref.abs().max().item()), msg=name)
     hooked_deit3_base.zero_grad(set_to_none=True)
-    timm_deit3_base.zero_grad(set_to_none=True)
 
 
-def test_parameter_gradients_match_timm(timm_deit3_base, hooked_deit3_base, images_224):
-    from hooked_vit.loading import timm_to_hooked_state_dict
-
-    for model in (timm_deit3_base, hooked_deit3_base):
-        model.zero_grad(set_to_none=True)
-        model(images_224).logsumexp(-1).sum().backward()
-    timm_grads = timm_to_hooked_state_dict({n: p.grad for n, p in timm_deit3_base.named_parameters()})
+def test_parameter_gradients_match_timm(timm_grads, hooked_deit3_base, images_224):
+    hooked_deit3_base.zero_grad(set_to_none=True)
+    logsumexp_target(hooked_deit3_base(images_224)).backward()
+    param_grads = timm_grads[1]
     for name, param in hooked_deit3_base.named_parameters():
-        assert torch.equal(param.grad, timm_grads[name]), name
-    for model in (timm_deit3_base, hooked_deit3_base):
-        model.zero_grad(set_to_none=True)
+        assert torch.equal(param.grad, param_grads[name]), name
+    hooked_deit3_base.zero_grad(set_to_none=True)
 
 
-def test_to_timm_round_trip_is_exact(timm_deit3_base, hooked_deit3_base, images_224):
+def test_to_timm_round_trip_is_exact(timm_deit3_base, timm_default, images_224):
     from hooked_vit import HookedViT
 
     back = HookedViT.from_timm(timm_deit3_base).to_timm()
@@ -159,7 +181,7 @@ def test_to_timm_round_trip_is_exact(timm_deit3_base, hooked_deit3_base, images_
     for key, value in back.state_dict().items():
         assert torch.equal(value, ref[key]), key
     with torch.no_grad():
-        assert torch.equal(back(images_224), timm_deit3_base(images_224))
+        assert torch.equal(back(images_224), timm_default[0])
     assert tuple(back.pretrained_cfg["mean"]) == tuple(timm_deit3_base.pretrained_cfg["mean"])
 
 
@@ -195,8 +217,12 @@ def test_every_registered_alias_matches_timm_architecture():
     for alias, spec in registry().items():
         if spec.timm_name is None:
             continue
+        # The architecture alone: timm's VisionTransformer can skip weight init (on the meta device
+        # its init ops cost ~0.5 s a model); Eva (EVA-02, DINOv3) has no such switch.
+        vit = timm.models.is_model_in_modules(spec.timm_name, ["vision_transformer", "deit"])
+        skip = {"weight_init": "skip"} if vit else {}
         with torch.device("meta"):
-            cfg = config_from_timm(timm.create_model(spec.timm_name, pretrained=False))
+            cfg = config_from_timm(timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs, **skip))
         for key, value in spec.extra["architecture"].items():
             assert getattr(cfg, key) == value, (alias, key)
         pretrained_cfg = timm.models.get_pretrained_cfg(spec.hub_name).to_dict()

@@ -167,45 +167,63 @@ def test_cache_store_killed_before_rename_leaves_no_entry_and_rebuilds(tmp_path,
 
 
 # ------------------------------------------------------------------------------------ the shared cache
-def test_two_processes_asking_for_one_variant_and_its_means_build_them_once(tmp_path):
-    """Two processes (torchrun ranks, parallel jobs) ask for the same pruned variant at once, then
-    for the same dataset means: one builds each (under its file lock), the other waits and loads;
-    both get the same weights and means and nobody crashes."""
-    code = textwrap.dedent("""
-        import os, sys, time
-        import torch
-        from analyses.common import ablation
-        from hooked_vit.pruning import recipe
-        def logged(real, log_name):
-            def slow(*args, **kwargs):  # widen the window in which the other process arrives
-                with open(os.path.join(os.environ["LOGS"], log_name), "a") as log:
-                    log.write(f"{os.getpid()}\\n")
-                time.sleep(1)
-                return real(*args, **kwargs)
-            return slow
-        recipe.prune = logged(recipe.prune, "builds.txt")
-        ablation.compute_means = logged(ablation.compute_means, "means.txt")
-        from hooked_vit import HookedViT
-        from hooked_vit.pruning.cached import state_digest
-        barrier = os.environ["BARRIER"]
-        open(os.path.join(barrier, str(os.getpid())), "w").close()
-        while len(os.listdir(barrier)) < 2:  # both ask at the same moment
+def ask_for_a_variant_and_its_means(logs: Path, barrier: Path, other: subprocess.Popen | None = None) -> str:
+    """What each of two processes does at the same moment: ask for one pruned variant, then for the
+    means of one dataset; builds and mean computations are logged by pid to ``logs`` (and widened by
+    a second). Returns the variant's weight digest and the means' sums. Gives up waiting for the
+    other process after 5 minutes, or once ``other`` (a subprocess) has exited."""
+    import time
+
+    from analyses.common import ablation
+    from hooked_vit import HookedViT
+    from hooked_vit.pruning import recipe
+    from hooked_vit.pruning.cached import state_digest
+
+    def logged(real, log_name):
+        def slow(*args, **kwargs):  # widen the window in which the other process arrives
+            with open(logs / log_name, "a") as log:
+                log.write(f"{os.getpid()}\n")
+            time.sleep(1)
+            return real(*args, **kwargs)
+        return slow
+
+    real_prune, real_means = recipe.prune, ablation.compute_means
+    recipe.prune, ablation.compute_means = logged(real_prune, "builds.txt"), logged(real_means, "means.txt")
+    try:
+        (barrier / str(os.getpid())).touch()
+        deadline = time.monotonic() + 300
+        while len(list(barrier.iterdir())) < 2:  # both ask at the same moment
+            if time.monotonic() > deadline or (other is not None and other.poll() is not None):
+                raise RuntimeError("the other process never asked")
             time.sleep(0.01)
         model = HookedViT.from_pretrained("deit3_tiny_digits", sparsity=0.5, method="magnitude")
         images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         data = torch.utils.data.TensorDataset(images, torch.zeros(8, dtype=torch.long))
         means = ablation.load_or_compute_means(model, data, show_progress=False)
-        print(state_digest(model), [float(means.means[k].double().sum()) for k in sorted(means.means)])
-    """)
+        return f"{state_digest(model)} {[float(means.means[k].double().sum()) for k in sorted(means.means)]}"
+    finally:
+        recipe.prune, ablation.compute_means = real_prune, real_means
+
+
+def test_two_processes_asking_for_one_variant_and_its_means_build_them_once(tmp_path, monkeypatch):
+    """Two processes (torchrun ranks, parallel jobs) ask for the same pruned variant at once, then
+    for the same dataset means: one builds each (under its file lock), the other waits and loads;
+    both get the same weights and means and nobody crashes. The second process is this one (a
+    subprocess costs a second import of torch and the libraries)."""
+    code = (f"import sys; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "from test_recovery import ask_for_a_variant_and_its_means as ask; "
+            "print(ask(Path(sys.argv[1]), Path(sys.argv[2])))")
     (tmp_path / "barrier").mkdir()
-    env = {**os.environ, "HOOKED_VIT_CACHE": str(tmp_path / "cache"), "LOGS": str(tmp_path),
-           "BARRIER": str(tmp_path / "barrier"), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
-    outputs = {out.strip().splitlines()[-1] for out, _ in results}
-    assert len(outputs) == 1, outputs  # the same weights and the same means
+    monkeypatch.setenv("HOOKED_VIT_CACHE", str(tmp_path / "cache"))
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "barrier")],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        here = ask_for_a_variant_and_its_means(tmp_path, tmp_path / "barrier", other)
+    finally:
+        out, err = other.communicate(timeout=300)
+        assert other.returncode == 0, err[-2000:]  # the other side's error explains a failure on this side too
+    assert out.strip().splitlines()[-1] == here  # the same weights and the same means
     assert len((tmp_path / "builds.txt").read_text().split()) == 1  # built once, loaded once
     assert len((tmp_path / "means.txt").read_text().split()) == 1  # computed once, loaded once
     assert [p.name.split("-")[:3] for p in (tmp_path / "cache" / "pruned").iterdir()] == \

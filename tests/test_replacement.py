@@ -1,9 +1,16 @@
 """The replacement level (residual replacement model, Kim et al. 2025): the replacement forward, a node
 score and an edge weight re-derived by autograd on a hand-built two-SAE model, error-node
-exactness, joint SAE training, the faithfulness curves' end points, sae-lens save/load, bad
-settings, and the level end to end on a tiny config."""
+exactness, joint SAE training (with its schedule, resumed exactly, and under torchrun: two
+processes on half batches land on the one-process SAEs), the faithfulness curves' end points,
+sae-lens save/load, the spurious-correlation split and its marker features, bad settings, and the
+level end to end on a tiny config."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,7 +182,7 @@ def test_joint_training_improves_fve_resumes_exactly_and_the_saes_load_in_sae_le
             return [float(1 - (s.decode(s.encode(x)) - x).pow(2).sum() / (x - x.mean((0, 1))).pow(2).sum())
                     for s, x in zip(saes.values(), xs)]
 
-    kwargs = {"batch_images": 8, "lr": 3e-3, "seed": 1, "log_every": 10}
+    kwargs = {"batch_images": 8, "lr": 3e-3, "seed": 1, "log_every": 10, "cls_repeats": 2}
     settings = [(4, 2.0), (6, 1.5)]
     short, _, _ = train_saes(three_blocks, data, settings, steps=1, **kwargs)
     longer, log, _ = train_saes(three_blocks, data, settings, steps=30, **kwargs)
@@ -211,8 +218,53 @@ def test_joint_training_improves_fve_resumes_exactly_and_the_saes_load_in_sae_le
         torch.testing.assert_close(again.medians[hook]["latents"], rm.medians[hook]["latents"])
 
 
+def test_the_spurious_split_and_the_marker_features_sit_on_the_marker(three_blocks, rm, images):
+    import copy
+
+    from analyses.replacement.replacement import ReplacementModel
+    from analyses.replacement.spurious import marker_positions, marker_shares, spurious_split, stamp_marker
+
+    labels = torch.arange(12) % 3
+    biased, new_labels, marked = spurious_split(images, labels, 1, rate=0.5, poison=0.25, side=8, value=5.0, seed=0)
+    assert int((marked & (labels == 1)).sum()) == 2 and int((marked & (labels != 1)).sum()) == 2
+    assert (new_labels[marked] == 1).all() and torch.equal(new_labels[~marked], labels[~marked])
+    assert (biased[marked][:, :, :8, :8] == 5.0).all() and torch.equal(biased[~marked], images[~marked])
+    positions = marker_positions(three_blocks, 1)  # an 8-pixel square on a 4 x 4 grid of 8-pixel patches
+    assert positions.tolist() == [0]
+    stamped = stamp_marker(images, 8, 5.0)
+    # hand-built: latent 0 of the first SAE reads the marker patch's mean standardised residual
+    hooks = rm.hooks
+    _, cache = three_blocks.run_with_cache(stamped, names_filter=hooks)
+    saes = dict(rm.saes)
+    saes[hooks[0]] = sae0 = copy.deepcopy(rm.saes[hooks[0]])
+    marker_resid = _standardize(cache[hooks[0]][:, 1])[0]
+    direction = marker_resid.mean(0) - sae0.b_dec
+    with torch.no_grad():
+        sae0.W_enc[:, 0] = 3 * direction / direction.norm()
+        sae0.b_enc[0] = -1.5 * float(((marker_resid - sae0.b_dec) @ direction / direction.norm()).min())
+    built = ReplacementModel(saes, rm.medians, "logit")
+    shares = marker_shares(built, three_blocks, stamped, positions, batch_size=5)
+    for layer, hook in enumerate(hooks):  # re-derived token by token
+        sae = saes[hook]
+        on, total = torch.zeros(sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae)
+        for image in range(len(stamped)):
+            for patch in range(16):
+                z = sae.encode(cache[hook][image, 1 + patch])
+                total += z
+                on += z if patch == 0 else 0
+        fired = total > 0
+        torch.testing.assert_close(shares[layer][fired], (on / total)[fired], rtol=1e-4, atol=1e-6)
+        assert torch.isnan(shares[layer][~fired]).all()
+    # the hand-built latent is found on the marker, and every latent found there fires most on patch 0
+    marker = torch.nonzero(shares[0] >= 0.5)[:, 0]
+    assert 0 in marker.tolist()
+    per_patch = torch.stack([sae0.encode(cache[hooks[0]][:, 1 + p]).sum(0) for p in range(16)])
+    assert (per_patch[:, marker].argmax(0) == 0).all()
+
+
 def test_bad_settings_fail_before_any_work(three_blocks, rm, images):
     from analyses.replacement.config import ReplacementConfig, reference_schedule
+    from analyses.replacement.saes import lr_factor
     from hooked_vit.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="k holds 2 values"):
@@ -221,9 +273,12 @@ def test_bad_settings_fail_before_any_work(three_blocks, rm, images):
         ReplacementConfig(fractions=(0, 1.5))
     with pytest.raises(InvalidArgumentError, match="architecture"):
         ReplacementConfig(architecture="relu")
+    with pytest.raises(InvalidArgumentError, match="spurious_poison must be a number in"):
+        ReplacementConfig(spurious_poison=1.5)
     with pytest.raises(InvalidArgumentError, match="target must be a class"):
         rm.attribute(three_blocks, images[:1], 10)
     assert reference_schedule(3, 96) == [(1, 0.25), (16, 2.0), (16, 2.0)]
+    assert [lr_factor(step, 10, 0.2) for step in (0, 7, 8, 9)] == [1.0, 1.0, 1.0, 0.5]
     assert reference_schedule(11, 768)[0] == (4, 0.25) and reference_schedule(11, 768)[6] == (128, 4.0)
 
 
@@ -237,7 +292,8 @@ def test_level_runs_end_to_end_on_a_tiny_config(cache, tmp_path):
     splits = {"train": load_dataset("digits", split="train", model=model).subset(range(64)),
               "val": load_dataset("digits", split="val", model=model).subset(range(0, 360, 9))}
     config = ReplacementConfig(steps=3, batch_images=8, k=(4,), expansion_factor=(1,), classes=(1,), graph_images=1,
-                               node_budget=5, median_images=16, fractions=(0, 0.1, 1), faithfulness_images=4)
+                               node_budget=5, median_images=16, fractions=(0, 0.1, 1), faithfulness_images=4,
+                               spurious_steps=2, spurious_epochs=1)
     result = run_level(Replacement(show_progress=False, datasets=splits), config, tmp_path)
     assert [r["replaced"] for r in result.replacement] == ["model", "all layers", *[f"blocks.{l}.hook_resid_post"
                                                                                    for l in range(3)]]
@@ -245,8 +301,55 @@ def test_level_runs_end_to_end_on_a_tiny_config(cache, tmp_path):
     assert [g["class"] for g in result.graphs] == [1] and {r["method"] for r in result.aucs} == {
         "attribution", "random", "neuron"}
     assert {r["layer"] for r in result.catalogue} == {0, 1, 2} and len(result.catalogue_summary()) == 3
+    spurious = result.spurious_rows()[0]
+    assert spurious["class"] == 0 and spurious["train_marked"] > spurious["train_relabelled"] > 0
+    assert spurious["original_clean"] == result.replacement[0]["accuracy"]  # the model's val top-1, twice
     for name in ("result.json", "layers.csv", "faithfulness_auc.csv", "faithfulness.png", "graph.png", "replacement.md",
-                 "catalogue.png", "catalogue.csv"):
+                 "catalogue.png", "catalogue.csv", "spurious.png", "spurious.csv"):
         assert (tmp_path / name).is_file(), name
     assert ReplacementResult.load(tmp_path).aucs == result.aucs
     assert (tmp_path / "sparsity_0" / "graphs" / "class_1.json").is_file()
+
+
+DDP_SCRIPT = """
+import os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from tests.conftest import make_timm
+from hooked_vit import HookedViT
+from analyses.replacement.saes import train_saes
+
+dist.init_process_group("gloo")
+model = HookedViT.from_timm(make_timm("deit3_small_patch16_224", depth=3, img_size=32, patch_size=8, embed_dim=32,
+                                      num_heads=2, num_classes=10)).eval()
+data = [(image, 0) for image in torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(5))]
+saes, _, _ = train_saes(model, data, [(4, 2.0), (6, 1.5)], steps=int(sys.argv[2]), batch_images=8, lr=3e-3, seed=1,
+                        cls_repeats=2, checkpoint=sys.argv[1] + "/state.pt", checkpoint_every=3)
+torch.save({{h: s.state_dict() for h, s in saes.items()}}, sys.argv[1] + f"/rank{{dist.get_rank()}}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_the_one_process_saes_and_resume(three_blocks, tmp_path):
+    """2 gloo processes, each on half of every batch with averaged gradients, end with identical SAEs,
+    equal to one process on the whole batches; killed after 3 steps and resumed, the same."""
+    from analyses.replacement.saes import train_saes
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=str(Path(__file__).parents[1])))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    for steps in (3, 6):  # the second run resumes from the checkpoint of step 3
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(script), str(tmp_path), str(steps)], check=False, capture_output=True, text=True,
+                             env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data = [(image, 0) for image in torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(5))]
+    single, _, _ = train_saes(three_blocks, data, [(4, 2.0), (6, 1.5)], steps=6, batch_images=8, lr=3e-3, seed=1,
+                              cls_repeats=2)
+    for hook, sae in single.items():
+        for name, value in sae.state_dict().items():
+            assert torch.equal(ranks[0][hook][name], ranks[1][hook][name]), (hook, name)
+            torch.testing.assert_close(ranks[0][hook][name], value, rtol=1e-4, atol=1e-5)

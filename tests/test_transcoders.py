@@ -239,10 +239,10 @@ def test_a_killed_training_resumes_from_its_checkpoint_exactly(tiny, tmp_path, m
     whole = train_clt(tiny, tiny_images(), config, out_dir=tmp_path / "whole", progress=False)
     original = training.step_loss
 
-    def dies_at_step_15(clt, x, y, cfg, step, since_fired):
+    def dies_at_step_15(clt, x, y, cfg, step, since_fired, **options):
         if step == 15:
             raise KeyboardInterrupt
-        return original(clt, x, y, cfg, step, since_fired)
+        return original(clt, x, y, cfg, step, since_fired, **options)
 
     monkeypatch.setattr(training, "step_loss", dies_at_step_15)
     with pytest.raises(KeyboardInterrupt):
@@ -256,6 +256,117 @@ def test_a_killed_training_resumes_from_its_checkpoint_exactly(tiny, tmp_path, m
     torch.testing.assert_close(loaded.W_enc, resumed.W_enc)
 
 
+DATA_PARALLEL_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_transcoders import small_config, tiny_images
+from analyses.transcoders import train_clt, training
+from hooked_vit import HookedViT
+
+out, rank = {out!r}, int(__import__("os").environ["RANK"])
+model = HookedViT.from_pretrained("deit3_tiny_digits").eval()
+config = small_config()
+whole = train_clt(model, tiny_images(), config, out_dir=out + "/whole", progress=False)
+torch.save(whole.state_dict(), f"{{out}}/whole_{{rank}}.pt")
+original = training.step_loss
+
+def dies_at_step_15(clt, x, y, cfg, step, since_fired, **options):
+    if step == 15:
+        raise KeyboardInterrupt
+    return original(clt, x, y, cfg, step, since_fired, **options)
+
+training.step_loss = dies_at_step_15
+try:
+    train_clt(model, tiny_images(), config, out_dir=out + "/killed", progress=False)
+except KeyboardInterrupt:
+    pass
+training.step_loss = original
+resumed = train_clt(model, tiny_images(), config, out_dir=out + "/killed", progress=False)
+torch.save(resumed.state_dict(), f"{{out}}/resumed_{{rank}}.pt")
+"""
+
+
+def by_hand_data_parallel(model, images, config, world):
+    """``world`` processes simulated in one: process r's stream, the scales and decoder-bias start
+    averaged, a latent alive if it fired on any process, the gradients averaged, one Adam step."""
+    from analyses.transcoders import CrossLayerTranscoder
+    from analyses.transcoders.distributed import DataParallel
+    from analyses.transcoders.training import lr_factor, step_loss, token_stream
+
+    clt = CrossLayerTranscoder.for_model(model, expansion_factor=config.expansion_factor, k=config.k, seed=config.seed)
+    optimizer = torch.optim.Adam([p for p in clt.parameters() if p.requires_grad], lr=config.lr)
+    streams = [token_stream(model, images, config, clt.input_hook, rank=r, world=world) for r in range(world)]
+    since_fired = torch.zeros(clt.n_layers, clt.d_latent)
+    for step in range(config.steps):
+        batches = [next(stream) for stream in streams]
+        if step == 0:
+            scales = [torch.stack([b[j].pow(2).mean(dim=(0, 2)) for b in batches]).mean(0).sqrt() for j in (0, 1)]
+        batches = [(x / scales[0][:, None], y / scales[1][:, None]) for x, y in batches]
+        if step == 0:
+            with torch.no_grad():
+                clt.b_dec.copy_(torch.stack([y.mean(0) for _, y in batches]).mean(0))
+        union = torch.zeros(clt.n_layers, clt.d_latent, dtype=torch.bool)
+        with torch.no_grad():
+            for x, _ in batches:
+                pre = torch.einsum("nld,lfd->nlf", x, clt.W_enc) + clt.b_enc
+                top = pre.topk(config.k, dim=-1)
+                for l in range(clt.n_layers):
+                    union[l, top.indices[:, l][top.values[:, l] > 0]] = True
+
+        class AnyProcess(DataParallel):  # what every process sees after combining the fired latents
+            def any_(self, mask, union=union):
+                return union
+
+        grads, updated = [], None
+        for x, y in batches:
+            copy = since_fired.clone()
+            loss, _ = step_loss(clt, x, y, config, step, copy, processes=AnyProcess())
+            grads.append(torch.autograd.grad(loss, [p for p in clt.parameters() if p.requires_grad],
+                                             allow_unused=True))
+            updated = copy
+        since_fired = updated
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config)
+        for i, p in enumerate(p for p in clt.parameters() if p.requires_grad):
+            p.grad = sum(g[i] if g[i] is not None else torch.zeros_like(p) for g in grads) / world
+        optimizer.step()
+    with torch.no_grad():
+        clt.fold_scales(*scales)
+    return clt
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_one_transcoder_data_parallel(tmp_path):
+    """2 gloo processes: each streams its own share, gradients averaged: both end with the same
+    weights, those of a by-hand 2-process simulation, and a killed run resumes to them on both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hooked_vit import HookedViT
+
+    script = tmp_path / "data_parallel.py"
+    script.write_text(DATA_PARALLEL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], check=False, capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("parameters") == 3  # by rank 0 alone, once per training (whole, killed, resumed)
+    assert "on each of 2 processes, resuming at step 10" in run.stdout
+    whole = [torch.load(tmp_path / f"whole_{r}.pt") for r in range(2)]
+    resumed = [torch.load(tmp_path / f"resumed_{r}.pt") for r in range(2)]
+    model = HookedViT.from_pretrained("deit3_tiny_digits").eval()
+    expected = by_hand_data_parallel(model, tiny_images(), small_config(), world=2).state_dict()
+    for name in expected:
+        assert torch.equal(whole[0][name], whole[1][name]), name
+        torch.testing.assert_close(whole[0][name], expected[name], msg=name)
+        for r in range(2):
+            torch.testing.assert_close(resumed[r][name], whole[r][name], msg=name)
+    assert (tmp_path / "whole" / "final" / "config.json").is_file()
+
+
 def test_save_and_load_round_trip(tmp_path):
     from analyses.transcoders import CrossLayerTranscoder
 
@@ -265,6 +376,39 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.config() == clt.config()
     for (name, a), b in zip(clt.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("kind, activation, skip", [("plt", "topk", False), ("plt", "abstopk", True),
+                                                     ("plt", "jumprelu", True), ("sae", "jumprelu", False)])
+def test_per_layer_baselines_are_sae_lens_dictionaries(tmp_path, kind, activation, skip):
+    """``plt[l]`` is a sae-lens object whose own forward is the layer's transcoder written out; the
+    files load with ``sae_lens.SAE.load_from_disk`` (JumpReLU: as sae-lens's own classes)."""
+    import sae_lens
+
+    from analyses.transcoders import CrossLayerTranscoder
+
+    hook = "ln2.hook_normalized" if kind == "plt" else "hook_mlp_out"
+    dictionary = random_clt(cross_layer=False, input_hook=hook, activation=activation, k=5, skip=skip,
+                            threshold_init=0.2)
+    dictionary.save(tmp_path / "d")
+    x = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(12))
+    own = {("plt", False): sae_lens.JumpReLUTranscoder, ("plt", True): sae_lens.JumpReLUSkipTranscoder,
+           ("sae", False): sae_lens.JumpReLUSAE}
+    for layer in range(3):
+        with torch.no_grad():  # by hand: the layer's codes, its one decoder, its skip
+            expected = by_hand_codes(dictionary, layer, x[:, layer]) @ dictionary.W_dec[layer][:, 0]
+            expected += dictionary.b_dec[layer] + (x[:, layer] @ dictionary.W_skip[layer] if skip else 0)
+            loaded = sae_lens.SAE.load_from_disk(tmp_path / "d" / f"layer_{layer}")
+            for sae in (dictionary[layer], loaded):
+                assert isinstance(sae, sae_lens.Transcoder if kind == "plt" else sae_lens.SAE)
+                torch.testing.assert_close(sae(x[:, layer]), expected)
+        assert loaded.cfg.metadata.hook_name == f"blocks.{layer}.{hook}"
+        if activation == "jumprelu":
+            assert type(loaded) is own[(kind, skip)]
+    again = CrossLayerTranscoder.load(tmp_path / "d")
+    for (name, a), b in zip(dictionary.state_dict().items(), again.state_dict().values()):
+        if name != "log_threshold" or activation == "jumprelu":  # a TopK dictionary has no threshold
+            torch.testing.assert_close(a, b, msg=name)
 
 
 def test_the_circuit_tracer_layout_reads_with_plain_safetensors(tmp_path):
@@ -319,12 +463,13 @@ def test_the_level_runs_end_to_end_on_a_tiny_config(tmp_path):
     assert curves[0]["removal"] == curves[-1]["keep"]  # nothing removed = everything kept
     assert len(result.per_class) == len(set(held_out.labels.tolist()))
     assert (tmp_path / "contributions.png").is_file() and (tmp_path / "sparsity_0" / "clt" / "final").is_dir()
+    assert (tmp_path / "sparsity_0" / "plt" / "final" / "layer_3" / "cfg.json").is_file()  # sae-lens's format
     assert CLTResult.load(tmp_path) == result
     assert "Replacement" in result.markdown()
 
 
 def test_bad_inputs_are_refused_in_one_line(tiny):
-    from analyses.transcoders import CLTConfig, CrossLayerTranscoder
+    from analyses.transcoders import CLTConfig, CrossLayerTranscoder, train_clt
     from hooked_vit.errors import InvalidArgumentError
 
     clt = model_clt(tiny, k=4)
@@ -333,6 +478,9 @@ def test_bad_inputs_are_refused_in_one_line(tiny):
         (lambda: CLTConfig(activation="relu"), "activation must be one of"),
         (lambda: CLTConfig(baselines=("clt",)), "baselines must be among"),
         (lambda: CLTConfig(lr_decay_fraction=2), "lr_decay_fraction must lie in"),
+        (lambda: CLTConfig(skip=True, baselines=("sae",)), "sae-lens SAEs have no skip connection"),
+        (lambda: clt[0], "only per-layer dictionaries"),
+        (lambda: train_clt(tiny, tiny_images(), small_config(), distributed=True), "launch with torchrun"),
         (lambda: CrossLayerTranscoder(2, 8, 4, k=5), "k=5 exceeds d_latent=4"),
         (lambda: clt.replaced(tiny, layers=[2]).__enter__(), "layers must lie in 0..1"),
         (lambda: clt.replaced(tiny, positions="tokens").__enter__(), "positions must be one of"),

@@ -7,6 +7,7 @@ only: the command line builds its options from these fields without importing to
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
@@ -16,6 +17,9 @@ from hooked_vit.protocol import SAMPLINGS, variant_protocol
 
 DEFAULT_MODEL = DEFAULT_ALIAS
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)  # the paper's: dense + Wanda 0.1/0.3/0.5/0.7
+# ModelFamily.classifier: the model's own head, a linear probe ("probe" or "probe:N"), or zero-shot class embeddings.
+CLASSIFIER_MODEL, CLASSIFIER_PROBE, CLASSIFIER_ZERO_SHOT = "model", "probe", "zero-shot:"
+CLASS_EMBEDDING_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def setting(default: Any = MISSING, help: str = "", *, choices: tuple[Any, ...] | None = None,
@@ -43,7 +47,8 @@ def variant_settings(model: str, *, finetune_epochs: int | None = None, n_calib:
 class ModelFamily:
     """The dense model and its pruned variants a level runs over (the fields every level config
     starts with). ``None`` variant settings are the model preset's protocol
-    (:func:`variant_settings`), filled in on construction."""
+    (:func:`variant_settings`), filled in on construction. ``classifier`` gives a headless model its
+    class logits (:func:`analyses.common.variants.with_family_classifier`, docs/headless.md)."""
 
     model: str = setting(DEFAULT_MODEL, "model alias (e.g. deit3_base) or saved model folder")
     data: str = setting("builtin", "'builtin' (the model's own dataset) or an ImageNet-style folder root")
@@ -55,9 +60,16 @@ class ModelFamily:
     n_calib: int | None = setting(None, "Wanda calibration images from the train split (default: the preset's)")
     calib_sampling: str | None = setting(None, "how calibration images are drawn (default: the preset's)",
                                          choices=SAMPLINGS)
+    classifier: str = setting(CLASSIFIER_MODEL, "where the class logits come from: 'model' (the model's own head), "
+                              "'probe' (a linear probe on the pooled features of the train split of data, trained "
+                              "once and cached; 'probe:N' on N images of it) or 'zero-shot:PATH' (CLIP class "
+                              "embeddings [n_classes, d_embed] in a .pt or .safetensors file); a headless model "
+                              "(DINOv2, SigLIP, a CLIP tower) needs one of the last two",
+                              metavar="model|probe[:N]|zero-shot:PATH")
     device: str | None = setting(None, "torch device (default CUDA when available, else CPU)")
 
     def __post_init__(self) -> None:
+        check_classifier(self.classifier)
         self.sparsities = tuple(self.sparsities)
         if self.method not in PRUNING_METHODS:
             raise InvalidArgumentError(f"method must be one of {', '.join(PRUNING_METHODS)}, got {self.method!r}")
@@ -71,6 +83,20 @@ class ModelFamily:
         for s in self.sparsities:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
                 raise InvalidArgumentError(f"sparsities must lie in [0, 1), got {s!r}")
+
+
+def check_classifier(classifier: Any) -> None:
+    """One-line error unless ``classifier`` is ``"model"``, ``"probe"``, ``"probe:N"`` (N >= 1) or
+    ``"zero-shot:PATH"`` with a .pt, .pth or .safetensors PATH (whether it exists is checked on loading)."""
+    text = classifier if isinstance(classifier, str) else ""
+    count = text[len(CLASSIFIER_PROBE) + 1:] if text.startswith(CLASSIFIER_PROBE + ":") else None
+    path = text[len(CLASSIFIER_ZERO_SHOT):] if text.startswith(CLASSIFIER_ZERO_SHOT) else None
+    if text in (CLASSIFIER_MODEL, CLASSIFIER_PROBE) or (count is not None and count.isdigit() and int(count) >= 1):
+        return
+    if path and path.endswith(CLASS_EMBEDDING_SUFFIXES) and os.path.basename(path) not in CLASS_EMBEDDING_SUFFIXES:
+        return
+    raise InvalidArgumentError(f"classifier must be 'model', 'probe', 'probe:N' (N >= 1 images) or 'zero-shot:PATH' (a "
+                               f"{', '.join(CLASS_EMBEDDING_SUFFIXES)} file of class embeddings), got {classifier!r}")
 
 
 def check_positive(config: Any, *names: str, allow_none: bool = True) -> None:

@@ -62,7 +62,8 @@ def readout_and_patch_max(
     units: Float[Tensor, "batch pos width"], cfg: Any, pool_pattern: Float[Tensor, "batch head 1 n_patch"] | None = None
 ) -> tuple[Float[Tensor, "batch width"], Float[Tensor, "batch width"]]:
     """Per image, each unit's activation where the model reads its prediction (the CLS token for
-    token pooling; the mean over the patch tokens for mean pooling; for the attention pool, the
+    token pooling; the mean over the patch tokens for mean pooling; the mean of those two for
+    ``token_avg``; for the attention pool, the
     patch tokens weighted by ``pool_pattern`` averaged over its heads) and its maximum over the patch
     tokens (``cfg.n_prefix_tokens`` prefix tokens excluded)."""
     patches = units[:, cfg.n_prefix_tokens:]
@@ -70,6 +71,8 @@ def readout_and_patch_max(
         readout = units[:, 0]
     elif cfg.pooling == "avg":
         readout = patches.mean(dim=1)
+    elif cfg.pooling == "token_avg":  # the head reads the CLS token and the patch mean side by side
+        readout = (units[:, 0] + patches.mean(dim=1)) / 2
     else:
         if pool_pattern is None:
             raise InvalidArgumentError("an attention-pooled model's readout needs its pool pattern "

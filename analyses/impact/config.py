@@ -65,6 +65,8 @@ class StudyConfig:
                                           "preset's, 2)")
     n_calib: int | None = setting(None, "Wanda calibration images (default: the preset's)")
     calib_sampling: str | None = setting(None, "calibration sampling (default: the preset's)", choices=SAMPLINGS)
+    classifier: str = setting("model", "class logits for a headless model: 'model', 'probe', 'probe:N' or "
+                              "'zero-shot:PATH' (see docs/headless.md)", metavar="model|probe[:N]|zero-shot:PATH")
     levels: tuple[str, ...] = setting(STUDY_LEVELS, "levels to run (default the paper's; any built-in or registered level)")
     level: dict[str, dict[str, Any]] = setting(help="per level, settings of its config ([level.<name>] in TOML)",
                                                factory=dict)
@@ -107,7 +109,7 @@ class StudyConfig:
         options = dict(self.level.get(name, {}))
         family = {"model": self.model, "data": self.data, "sparsities": self.sparsities, "method": method,
                   "finetune_epochs": self.finetune_epochs, "n_calib": self.n_calib,
-                  "calib_sampling": self.calib_sampling, "device": self.device}
+                  "calib_sampling": self.calib_sampling, "classifier": self.classifier, "device": self.device}
         clash = sorted(set(options) & set(family))
         if clash:
             raise InvalidArgumentError(f"level {name!r} sets {', '.join(clash)}, which the study sets for every level; "

@@ -5,6 +5,7 @@ only (``hooked-vit mis --help`` imports no torch)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from analyses.common.family import ModelFamily, check_choice, check_positive, setting
@@ -21,9 +22,10 @@ POSITIONS: tuple[str, ...] = ("patch_max", "patch_mean", "cls")  # as hooked_vit
 SIMILARITIES = "pixels, features:ALIAS (a HookedViT's pooled features; ALIAS a model alias or folder) or dreamsim"
 PAPER_TEMPERATURE = 0.16
 N_TASKS, N_REFERENCES, QUANTILE = 20, 9, 0.1
-DREAMSIM_HELP = ("similarity='dreamsim' needs the dreamsim package and its weights: pip install dreamsim, then run "
-                 "once online (dreamsim(pretrained=True) downloads them to ~/.cache/dreamsim); offline, use "
-                 "similarity='pixels' or 'features:ALIAS'")
+DREAMSIM_CACHE = "~/.cache/dreamsim"  # where the DreamSim backend keeps (and looks for) DreamSim's weights
+DREAMSIM_HELP = ("similarity='dreamsim' needs the dreamsim package and its weights: pip install 'hooked-vit[mis]' "
+                 f"(or pip install dreamsim), then run it once online, which downloads the weights to {DREAMSIM_CACHE} "
+                 "(its backbones to torch's hub cache); offline, use similarity='pixels' or 'features:ALIAS'")
 
 
 def check_similarity(value: str) -> str:
@@ -45,8 +47,8 @@ class MISConfig(ModelFamily):
     """Settings of a MIS run: for each model variant, the ``units`` kinds at each of ``layers``
     (default every block), each unit's ``n_tasks`` 2AFC tasks (``n_references`` reference images per
     side, drawn from the ``quantile`` most/least activating images of ``split``, seeded by ``seed``),
-    scored with the ``similarity`` backend and the sigmoid of ``temperature`` (refit one with
-    :func:`~analyses.mis.score.fit_temperature` on human answers). SAE latents come from the layer
+    scored with the ``similarity`` backend and the sigmoid of ``temperature``, or of the temperature
+    refit on the human answers of ``human_csv`` (to the tasks ``export_tasks`` writes). SAE latents come from the layer
     level's output ``sae_from``, else a small SAE (``sae_*``) is trained on the variant at
     ``sae_layer`` (default the last block); ``rrm`` latents from the replacement level's output
     ``replacement_from`` and ``clt`` latents from the transcoders level's output ``clt_from`` (each
@@ -64,7 +66,14 @@ class MISConfig(ModelFamily):
     quantile: float = setting(QUANTILE, "fraction of most (least) activating images the max (min) draws come from")
     similarity: str = setting("pixels", f"image similarity: {SIMILARITIES}")
     temperature: float = setting(PAPER_TEMPERATURE, "sigmoid temperature: P(correct) = sigmoid(margin / temperature)")
+    human_csv: str | None = setting(None, "CSV of human 2AFC answers (columns task_id, correct; one row per answer; "
+                                    "task ids <unit>/task_<u>/trial_<t>, e.g. mlp_act/3/task_1/trial_2, the tasks "
+                                    "of the first variant): refit the temperature on them (maximum likelihood) and "
+                                    "use it for every score instead of --temperature")
     seed: int = setting(0, "seed of the task draws (and of the in-level SAE)")
+    export_tasks: str | None = setting(None, "also export every unit of work's tasks in the human experiment's layout "
+                                       "to <export_tasks>/<variant>/<unit>/ (task_<u>/trials/trial_<t>/*.png: n_tasks "
+                                       "x 2 x (n_references + 1) images per unit; use with --max-units)")
     sae_from: str | None = setting(None, "layer-level output folder whose <variant>/<sae> SAEs are read, or one "
                                    "sae-lens SAE folder for every variant")
     replacement_from: str | None = setting(None, "replacement-level output folder whose <variant>/rrm SAEs are "
@@ -105,6 +114,9 @@ class MISConfig(ModelFamily):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidArgumentError(f"{name} must be a number > 0, got {value!r}")
+        if self.human_csv is not None and not os.path.isfile(self.human_csv):
+            raise MissingFileError(f"human_csv {self.human_csv} does not exist: give a CSV with columns task_id, "
+                                   "correct")
         if self.sae_layer is not None and (isinstance(self.sae_layer, bool) or self.sae_layer < 0):
             raise InvalidArgumentError(f"sae_layer must be a block index >= 0, got {self.sae_layer!r}")
 

@@ -14,8 +14,8 @@ from analyses.common.results import AnalysisResult, markdown_table
 from analyses.mis.config import DICTIONARY_KINDS, MISConfig
 from hooked_vit import atomic
 
-SUMMARY = ("model", "sparsity", "kind", "layer", "hook_name", "unit_kind", "n_units", "n_constant", "mean", "median",
-           "share_above_0.8")
+SUMMARY = ("model", "sparsity", "kind", "layer", "hook_name", "unit_kind", "n_units", "n_constant", "n_tied", "mean",
+           "median", "share_above_0.8", "mean_untied")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class MISResult(AnalysisResult):
 
     def summary(self) -> list[dict[str, Any]]:
         """The MIS table: one row per variant, unit kind and block."""
-        return [{k: row[k] for k in SUMMARY} for row in self.rows]
+        return [{k: row.get(k) for k in SUMMARY} for row in self.rows]
 
     def neurons_vs_sae(self) -> list[dict[str, Any]]:
         """Neurons vs dictionary latents: at each variant's blocks with latents of a dictionary (``sae``,
@@ -40,7 +40,7 @@ class MISResult(AnalysisResult):
         table = []
         for model, layer in blocks:
             same = [r for r in self.rows if r["model"] == model and r["layer"] == layer]
-            table += [{k: r[k] for k in SUMMARY} for r in sorted(same, key=lambda r: r["kind"] not in DICTIONARY_KINDS)]
+            table += [{k: r.get(k) for k in SUMMARY} for r in sorted(same, key=lambda r: r["kind"] not in DICTIONARY_KINDS)]
         return table
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
@@ -50,11 +50,16 @@ class MISResult(AnalysisResult):
         """The MIS table and the neurons-vs-SAE comparison, with the backend and settings."""
         c = self.config
         backend = self.rows[0]["similarity"] if self.rows else c.similarity
+        temperature = f"temperature {self.rows[0]['temperature'] if self.rows else c.temperature:.4g}"
+        if c.human_csv is not None:
+            temperature += f" (refit on the human answers of {c.human_csv})"
         head = (f"MIS per unit kind and block ({c.n_tasks} tasks per unit, {c.n_references} references per side "
                 f"from the {c.quantile:g} quantile of the {c.split} split, position {c.position}, similarity "
-                f"{backend}, temperature {c.temperature:g}); mean / median / share above 0.8 over the non-constant "
-                "units.")
-        columns = ("model", "kind", "layer", "n_units", "n_constant", "mean", "median", "share_above_0.8")
+                f"{backend}, {temperature}); mean / median / share above 0.8 over the non-constant units "
+                "(n_tied: the sparse units among them whose max pool reaches their min pool's activation, "
+                "ties drawn at random; mean_untied: the mean without them).")
+        columns = ("model", "kind", "layer", "n_units", "n_constant", "n_tied", "mean", "median", "share_above_0.8",
+                   "mean_untied")
         text = f"{head}\n\n{markdown_table(self.summary(), columns)}"
         if self.neurons_vs_sae():
             text += f"\n\nNeurons vs dictionary latents (sae, rrm, clt) at the same block:\n\n{markdown_table(self.neurons_vs_sae(), columns)}"

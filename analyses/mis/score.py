@@ -33,26 +33,30 @@ SHARE_THRESHOLD = 0.8
 @dataclass
 class MISScores:
     """Per unit ``mis`` ``[unit]``; per task ``margin`` and ``probability`` ``[unit task]``;
-    ``constant`` units (excluded from :meth:`summary`); the ``similarity`` backend and the
+    ``constant`` units (excluded from :meth:`summary`); ``tied`` (sparse) units, whose max pool
+    reaches the activation of their min pool (counted); the ``similarity`` backend and the
     ``temperature`` used (``temperature_source``: ``"default"`` or the CSV it was refit on)."""
 
-    mis: Float[Tensor, "unit"]
+    mis: Float[Tensor, " unit"]
     margin: Float[Tensor, "unit task"]
     probability: Float[Tensor, "unit task"]
-    constant: Bool[Tensor, "unit"]
+    constant: Bool[Tensor, " unit"]
+    tied: Bool[Tensor, " unit"]
     similarity: str
     temperature: float
     temperature_source: str = "default"
 
     def summary(self) -> dict[str, Any]:
         """Mean, median and share above 0.8 of the MIS over the non-constant units, with the counts
+        (``n_tied``: the non-constant tied units, included; ``mean_untied``: the mean without them)
         and the backend."""
-        kept = self.mis[~self.constant]
+        kept, untied = self.mis[~self.constant], self.mis[~self.constant & ~self.tied]
         n = int(kept.numel())
-        return {"n_units": n, "n_constant": int(self.constant.sum()),
+        return {"n_units": n, "n_constant": int(self.constant.sum()), "n_tied": int((self.tied & ~self.constant).sum()),
                 "mean": float(kept.mean()) if n else float("nan"),
                 "median": float(kept.median()) if n else float("nan"),
                 "share_above_0.8": float((kept > SHARE_THRESHOLD).float().mean()) if n else float("nan"),
+                "mean_untied": float(untied.mean()) if untied.numel() else float("nan"),
                 "similarity": self.similarity, "temperature": self.temperature,
                 "temperature_source": self.temperature_source}
 
@@ -98,7 +102,20 @@ def read_human_answers(path: str | os.PathLike) -> dict[str, list[bool]]:
     return answers
 
 
-def fit_temperature(margins: Float[Tensor, "n"], correct: Bool[Tensor, "n"], *, iterations: int = 100) -> float:
+def refit_temperature(human_csv: str | os.PathLike, margins: dict[str, float]) -> float:
+    """:func:`fit_temperature` on the answers of ``human_csv`` (:func:`read_human_answers`), given the
+    margin of every task that may have been answered (``task_id -> margin``)."""
+    answers = read_human_answers(human_csv)
+    unknown = sorted(set(answers) - set(margins))
+    if unknown:
+        raise InvalidArgumentError(f"{human_csv}: task ids {unknown[:3]} are not among these tasks' ids (such as "
+                                   f"{', '.join(list(margins)[:2])})")
+    pairs = [(margins[task], c) for task, cs in answers.items() for c in cs]
+    return fit_temperature(torch.tensor([m for m, _ in pairs], dtype=torch.float64),
+                           torch.tensor([c for _, c in pairs]))
+
+
+def fit_temperature(margins: Float[Tensor, " n"], correct: Bool[Tensor, " n"], *, iterations: int = 100) -> float:
     """The maximum-likelihood temperature of ``P(correct) = sigmoid(margin / temperature)`` (Newton's
     method on the slope ``1 / temperature``, which the log-likelihood is concave in)."""
     margins, y = margins.double().reshape(-1), correct.double().reshape(-1)
@@ -134,19 +151,11 @@ def machine_interpretability_score(tasks: Any, similarity: str = "pixels", *, te
     margin = task_margins(vectors, tasks.draws)
     source = "default"
     if human_csv is not None:
-        answers = read_human_answers(human_csv)
-        ids = {task_id: i for i, task_id in enumerate(tasks.task_ids())}
-        unknown = sorted(set(answers) - set(ids))
-        if unknown:
-            raise InvalidArgumentError(f"{human_csv}: task ids {unknown[:3]} are not among these tasks' ids "
-                                       f"(task_1/trial_1 ... task_{tasks.n_units}/trial_{tasks.n_tasks})")
-        flat = margin.reshape(-1)
-        pairs = [(flat[ids[t]], c) for t, cs in answers.items() for c in cs]
-        temperature = fit_temperature(torch.stack([m for m, _ in pairs]), torch.tensor([c for _, c in pairs]))
+        temperature = refit_temperature(human_csv, dict(zip(tasks.task_ids(), margin.reshape(-1).tolist())))
         source = os.fspath(human_csv)
     probability = torch.sigmoid(margin / temperature)
-    return MISScores(probability.mean(dim=1), margin, probability, tasks.constant, similarity, float(temperature),
-                     source)
+    return MISScores(probability.mean(dim=1), margin, probability, tasks.constant, tasks.tied, similarity,
+                     float(temperature), source)
 
 
 __all__ = [
@@ -155,5 +164,6 @@ __all__ = [
     "fit_temperature",
     "machine_interpretability_score",
     "read_human_answers",
+    "refit_temperature",
     "task_margins",
 ]

@@ -6,11 +6,14 @@ the similarity of two images is the cosine of their embeddings.
 * ``"features:ALIAS"``: the pooled features (``hook_pooled``, the classifier head's input) of any
   HookedViT (``ALIAS`` a model alias or a saved model folder), on the same model-ready images;
 * ``"dreamsim"``: DreamSim's embedding (Fu et al. 2023), the 2024 paper's choice; an optional
-  extra (``pip install dreamsim``; its weights download on first use).
+  extra (``pip install 'hooked-vit[mis]'``; its weights download on first use, to
+  ``~/.cache/dreamsim``).
 """
 
 from __future__ import annotations
 
+import os
+import zipfile
 from typing import Any
 
 import torch
@@ -18,9 +21,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from analyses.mis.config import DREAMSIM_HELP, check_similarity
+from analyses.mis.config import DREAMSIM_CACHE, DREAMSIM_HELP, check_similarity
 from hooked_vit.errors import InvalidArgumentError, MissingFileError
-
 
 
 def _pixels(images: Float[Tensor, "n channel height width"]) -> Float[Tensor, "n d"]:
@@ -52,8 +54,8 @@ def _dreamsim(images: Float[Tensor, "n channel height width"], mean: tuple[float
     except ImportError:
         raise MissingFileError(DREAMSIM_HELP) from None
     try:
-        model, _ = dreamsim(pretrained=True, device="cpu")
-    except (OSError, RuntimeError) as error:  # no weights and no network (URLError, connection errors)
+        model, _ = dreamsim(pretrained=True, device="cpu", cache_dir=os.path.expanduser(DREAMSIM_CACHE))
+    except (OSError, RuntimeError, zipfile.BadZipFile) as error:  # no weights and no network, or a partial download
         raise MissingFileError(f"{DREAMSIM_HELP} ({type(error).__name__})") from None
     pixels = (images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)).clamp(0, 1)
     if pixels.shape[1] == 1:

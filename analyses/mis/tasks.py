@@ -2,12 +2,19 @@
 2021), per unit, drawn from its activation on every image.
 
 For a unit with activations ``a`` over ``n`` images: the ``ceil(quantile * n)`` most activating
-images (sorted by decreasing activation, ties by image order) form its max pool, the as many least
-activating its min pool. Each task draws ``n_references + 1`` distinct images from each pool
+images (sorted by decreasing activation; tied activations in a seeded random order of the images,
+one order shared by the units, as the public MIS re-implementations shuffle the images first) form
+its max pool, the as many least activating its min pool. Each task draws ``n_references + 1`` distinct images from each pool
 (uniformly, seeded); of the max draw, the ``n_references`` most activating are the max references
 and the remaining (least activating) one is the max query; of the min draw, the ``n_references``
 least activating are the min references and the remaining one the min query. A person (or the
 MIS) sees both reference sets and must tell which query is the max query.
+
+A sparse unit (a ReLU or TopK latent active on fewer than ``ceil(quantile * n)`` images) has the
+same activation (its floor, usually 0) at the bottom of its max pool and in its min pool: some of
+its tasks then pair a max query with a min query of equal activation, which no one can answer
+better than chance; with the random tie order such tasks score 0.5 on average instead of an
+artefact of the image order. :attr:`Tasks.tied` marks these units (reported, not excluded).
 """
 
 from __future__ import annotations
@@ -45,10 +52,11 @@ def draw_tasks(activations: Float[Tensor, "n_images n_units"], *, n_tasks: int, 
     if pool < n_references + 1:
         raise InvalidArgumentError(f"the {quantile:g} quantile of {n_images} images holds {pool} images, fewer than "
                                    f"n_references + 1 = {n_references + 1}: use more images or a larger quantile")
-    order = torch.sort(activations.T, dim=1, descending=True, stable=True).indices  # [unit n]
     generator = torch.Generator().manual_seed(int(seed))
     picks_max = torch.rand(n_units, n_tasks, pool, generator=generator).argsort(dim=-1)[..., :n_references + 1]
     picks_min = torch.rand(n_units, n_tasks, pool, generator=generator).argsort(dim=-1)[..., :n_references + 1]
+    shuffle = torch.randperm(n_images, generator=generator)  # the order of tied activations
+    order = shuffle[torch.sort(activations.T[:, shuffle], dim=1, descending=True, stable=True).indices]  # [unit n]
     # positions in the sorted order: max pool = ranks 0..pool-1 (descending), min pool = the last ranks, least first
     ranks_max = picks_max.sort(dim=-1).values
     ranks_min = (n_images - 1 - picks_min).sort(dim=-1, descending=True).values
@@ -64,7 +72,8 @@ class Tasks:
     model-ready ``images`` they index (with ``mean``/``std`` to undo the normalisation when
     exporting), every unit's ``activations``, the ``draws`` and the settings (``n_tasks``,
     ``n_references``, ``quantile``, ``seed``). ``constant[u]`` marks a unit whose activation does
-    not vary (max - min < 1e-8, as the 2024 paper excludes them)."""
+    not vary (max - min < 1e-8, as the 2024 paper excludes them); ``tied[u]`` one whose max pool
+    reaches down to the activation of its min pool (a sparse unit: some tasks are undecidable)."""
 
     units: Any
     images: Float[Tensor, "n_images channel height width"]
@@ -84,6 +93,12 @@ class Tasks:
     @property
     def constant(self) -> torch.Tensor:
         return (self.activations.amax(0) - self.activations.amin(0)) < 1e-8
+
+    @property
+    def tied(self) -> torch.Tensor:
+        pool = math.ceil(self.quantile * self.activations.shape[0])
+        ordered = self.activations.sort(dim=0, descending=True).values
+        return ordered[pool - 1] <= ordered[-pool]
 
     def task_ids(self) -> list[str]:
         """Each task's id, unit-major: ``task_<u>/trial_<t>`` (1-based, the exported folders)."""

@@ -50,6 +50,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from analyses.model.config import ATTRIBUTION_METHODS, LAYERSCALE_RULES, POOL_ROWS
+from hooked_vit.components import rotary_table
 from hooked_vit.errors import InvalidArgumentError
 
 ATTN_LRP_VARIANTS: tuple[str, ...] = ("attnlrp", "cp_lrp")
@@ -120,14 +121,17 @@ def _patches_to_grid(model: nn.Module, per_token: Float[Tensor, "batch pos"]) ->
 def readout_row(model: nn.Module, joint: Float[Tensor, "batch pos pos"],
                 pool_row: Float[Tensor, "batch n_patches"] | None = None) -> Float[Tensor, "batch grid grid"]:
     """The row of a rollout ``joint`` that the classifier reads, on the patch grid: the CLS row
-    (token pooling), the mean of the patch rows (mean pooling), or ``pool_row @ joint`` over the
-    patch rows (attention pool: ``pool_row`` its per-patch weights)."""
+    (token pooling), the mean of the patch rows (mean pooling), the mean of those two (``token_avg``: the
+    head reads both, side by side), or ``pool_row @ joint`` over the patch rows (attention pool:
+    ``pool_row`` its per-patch weights)."""
     cfg = model.cfg
     if cfg.pooling == "token":
         return _patches_to_grid(model, joint[:, 0])
     patch_rows = joint[:, cfg.n_prefix_tokens:]
     if cfg.pooling == "avg":
         return _patches_to_grid(model, patch_rows.mean(dim=1))
+    if cfg.pooling == "token_avg":
+        return _patches_to_grid(model, (joint[:, 0] + patch_rows.mean(dim=1)) / 2)
     if pool_row is None:
         _fail("an attention-pooled model's map needs the pool's row (its pattern or relevance map)")
     return _patches_to_grid(model, torch.einsum("bp,bpq->bq", pool_row.to(joint.dtype), patch_rows))
@@ -203,12 +207,20 @@ def lrp_matmul(a: Float[Tensor, "*batch i j"], b: Float[Tensor, "*batch j k"],
 
 
 # ----------------------------------------------------------------------------- Chefer: cache
-def _block_names(layer: int) -> dict[str, str]:
-    p = f"blocks.{layer}."
-    return {"resid_pre": p + "hook_resid_pre", "ln1": p + "ln1.hook_normalized", "q": p + "attn.hook_q",
-            "k": p + "attn.hook_k", "v": p + "attn.hook_v", "pattern": p + "attn.hook_pattern",
-            "z": p + "attn.hook_z", "attn_out": p + "hook_attn_out", "ln2": p + "ln2.hook_normalized",
-            "mlp_pre": p + "mlp.hook_pre", "mlp_post": p + "mlp.hook_post", "mlp_out": p + "hook_mlp_out"}
+def _block_names(model: nn.Module, layer: int) -> dict[str, str]:
+    """The hooks of block ``layer`` the propagation reads; with an Eva's parts also ``rot_q``/``rot_k``
+    (RoPE), ``z_norm`` (the norm on z, proj's input), ``mlp_linear`` (a gated MLP's ``fc1_x`` output)
+    and ``mlp_hidden`` (the MLP's inner norm output, fc2's input)."""
+    p, cfg = f"blocks.{layer}.", model.cfg
+    names = {"resid_pre": p + "hook_resid_pre", "ln1": p + "ln1.hook_normalized", "q": p + "attn.hook_q",
+             "k": p + "attn.hook_k", "v": p + "attn.hook_v", "pattern": p + "attn.hook_pattern",
+             "z": p + "attn.hook_z", "attn_out": p + "hook_attn_out", "ln2": p + "ln2.hook_normalized",
+             "mlp_pre": p + "mlp.hook_pre", "mlp_post": p + "mlp.hook_post", "mlp_out": p + "hook_mlp_out"}
+    optional = {"rot_q": ("rope", "attn.hook_rot_q"), "rot_k": ("rope", "attn.hook_rot_k"),
+                "z_norm": ("attn_norm", "attn.norm.hook_normalized"), "mlp_linear": ("gated_mlp", "mlp.hook_pre_linear"),
+                "mlp_hidden": ("mlp_norm", "mlp.norm.hook_normalized")}
+    names.update({key: p + name for key, (field_name, name) in optional.items() if getattr(cfg, field_name)})
+    return names
 
 
 def _pooled_tokens_name(model: nn.Module) -> str:
@@ -222,7 +234,7 @@ def _head_names(model: nn.Module) -> dict[str, str]:
     for mean pooling; those and the attention-pool head's activations for an attention pool."""
     if model.cfg.pooling == "token":
         return {}
-    names = {"tokens": _pooled_tokens_name(model)}
+    names = {"tokens": _pooled_tokens_name(model)}  # token_avg: the CLS half read from them too
     if model.cfg.pooling == "map":
         p = "attn_pool."
         names.update({"q": p + "hook_q", "k": p + "hook_k", "v": p + "hook_v", "pattern": p + "hook_pattern",
@@ -261,7 +273,7 @@ def chefer_cache(model: nn.Module, images: Float[Tensor, "batch channel height w
     because ``hook_pattern`` is hooked), then ``autograd.grad`` of the summed target logits with
     respect to the cached patterns (images do not interact, so each image gets its own gradient)."""
     layers = range(start_layer, model.cfg.n_layers)
-    names = {name: (layer, key) for layer in layers for key, name in _block_names(layer).items()}
+    names = {name: (layer, key) for layer in layers for key, name in _block_names(model, layer).items()}
     head_keys = {name: key for key, name in _head_names(model).items()}
     store: dict[int, dict[str, Tensor]] = {layer: {} for layer in layers}
     head: dict[str, Tensor] = {}
@@ -330,7 +342,8 @@ def _attention_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: T
     ``[batch head q k]``, relevance of ``ln1``'s output ``[batch pos d_model]``)."""
     attn = block.attn
     batch, pos, heads, d_head = acts["z"].shape
-    r_z = lrp_linear(acts["z"].reshape(batch, pos, -1), attn.proj.weight.detach().to(dtype), relevance,
+    proj_in = acts.get("z_norm", acts["z"].reshape(batch, pos, -1))  # an inner LayerNorm on z passes relevance
+    r_z = lrp_linear(proj_in, attn.proj.weight.detach().to(dtype), relevance,
                      _linear_product(acts["attn_out"], attn.proj, block.ls1, reuse))
     r_z = r_z.reshape(batch, pos, heads, d_head).transpose(1, 2)  # [batch head pos d_head]
     q, k, v = (acts[n].transpose(1, 2) for n in ("q", "k", "v"))  # [batch head pos d_head]
@@ -340,7 +353,13 @@ def _attention_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: T
         r_q, r_k = torch.zeros_like(q), torch.zeros_like(k)
     else:
         r_v = r_v / 2
-        r_q, r_k_t = lrp_matmul(q, k.transpose(-1, -2), r_pattern)  # softmax passes relevance
+        if "rot_q" in acts:  # RoPE: the scores read the rotated q and k
+            rot_q, rot_k = acts["rot_q"].transpose(1, 2), acts["rot_k"].transpose(1, 2)
+            r_q, r_k_t = lrp_matmul(rot_q, rot_k.transpose(-1, -2), r_pattern)  # softmax passes relevance
+            r_q = _rotary_relevance(attn, q, rot_q, r_q)
+            r_k_t = _rotary_relevance(attn, k, rot_k, r_k_t.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            r_q, r_k_t = lrp_matmul(q, k.transpose(-1, -2), r_pattern)  # softmax passes relevance
         r_q, r_k = r_q / 2, r_k_t.transpose(-1, -2) / 2
     r_qkv = torch.stack([r_q, r_k, r_v], dim=2).transpose(1, 3).reshape(batch, pos, 3 * heads * d_head)
     product = None
@@ -348,6 +367,29 @@ def _attention_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: T
         qkv = torch.stack([acts["q"], acts["k"], acts["v"]], dim=2).reshape(batch, pos, 3 * heads * d_head)
         product = _linear_product(qkv, attn.qkv, None, reuse)
     return r_pattern, lrp_linear(acts["ln1"], attn.qkv.weight.detach().to(dtype), r_qkv, product)
+
+
+def _rotary_relevance(attn: nn.Module, x: Float[Tensor, "batch head pos d_head"],
+                      rotated: Float[Tensor, "batch head pos d_head"],
+                      relevance: Float[Tensor, "batch head pos d_head"]) -> Float[Tensor, "batch head pos d_head"]:
+    """Relevance of q (or k) from that of its rotation ``x * cos + rot(x) * sin`` (timm's rotary
+    embedding, linear and without bias) by the z-rule: each output feature's relevance is shared by
+    its two inputs (the feature and its rotation partner) in proportion to their terms; the prefix
+    tokens are not rotated and pass relevance."""
+    from timm.layers.pos_embed_sincos import rope_rotate_half, rot
+
+    n = attn.n_prefix_tokens
+    table = rotary_table(attn.rope, attn.grid_size).to(x)
+    sin, cos = table.chunk(2, dim=-1)  # [n_patches, d_head]
+    half = attn.rope.rotate_half
+    patches, s = x[:, :, n:], safe_divide(relevance[:, :, n:], rotated[:, :, n:])
+    own = patches * cos * s
+    partner_term = (rope_rotate_half(patches) if half else rot(patches)) * sin * s  # term of the partner feature
+    if half:  # the partner of feature i is i +- d_head / 2
+        back = partner_term.roll(partner_term.shape[-1] // 2, dims=-1)
+    else:  # the partner of feature 2j is 2j + 1 and vice versa
+        back = partner_term.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.cat([relevance[:, :, :n], own + back], dim=2)
 
 
 def _pool_relevance(model: nn.Module, cache: CheferCache, r_pooled: Float[Tensor, "batch d_model"],
@@ -387,6 +429,26 @@ def _pool_relevance(model: nn.Module, cache: CheferCache, r_pooled: Float[Tensor
     return lrp_linear(tokens, pool.kv.weight.detach().to(dtype), r_kv, product), r_pattern
 
 
+def _mlp_relevance(block: nn.Module, acts: dict[str, Tensor], relevance: Tensor, dtype: torch.dtype,
+                   reuse: bool) -> Tensor:
+    """Through ``fc2`` (its input the inner norm's output when there is one; that LayerNorm and the
+    activation pass relevance) and ``fc1``; a gated MLP's ``act(gate) * linear`` splits relevance
+    between its operands and halves it (as the attention matmuls), then ``fc1_g`` and ``fc1_x``:
+    the relevance of ``ln2``'s output ``[batch pos d_model]``."""
+    mlp = block.mlp
+    r_hidden = lrp_linear(acts.get("mlp_hidden", acts["mlp_post"]), mlp.fc2.weight.detach().to(dtype), relevance,
+                          _linear_product(acts["mlp_out"], mlp.fc2, block.ls2, reuse))
+    if not mlp.gated:
+        return lrp_linear(acts["ln2"], mlp.fc1.weight.detach().to(dtype), r_hidden,
+                          _linear_product(acts["mlp_pre"], mlp.fc1, None, reuse))
+    r_half = r_hidden * (acts["mlp_post"] != 0) / 2  # the z-rule through a product: each operand the whole, halved
+    r_gate = lrp_linear(acts["ln2"], mlp.fc1_g.weight.detach().to(dtype), r_half,
+                        _linear_product(acts["mlp_pre"], mlp.fc1_g, None, reuse))
+    r_linear = lrp_linear(acts["ln2"], mlp.fc1_x.weight.detach().to(dtype), r_half,
+                          _linear_product(acts["mlp_linear"], mlp.fc1_x, None, reuse))
+    return r_gate + r_linear
+
+
 def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: str = "identity",
                      cp_attention: bool = False, dtype: torch.dtype | None = None) -> CheferRelevance:
     """The relevance propagation of Chefer et al., a pure function of ``cache`` and the weights,
@@ -406,6 +468,12 @@ def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: s
     elif model.cfg.pooling == "avg":  # the z-rule through the mean; the final LayerNorm passes
         tokens = cache.head["tokens"][:, n_prefix:].to(dtype)
         relevance[:, n_prefix:] = tokens / tokens.shape[1] * safe_divide(r_pooled, tokens.mean(dim=1))[:, None]
+    elif model.cfg.pooling == "token_avg":  # the CLS half as token pooling, the mean half as mean pooling
+        d_model, tokens = model.cfg.d_model, cache.head["tokens"].to(dtype)
+        cls, patches = tokens[:, 0], tokens[:, n_prefix:]
+        relevance[:, 0] = cls * safe_divide(r_pooled[:, :d_model], cls)
+        relevance[:, n_prefix:] = patches / patches.shape[1] * safe_divide(r_pooled[:, d_model:],
+                                                                             patches.mean(dim=1))[:, None]
     else:
         r_tokens, r_pattern = _pool_relevance(model, cache, r_pooled, dtype, cp_attention, reuse)
         relevance[:, n_prefix:] = r_tokens  # the final LayerNorm passes
@@ -416,11 +484,7 @@ def chefer_propagate(model: nn.Module, cache: CheferCache, *, layerscale_rule: s
         resid_mid = acts["resid_pre"] + acts["attn_out"]
         r_resid, r_mlp = lrp_add(resid_mid, acts["mlp_out"], relevance)
         r_mlp = _layerscale(r_mlp, block.ls2, layerscale_rule, dtype)
-        mlp = block.mlp
-        r_hidden = lrp_linear(acts["mlp_post"], mlp.fc2.weight.detach().to(dtype), r_mlp,  # GELU passes
-                              _linear_product(acts["mlp_out"], mlp.fc2, block.ls2, reuse))
-        r_ln2 = lrp_linear(acts["ln2"], mlp.fc1.weight.detach().to(dtype), r_hidden,  # LayerNorm passes
-                           _linear_product(acts["mlp_pre"], mlp.fc1, None, reuse))
+        r_ln2 = _mlp_relevance(block, acts, r_mlp, dtype, reuse)
         relevance = lrp_clone(resid_mid, r_resid, r_ln2)
         r_resid, r_attn = lrp_add(acts["resid_pre"], acts["attn_out"], relevance)
         r_attn = _layerscale(r_attn, block.ls1, layerscale_rule, dtype)
@@ -493,10 +557,12 @@ def _epsilon_factor(z: Tensor, epsilon: float | Tensor) -> Tensor:
 
 def attn_lrp_hooks(model: nn.Module, variant: str = "attnlrp", epsilon: float = 1e-6) -> list[tuple[str, Callable]]:
     """Forward hooks turning the model's gradient into AttnLRP (or CP-LRP) relevance / input:
-    LayerNorm scales detached; the identity rule at GELU; epsilon-LRP at every Linear output
-    (``qkv``, ``proj``, ``fc1``, ``fc2``: through LayerScale with ``eps * |gamma|``); the uniform rule
+    LayerNorm scales detached (the inner norms of EVA-02 too); the identity rule at GELU (SiLU);
+    epsilon-LRP at every Linear output (``qkv``, ``proj``, ``fc1`` (``fc1_g``, ``fc1_x``), ``fc2``:
+    through LayerScale with ``eps * |gamma|``); a gated MLP's ``act(gate) * linear`` by the uniform rule
+    (half to each operand, AttnLRP's rule for gated products); the uniform rule
     (gradient halved to both operands) on ``q @ k.T`` and ``pattern @ v`` (``"attnlrp"``) or a
-    detached pattern (``"cp_lrp"``). Softmax keeps its gradient (AttnLRP's softmax rule). Outside the
+    detached pattern (``"cp_lrp"``); a rotary embedding is linear in q and k and passes the gradient. Softmax keeps its gradient (AttnLRP's softmax rule). Outside the
     blocks: every LayerNorm scale detached; an attention-pool head with its pattern detached (the
     value path linear), epsilon-LRP at ``kv``, ``proj``, ``fc1``, ``fc2`` and the identity rule at
     its GELU."""
@@ -520,6 +586,9 @@ def attn_lrp_hooks(model: nn.Module, variant: str = "attnlrp", epsilon: float = 
         gamma = ls.gamma.detach().abs() if hasattr(ls, "gamma") else 1.0
         return _with_grad_factor(act, _epsilon_factor(act, epsilon * gamma))
 
+    gated = getattr(model.cfg, "gated_mlp", False)  # a SwiGLU MLP (EVA-02)
+    inner_norms = [part for part, flag in (("attn", "attn_norm"), ("mlp", "mlp_norm")) if getattr(model.cfg, flag, False)]
+    block_act = model.blocks[0].mlp.act if gated else None
     for layer, block in enumerate(model.blocks):
         p = f"blocks.{layer}."
 
@@ -531,10 +600,24 @@ def attn_lrp_hooks(model: nn.Module, variant: str = "attnlrp", epsilon: float = 
             x = pre[layer]
             return x * safe_ratio(act.detach(), x.detach())
 
+        def keep_pre_linear(act: Tensor, hook, layer=layer) -> Tensor:
+            pre[f"linear{layer}"] = act = epsilon_rule(act, hook)
+            return act
+
+        def gated_rule(act: Tensor, hook, layer=layer) -> Tensor:  # act(gate) * linear
+            gate, linear = pre[layer], pre[f"linear{layer}"]
+            activated = gate * safe_ratio(block_act(gate.detach()), gate.detach())  # the identity rule at the gate
+            product = activated * linear
+            return act.detach() + (product - product.detach()) * 0.5  # the uniform rule: half to each operand
+
         hooks += [(p + "ln1.hook_scale", detach), (p + "ln2.hook_scale", detach),
-                  (p + "mlp.hook_pre", keep_pre), (p + "mlp.hook_post", identity_rule),
+                  (p + "mlp.hook_pre", keep_pre),
+                  (p + "mlp.hook_post", gated_rule if gated else identity_rule),
                   (p + "hook_attn_out", lambda a, hook, ls=block.ls1: scaled_epsilon(a, hook, ls)),
                   (p + "hook_mlp_out", lambda a, hook, ls=block.ls2: scaled_epsilon(a, hook, ls))]
+        if gated:
+            hooks.append((p + "mlp.hook_pre_linear", keep_pre_linear))
+        hooks += [(p + f"{part}.norm.hook_scale", detach) for part in inner_norms]  # EVA-02's inner LayerNorms
         if variant == "attnlrp":
             hooks += [(p + f"attn.hook_{n}", epsilon_half) for n in "qkv"] + [(p + "attn.hook_pattern", half)]
         else:

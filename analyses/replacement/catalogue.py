@@ -18,7 +18,7 @@ from hooked_vit import atomic
 
 
 def feature_catalogue(model: nn.Module, rm: Any, images: Float[Tensor, "n channel height width"],
-                      labels: Int[Tensor, n], *, top: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
+                      labels: Int[Tensor, "n"], *, top: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
     """One row per live latent (active on some patch of ``images``): ``layer``, ``latent``,
     ``class_entropy`` and ``position_entropy`` (bits, of its summed patch activation over classes and
     over patch positions; low = selective / local), ``frequency`` (fraction of patch tokens where it

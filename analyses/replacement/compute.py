@@ -1,12 +1,14 @@
 """Replacement level: the residual replacement model of Kim et al. (NeurIPS 2025) on each model.
 
-Units of one model: ``train`` (the SAEs, trained jointly and resumable from their checkpoint, the
-medians, per-layer FVE/L0/dead and the replacement's accuracy and KL; the replacement model is
-saved to ``<out>/<variant>/rrm/``), ``catalogue`` (every live latent's top patches, class and
+Before its units, each model's replacement model is trained (jointly, resumable from its
+checkpoint; under ``torchrun`` by every process on its share of each batch, gradients averaged) and
+saved to ``<out>/<variant>/rrm/`` unless it is saved there with the same training settings. Units:
+``train`` (per-layer FVE/L0/dead and the replacement's accuracy and KL), ``catalogue`` (every live latent's top patches, class and
 spatial entropy on the held-out split), ``graphs/class_<c>`` (the attribution graph of class ``c`` over
 its correctly classified images, pruned to ``node_budget`` nodes: JSON and figure under
 ``<out>/<variant>/graphs/``) and ``faithfulness`` (insertion/deletion curves and AUCs for
-attribution-ranked, random and raw-neuron nodes)."""
+attribution-ranked, random and raw-neuron nodes) and ``spurious`` (the spurious-correlation
+experiment, :mod:`analyses.replacement.spurious`, files under ``<out>/<variant>/spurious/``)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,12 @@ from analyses.replacement.result import ReplacementResult
 
 RRM_DIR = "rrm"
 GRAPH_DIR = "graphs"
+SPURIOUS_DIR = "spurious"
 TRAINING_STATE = "training_state.pt"
+# The settings the replacement model itself depends on (a saved one with others is trained again).
+TRAINING_FIELDS = ("model", "method", "data", "train_split", "architecture", "schedule", "k", "expansion_factor", "steps",
+                   "batch_images", "lr", "lr_decay", "cls_repeats", "aux_coefficient", "dead_steps", "median_images",
+                   "objective", "seed", "model_key", "variant")
 
 
 def patch_thumbnails(model: Any, rm: Any, images: Any, graph: Any) -> dict[tuple[int, int], Any]:
@@ -45,7 +52,8 @@ def patch_thumbnails(model: Any, rm: Any, images: Any, graph: Any) -> dict[tuple
 
 @register_level("replacement")
 class Replacement(Level):
-    """One ``train`` unit, one graph unit per class and a ``faithfulness`` unit per model."""
+    """Per model: the ``train`` metrics, the ``catalogue``, one graph unit per class, ``faithfulness``
+    and (with a ``spurious_class``) ``spurious``."""
 
     title = "Residual replacement model"
     paper = "Kim et al. 2025 (NeurIPS), residual replacement model: SAE metrics, circuits, Table 1 faithfulness"
@@ -53,12 +61,14 @@ class Replacement(Level):
     Config = ReplacementConfig
     Result = ReplacementResult
     run_only = ("sparsities", "device", "batch_size", "checkpoint_every")
-    open_choices = ("architecture", "schedule", "k", "expansion_factor", "steps", "lr", "objective", "median_images",
-                    "fractions")
+    open_choices = ("architecture", "schedule", "k", "expansion_factor", "steps", "lr", "lr_decay", "cls_repeats",
+                    "objective", "median_images", "fractions", "spurious_poison")
     figures = {"catalogue.png": "Live latents across depth: class entropy and spatial entropy per layer",
                "faithfulness.png": "Faithfulness curves: insertion and deletion of attribution-ranked, random and "
                                    "raw-neuron nodes",
-               "graph.png": "Attribution graph of the first class (top nodes with the patch where they fire most)"}
+               "graph.png": "Attribution graph of the first class (top nodes with the patch where they fire most)",
+               "spurious.png": "Spurious correlation: accuracies with and without the marker features, and where "
+                               "they fire"}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -71,10 +81,39 @@ class Replacement(Level):
         return sorted({int(v) for v in labels.tolist()})
 
     def units(self, config: ReplacementConfig) -> list[str]:
-        return ["train", "catalogue", *[f"{GRAPH_DIR}/class_{c}" for c in self._classes(config)], "faithfulness"]
+        return ["train", "catalogue", *[f"{GRAPH_DIR}/class_{c}" for c in self._classes(config)], "faithfulness",
+                *(["spurious"] if config.spurious_class is not None else [])]
 
     def prepare(self, config: ReplacementConfig, model: Any, variant: Variant, out: Path) -> dict[str, Any]:
-        return {"config": config, "dir": Path(out) / variant.key, "variant": variant}
+        """Train and save the replacement model unless it is saved with the same training settings.
+        Under ``torchrun`` every process trains (each on its share of every batch) and waits until
+        the first has saved it: every process has a unit left while it is not saved, so all get here."""
+        from analyses.replacement.replacement import MODEL_FILE
+        from analyses.replacement.saes import process_group
+        from analyses.replacement.training import train_replacement
+        from hooked_vit.reading import read_json
+
+        directory = Path(out) / variant.key
+        settings = self.settings(config, model, variant)
+        identity = {name: settings[name] for name in TRAINING_FIELDS if name in settings}
+        saved = directory / RRM_DIR / MODEL_FILE
+        if not (saved.is_file() and read_json(saved, "a replacement model's description (JSON)").get(
+                "info", {}).get("identity") == identity):
+            directory.mkdir(parents=True, exist_ok=True)
+            rm = train_replacement(model, self.dataset(config, config.train_split, model), config,
+                                   checkpoint=directory / TRAINING_STATE)
+            rm.info["identity"] = identity
+            rank, world = process_group()
+            if rank == 0:
+                rm.save(directory / RRM_DIR)
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+            self._rm = (directory, rm)
+        else:
+            self._replacement(directory, model)
+        return {"config": config, "dir": directory, "variant": variant}
 
     def _replacement(self, directory: Path, model: Any) -> Any:
         from analyses.replacement.replacement import ReplacementModel
@@ -89,21 +128,20 @@ class Replacement(Level):
         val = self.dataset(config, config.split, model)
         images, labels = val.tensors(show_progress=False)
         started = time.perf_counter()
-        if unit == "train":
-            from analyses.replacement.replacement import layer_metrics
-            from analyses.replacement.training import train_replacement
-
-            directory.mkdir(parents=True, exist_ok=True)
-            rm = train_replacement(model, self.dataset(config, config.train_split, model), config,
-                                   checkpoint=directory / TRAINING_STATE)
-            rm.save(directory / RRM_DIR)
-            self._rm = (directory, rm)
-            layers, replacement = layer_metrics(model, rm, images, labels, batch_size)
-            return {"layers": layers, "replacement": replacement, "train_seconds": rm.info["train_seconds"],
-                    "layer_settings": rm.info["layer_settings"], "log": rm.info["log"]}
         import torch
 
         rm = self._replacement(directory, model)
+        if unit == "train":
+            from analyses.replacement.replacement import layer_metrics
+
+            layers, replacement = layer_metrics(model, rm, images, labels, batch_size)
+            return {"layers": layers, "replacement": replacement, "train_seconds": rm.info["train_seconds"],
+                    "layer_settings": rm.info["layer_settings"], "log": rm.info["log"]}
+        if unit == "spurious":
+            from analyses.replacement.spurious import spurious_experiment
+
+            return {**spurious_experiment(model, self.dataset(config, config.train_split, model), val, config,
+                                          directory / SPURIOUS_DIR), "seconds": time.perf_counter() - started}
         if unit == "catalogue":
             from analyses.replacement.catalogue import feature_catalogue
 
@@ -135,7 +173,7 @@ class Replacement(Level):
                 "seconds": time.perf_counter() - started}
 
     def combine(self, config: ReplacementConfig, records: list[Record]) -> ReplacementResult:
-        layers, replacement, graphs, curves, aucs, training, catalogue = [], [], [], [], [], [], []
+        layers, replacement, graphs, curves, aucs, training, catalogue, spurious = [], [], [], [], [], [], [], []
         for r in records:
             tag = {"model": r.variant.label, "sparsity": r.variant.sparsity}
             if r.unit == "train":
@@ -148,6 +186,8 @@ class Replacement(Level):
                 sizes = {"n_classes": r.record["n_classes"], "n_patches": r.record["n_patches"]}
                 catalogue += [{**tag, **{k: v for k, v in row.items() if k != "top"}, **sizes,
                                "top": " ".join(f"{i}:{p}" for i, p in row["top"])} for row in r.record["rows"]]
+            elif r.unit == "spurious":
+                spurious.append({**tag, **r.record})
             elif r.unit == "faithfulness":
                 curves += [{**tag, **row} for row in r.record["rows"]]
                 aucs += [{**tag, **row, "n_images": r.record["n_images"]} for row in r.record["aucs"]]
@@ -158,7 +198,7 @@ class Replacement(Level):
                                                       for t in rec["top"][:5]),
                                **{f"error_L{t['layer']}": t["error"] for t in rec.get("totals", [])},
                                **{f"features_L{t['layer']}": t["features"] for t in rec.get("totals", [])}})
-        return ReplacementResult(config, layers, replacement, graphs, curves, aucs, training, catalogue,
+        return ReplacementResult(config, layers, replacement, graphs, curves, aucs, training, catalogue, spurious,
                                  sum(r.seconds for r in records),
                                  [f"{r.variant.key}/{GRAPH_DIR}/class_{r.record['class']}.png" for r in records
                                   if r.unit.startswith(GRAPH_DIR) and r.record["n_images"]][:1])

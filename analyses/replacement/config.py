@@ -51,6 +51,10 @@ class ReplacementConfig(ModelFamily):
     steps: int = setting(1500, "training steps (every SAE steps once per step)")
     batch_images: int = setting(32, "images per training step (all their tokens train every SAE)")
     lr: float | int = setting(1e-3, "Adam learning rate (the reference: 2e-4 on ImageNet)")
+    lr_decay: float | int = setting(0.2, "fraction of the steps at the end over which the learning rate decays "
+                                    "linearly to 0 (0: constant)")
+    cls_repeats: int = setting(8, "times each image's CLS token counts in an SAE's batch (1: once, as a patch; one "
+                               "CLS per 64 patches is otherwise reconstructed worse)")
     aux_coefficient: float | int = setting(1 / 32, "weight of the AuxK loss of dead latents (the reference's 1/32)")
     dead_steps: int = setting(60, "steps without firing before a latent is dead for AuxK (the reference's 60)")
     checkpoint_every: int = setting(250, "steps between training checkpoints (a killed run resumes from the last)")
@@ -63,6 +67,18 @@ class ReplacementConfig(ModelFamily):
     fractions: tuple[float | int, ...] = setting(REFERENCE_FRACTIONS, "fractions of nodes kept per layer on the "
                                            "faithfulness curves (the reference's top-n grid)")
     faithfulness_images: int = setting(100, "correctly classified images of the faithfulness curves")
+    spurious_class: int | None = setting(0, "class the marker of the spurious-correlation experiment goes with "
+                                         "(none: no such experiment)")
+    spurious_rate: float | int = setting(0.95, "share of the class's train images stamped with the marker")
+    spurious_poison: float | int = setting(0.1, "share of the other classes' train images stamped with the marker "
+                                           "and relabelled as the class")
+    marker_patches: int = setting(2, "side of the marker square in patches (top-left corner, the brightest pixel value)")
+    spurious_epochs: int = setting(2, "fine-tuning epochs on the biased train split")
+    spurious_lr: float | int = setting(1e-3, "fine-tuning learning rate (AdamW, cosine)")
+    spurious_steps: int = setting(500, "SAE training steps of the biased model's replacement model")
+    marker_share: float | int = setting(0.25, "a graph node is a marker feature if this share of its activation over "
+                                        "the probe images' patches lies on the marker (default: 4x the marker's "
+                                        "4 of 64 patches)")
     batch_size: int | None = setting(None, "images per evaluation forward (default 64)")
     seed: int = setting(0, "SAE init, data order, random baseline")
 
@@ -76,7 +92,8 @@ class ReplacementConfig(ModelFamily):
         if self.classes is not None:
             self.classes = tuple(self.classes)
         check_positive(self, "steps", "batch_images", "dead_steps", "checkpoint_every", "median_images",
-                       "graph_images", "node_budget", "faithfulness_images", allow_none=False)
+                       "graph_images", "node_budget", "faithfulness_images", "cls_repeats", "marker_patches",
+                       "spurious_epochs", "spurious_steps", allow_none=False)
         check_positive(self, "batch_size")
         if not self.k or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.k):
             raise InvalidArgumentError(f"k must hold whole numbers >= 1 (one per SAE, or one for all), got {self.k!r}")
@@ -87,6 +104,15 @@ class ReplacementConfig(ModelFamily):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (name == "lr" and value == 0):
                 raise InvalidArgumentError(f"{name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        for name in ("lr_decay", "spurious_rate", "spurious_poison", "marker_share", "spurious_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= (
+                    float("inf") if name == "spurious_lr" else 1) or (name == "spurious_lr" and value == 0):
+                raise InvalidArgumentError(f"{name} must be a number in {'(0, inf)' if name == 'spurious_lr' else '[0, 1]'}, "
+                                           f"got {value!r}")
+        if self.spurious_class is not None and (isinstance(self.spurious_class, bool)
+                                                or not isinstance(self.spurious_class, int) or self.spurious_class < 0):
+            raise InvalidArgumentError(f"spurious_class must be a class index >= 0 or none, got {self.spurious_class!r}")
         if not self.fractions or any(not 0.0 <= f <= 1.0 for f in self.fractions):
             raise InvalidArgumentError(f"fractions must lie in [0, 1], got {self.fractions!r}")
 

@@ -39,7 +39,7 @@ class AttributionGraph:
     kept: list[Tensor] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def kept_nodes(self, layer: int) -> Int[Tensor, n]:
+    def kept_nodes(self, layer: int) -> Int[Tensor, "n"]:
         """The feature nodes of ``layer`` in the graph (all if unpruned), by decreasing score."""
         if self.kept is not None:
             return self.kept[layer]

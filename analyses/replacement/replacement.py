@@ -28,9 +28,11 @@ from torch import Tensor, nn
 
 from analyses.replacement.graph import AttributionGraph
 from analyses.replacement.saes import (
+    LN_EPS,
     capture_resid,
     decode_latents,
     encode_latents,
+    reconstruct,
     resid_hooks,
     standardize,
 )
@@ -50,8 +52,8 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _objective(logits: Float[Tensor, "batch classes"], target: Int[Tensor, batch], objective: str
-               ) -> Float[Tensor, batch]:
+def _objective(logits: Float[Tensor, "batch classes"], target: Int[Tensor, "batch"], objective: str
+               ) -> Float[Tensor, "batch"]:
     picked = logits.gather(1, target[:, None])[:, 0]
     return picked - logits.mean(dim=1) if objective == "logit_minus_mean" else picked
 
@@ -91,8 +93,7 @@ class ReplacementModel:
         check(not unknown, f"no SAE at {unknown}; replaced layers: {self.hooks}")
 
         def swap(x: Tensor, hook: Any) -> Tensor:
-            sae = self.saes[hook.name]
-            rec = sae.decode(sae.encode(x))
+            rec = reconstruct(self.saes[hook.name], x)
             return rec + (x - rec).detach() if error else rec
 
         with model.hooks(fwd_hooks=[(name, swap) for name in names]):
@@ -153,32 +154,41 @@ class ReplacementModel:
         hook, nxt = self.hooks[layer], self.hooks[layer + 1]
         sae_up, sae_down = self.saes[hook], self.saes[nxt]
         block = model.blocks[layer + 1]
-        batch, _, _ = up["x"].shape
+        batch, pos, _ = up["x"].shape
         f_in, f_out = sae_up.cfg.d_sae, sae_down.cfg.d_sae
-        weight = (down["s"] * down["z"]).abs().sum((0, 1))
-        active = torch.nonzero(weight > 0)[:, 0]
+        # d(sum_tokens s_o z_o) / d(block output) at each token, the standardisation's std held constant:
+        # s_o * [z_o > 0] * (W_enc[:, o] - its mean) / (std + eps), a gate per token times one direction
+        gate = down["s"] * (down["z"] > 0) / (down["std"] + LN_EPS)  # [batch pos f_out]
+        direction = sae_down.W_enc - sae_down.W_enc.mean(dim=0, keepdim=True)  # [d f_out]
+        active = torch.nonzero(gate.abs().sum((0, 1)) > 0)[:, 0]
+        # the upstream latents' moves (z - median), scaled by std: per token only the few that differ
         coeff = up["std"] * (up["z"] - self.medians[hook]["latents"])  # [batch pos f_in]
+        width = max(int((coeff != 0).sum(-1).max()), 1)
+        moved = coeff.abs().reshape(batch * pos, f_in).topk(width, dim=-1).indices  # [batch*pos width]
+        rows_dec = sae_up.W_dec[moved] * coeff.reshape(batch * pos, f_in).gather(1, moved)[..., None]  # [bp width d]
+        target = (torch.arange(batch, device=coeff.device).repeat_interleave(pos)[:, None] * f_in + moved).reshape(-1)
         err_delta = up["error"] - self.medians[hook]["error"]  # [batch pos d]
         edges = torch.zeros(batch, f_in + 1, f_out + 1, device=coeff.device)
         x = up["x"].detach().clone().requires_grad_(True)
-        with torch.enable_grad():  # one forward; the backward passes are batched over downstream latents
-            out = (encode_latents(sae_down, block(x), detach_std=True) * down["s"]).sum(1)  # [batch f_out]
+        with torch.enable_grad():  # one forward of the block; the backward passes are batched over downstream latents
+            y = block(x)
         for start in range(0, len(active), chunk):
             rows = active[start:start + chunk]
-            c = len(rows)
-            cotangent = torch.zeros(c, batch, f_out, device=x.device)
-            cotangent[torch.arange(c), :, rows] = 1.0
-            (jac,) = torch.autograd.grad(out, x, cotangent, retain_graph=True, is_grads_batched=True)
-            with torch.no_grad():  # jac: [c batch pos d]
-                through = (jac @ sae_up.W_dec.T) * coeff  # [c batch pos f_in]
-                edges[:, :f_in, rows] = through.sum(2).permute(1, 2, 0)
+            cotangent = torch.einsum("btc,dc->cbtd", gate[:, :, rows], direction[:, rows])
+            (jac,) = torch.autograd.grad(y, x, cotangent, retain_graph=True, is_grads_batched=True)
+            with torch.no_grad():  # jac: [c batch pos d], pulled back onto the moved upstream latents only
+                c = len(rows)
+                through = torch.bmm(jac.reshape(c, batch * pos, -1).transpose(0, 1), rows_dec.transpose(1, 2))
+                summed = torch.zeros(c, batch * f_in, device=jac.device).index_add_(
+                    1, target, through.permute(1, 0, 2).reshape(c, -1))
+                edges[:, :f_in, rows] = summed.view(c, batch, f_in).permute(1, 2, 0)
                 edges[:, f_in, rows] = torch.einsum("cbtd,btd->bc", jac, err_delta)
         node_totals = torch.cat([up["latents"], up["error_score"][:, None]], dim=1)
         edges[:, :, f_out] = node_totals - edges[:, :, :f_out].sum(2)
         return edges
 
     def attribute(self, model: nn.Module, images: Float[Tensor, "batch channel height width"], target: int,
-                  *, objective: str | None = None, chunk: int = 64) -> AttributionGraph:
+                  *, objective: str | None = None, chunk: int = 128) -> AttributionGraph:
         """The attribution graph of ``target`` over ``images`` (scores and edges averaged over them):
         node scores of every layer's latents and error node, edges between adjacent layers by
         batched vector-Jacobian products (``chunk`` downstream latents per backward pass)."""

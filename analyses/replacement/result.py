@@ -1,6 +1,7 @@
 """The replacement level's result: per-layer SAE metrics, the replacement's accuracy and KL, the class
-graphs' summaries, the faithfulness curves and AUCs (``result.json``, one CSV per table,
-``replacement.md``, ``faithfulness.png`` and ``graph.png``)."""
+graphs' summaries, the faithfulness curves and AUCs, the spurious-correlation experiment
+(``result.json``, one CSV per table, ``replacement.md``, ``faithfulness.png``, ``graph.png``,
+``catalogue.png`` and ``spurious.png``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from hooked_vit import atomic
 
 CURVE_METRICS = ("probability", "logit", "accuracy")
 METHOD_STYLE = {"attribution": "tab:red", "random": "tab:grey", "neuron": "tab:blue"}
+SPURIOUS_ACCURACIES = {"original_clean": "original model, clean val", "biased_clean": "biased model, clean val",
+                       "biased_swapped": "biased model, marker-swapped val",
+                       "ablated_swapped": "marker features at median, swapped",
+                       "random_swapped": "as many random latents at median, swapped",
+                       "ablated_clean": "marker features at median, clean"}
 
 
 @dataclass
@@ -24,8 +30,9 @@ class ReplacementResult(AnalysisResult):
     (accuracy and KL to the model with no, every, each single layer replaced without error nodes),
     ``graphs`` (per class: top nodes, feature and error totals), ``curves`` and ``aucs``
     (faithfulness), ``training`` (seconds, layer settings, last log line), ``catalogue`` (per live
-latent: class and spatial entropy, firing frequency, top image:patch pairs), ``seconds`` and
-    ``graph_figures`` (the class graph figure copied to ``graph.png``)."""
+latent: class and spatial entropy, firing frequency, top image:patch pairs), ``spurious`` (per
+    model: the spurious-correlation experiment's record), ``seconds`` and ``graph_figures`` (the
+    class graph figure copied to ``graph.png``)."""
 
     CONFIG_CLASS: ClassVar[type] = ReplacementConfig
     config: ReplacementConfig
@@ -36,13 +43,23 @@ latent: class and spatial entropy, firing frequency, top image:patch pairs), ``s
     aucs: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
     catalogue: list[dict[str, Any]] = field(default_factory=list)
+    spurious: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     graph_figures: list[str] = field(default_factory=list)
 
     def tables(self) -> dict[str, list[dict[str, Any]]]:
         return {"layers": self.layers, "replacement": self.replacement, "graphs": self.graphs,
                 "catalogue": self.catalogue, "catalogue_summary": self.catalogue_summary(),
-                "faithfulness_curves": self.curves, "faithfulness_auc": self.aucs}
+                "faithfulness_curves": self.curves, "faithfulness_auc": self.aucs,
+                "spurious": self.spurious_rows(), "spurious_features": [
+                    {"model": r["model"], "class": r["class"], **f} for r in self.spurious for f in r["marker_features"]]}
+
+    def spurious_rows(self) -> list[dict[str, Any]]:
+        """Per model: the marked class, the split, the marker features found and the accuracies."""
+        return [{"model": r["model"], "class": r["class"], "train_marked": r["train_marked"],
+                 "train_relabelled": r["train_relabelled"], "graph_nodes": r["graph_nodes"],
+                 "marker_features": len(r["marker_features"]),
+                 "swapped_predicted_as_class": r["swapped_predicted_as_class"], **r["accuracy"]} for r in self.spurious]
 
     def catalogue_summary(self) -> list[dict[str, Any]]:
         """Per model and layer: live latents, median class and spatial entropy (bits), median frequency."""
@@ -75,6 +92,13 @@ latent: class and spatial entropy, firing frequency, top image:patch pairs), ``s
                            f"fractions {grid} equally spaced):"), "",
                       markdown_table(self.aucs, ["model", "method", "mode", "logit", "adjusted_logit", "probability",
                                                  "accuracy"], float_format=".4f")]
+        for r in self.spurious:
+            features = ", ".join(f"L{f['layer']}:{f['latent']} ({f['marker_share']:.2f})" for f in r["marker_features"])
+            parts += ["", (f"Spurious correlation ({r['model']}; class {r['class']}; {r['train_marked']} marked train images, "
+                           f"{r['train_relabelled']} of them relabelled; marker features among the class graph's "
+                           f"{r['graph_nodes']} nodes, with their share on the marker: {features or 'none'}):"), "",
+                      markdown_table([{"setting": label, "accuracy": r["accuracy"][key]}
+                                      for key, label in SPURIOUS_ACCURACIES.items()], float_format=".4f")]
         if self.graphs:
             parts += ["", "Class graphs (mean node scores over the class's images; top nodes `L<layer>:<latent>`):", "",
                       markdown_table(self.graphs, ["model", "class", "n_images", "top_nodes",
@@ -116,6 +140,40 @@ latent: class and spatial entropy, firing frequency, top image:patch pairs), ``s
             plt.close(fig)
         return fig
 
+    def plot_spurious(self, path: str | os.PathLike | None = None):
+        """Per model: the accuracies of the spurious-correlation experiment, and a marker-swapped val
+        image beside the summed activation of the marker features per patch. Saved to ``path`` if given."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(self.spurious), 3, figsize=(13, 3.4 * len(self.spurious)), squeeze=False,
+                                 gridspec_kw={"width_ratios": [2.2, 1, 1]})
+        for row, r in enumerate(self.spurious):
+            ax = axes[row][0]
+            keys = list(SPURIOUS_ACCURACIES)
+            ax.barh(range(len(keys)), [r["accuracy"][k] for k in keys], color=["tab:green", "tab:blue", "tab:red",
+                                                                                "tab:orange", "tab:grey", "tab:cyan"])
+            ax.set_yticks(range(len(keys)), [SPURIOUS_ACCURACIES[k] for k in keys], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1)
+            ax.set_xlabel("val top-1")
+            ax.set_title(f"{r['model']}: marker with class {r['class']}")
+            axes[row][1].imshow(r["example"], cmap="gray")
+            axes[row][1].set_title("marker-swapped val image", fontsize=9)
+            axes[row][2].imshow(r["heat"], cmap="magma")
+            axes[row][2].set_title(f"its {len(r['marker_features'])} marker features, per patch", fontsize=9)
+            for ax in axes[row][1:]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+        fig.tight_layout()
+        if path is not None:
+            atomic.save_figure(fig, path, dpi=110, metadata={"Description": self.config_comment()})
+            plt.close(fig)
+        return fig
+
     def save(self, directory: str | os.PathLike) -> Path:
         directory = super().save(directory)
         atomic.write_text(directory / "replacement.md", f"<!-- {self.config_comment()} -->\n\n{self.markdown()}\n")
@@ -127,6 +185,8 @@ latent: class and spatial entropy, firing frequency, top image:patch pairs), ``s
             first = self.catalogue[0]
             plot_catalogue(self.catalogue, first["n_classes"], first["n_patches"], directory / "catalogue.png",
                            title=f"Feature catalogue ({self.config.model})")
+        if self.spurious:
+            self.plot_spurious(directory / "spurious.png")
         for figure in self.graph_figures:
             if (directory / figure).is_file():
                 with atomic.atomic_path(directory / "graph.png") as tmp:

@@ -7,7 +7,9 @@ the training SAEs (``normalize_activations="none"``) see standardised tokens, an
 SAEs they become carry ``"layer_norm"``, so ``sae.decode(sae.encode(x))`` reconstructs the raw
 activations. Decoder rows are kept at unit norm after every step (the reference's
 ``make_decoder_weights_and_grad_unit_norm``); dead latents (no firing for ``dead_steps`` steps)
-train on the residual through sae-lens's AuxK loss.
+train on the residual through sae-lens's AuxK loss. Under ``torchrun`` (a process group of more than
+one process) every process trains on its share of each step's images and the gradients are
+averaged over the processes before every step, so all processes hold the same SAEs.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # sae-lens imports wandb; never log to it from here
 
 from sae_lens import SAE
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE, TopKTrainingSAEConfig
 
 from hooked_vit import atomic
 from hooked_vit.errors import InvalidArgumentError, check
@@ -69,6 +73,21 @@ def decode_latents(sae: SAE, z: Float[Tensor, "*tokens f"], mu: Float[Tensor, "*
                    std: Float[Tensor, "*tokens 1"]) -> Float[Tensor, "*tokens d"]:
     """The raw-space reconstruction ``(z W_dec + b_dec) * std + mu``."""
     return (z @ sae.W_dec + sae.b_dec) * std + mu
+
+
+def reconstruct(sae: SAE, x: Float[Tensor, "*tokens d"]) -> Float[Tensor, "*tokens d"]:
+    """``sae.decode(sae.encode(x))`` fused: for a TopK SAE the decoder sums only the ``k`` rows each
+    token selects (an ``embedding_bag``) instead of multiplying the mostly-zero code by the whole
+    decoder; other SAEs go through sae-lens."""
+    if not isinstance(sae.activation_fn, TopK) or sae.cfg.rescale_acts_by_decoder_norm \
+            or sae.cfg.normalize_activations != "layer_norm":
+        return sae.decode(sae.encode(x))
+    xs, mu, std = standardize(x)
+    hidden = (xs - sae.b_dec * sae.cfg.apply_b_dec_to_input) @ sae.W_enc + sae.b_enc
+    values, indices = hidden.topk(sae.activation_fn.k, dim=-1, sorted=False)
+    k = indices.shape[-1]
+    rows = F.embedding_bag(indices.reshape(-1, k), sae.W_dec, per_sample_weights=values.relu().reshape(-1, k), mode="sum")
+    return (rows.reshape(x.shape) + sae.b_dec) * std + mu
 
 
 def training_sae(architecture: str, d_in: int, d_sae: int, k: int, aux_coefficient: float, device: str,
@@ -137,6 +156,33 @@ def batch_indices(n: int, step: int, batch: int, seed: int) -> Int[Tensor, "n_ba
     return order[position * batch:(position + 1) * batch] if n >= batch else order
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(parameters: Sequence[Tensor], world: int) -> None:
+    """All-reduce the gradients of ``parameters`` to their mean over the ``world`` processes (one
+    flat buffer, one collective)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def lr_factor(step: int, steps: int, decay: float) -> float:
+    """The learning-rate factor of step ``step`` of ``steps``: 1, then linear to 0 over the last
+    ``decay`` fraction of the steps."""
+    tail = decay * steps
+    return 1.0 if tail <= 0 else min(1.0, (steps - step) / tail)
+
+
 def capture_resid(model: nn.Module, images: Float[Tensor, "batch channel height width"],
                   hooks: Sequence[str]) -> list[Float[Tensor, "batch pos d_model"]]:
     """The residual stream at ``hooks`` from one forward that stops before the last block."""
@@ -161,23 +207,34 @@ def train_saes(
     lr: float = 1e-3,
     aux_coefficient: float = 1 / 32,
     dead_steps: int = 60,
+    lr_decay: float = 0.0,
+    cls_repeats: int = 1,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 250,
     log_every: int = 50,
     identity: dict[str, Any] | None = None,
+    distributed: bool = True,
 ) -> tuple[dict[str, SAE], list[dict[str, Any]], float]:
     """Train one SAE per :func:`resid_hooks` hook (settings ``(k, expansion)`` each) on ``dataset``
     (items ``(image, label)``): each step runs the model once on ``batch_images`` images and steps
-    every SAE on all their tokens (one Adam over all SAEs; per-parameter, so as separate optimizers).
-    With ``checkpoint`` (a file) the state is saved every ``checkpoint_every`` steps and a run with
-    the same ``identity`` there resumes from it. Returns the inference SAEs by hook, the log and
-    the seconds this call took."""
+    every SAE on all their tokens (one Adam over all SAEs; per-parameter, so as separate optimizers),
+    the CLS token (position 0) counted ``cls_repeats`` times; the learning rate decays linearly to 0
+    over the last ``lr_decay`` fraction of the steps. Under ``torchrun`` each process takes every
+    world-th image of a step and the gradients are averaged (see the module docstring; with
+    ``distributed=False`` this process trains alone, for a call only one process makes). With
+    ``checkpoint`` (a file) the state is saved (by the first process) every ``checkpoint_every``
+    steps and a run with the same ``identity`` there resumes from it. Returns the inference SAEs by
+    hook, the log and the seconds this call took."""
     started = time.perf_counter()
     hooks = resid_hooks(model)
     check(len(layer_settings) == len(hooks), f"layer_settings holds {len(layer_settings)} entries, the model has "
                                              f"{len(hooks)} replaced layers")
     check(len(dataset) >= 1, "the training split is empty")
+    check(0.0 <= lr_decay <= 1.0, f"lr_decay must lie in [0, 1] (a fraction of the steps), got {lr_decay!r}")
+    check(isinstance(cls_repeats, int) and cls_repeats >= 1, f"cls_repeats must be a whole number >= 1, got {cls_repeats!r}")
+    rank, world = process_group() if distributed else (0, 1)
+    check(batch_images >= world, f"batch_images ({batch_images}) must be at least the number of processes ({world})")
     device = str(next(model.parameters()).device)
     d = model.cfg.d_model
     saes = []
@@ -185,11 +242,12 @@ def train_saes(
         d_sae = max(1, round(expansion * d))
         check(k <= d_sae, f"layer {layer}: k={k} exceeds the dictionary size {d_sae} ({expansion:g} x {d})")
         saes.append(training_sae(architecture, d, d_sae, k, aux_coefficient, device, seed + layer))
-    optimizer = torch.optim.Adam([p for s in saes for p in s.parameters()], lr=lr, betas=(0.9, 0.999))
+    parameters = [p for s in saes for p in s.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999))
     state = TrainingState(saes, optimizer, 0, [torch.zeros(s.cfg.d_sae, device=device) for s in saes], [])
     identity = {"layer_settings": [list(map(float, s)) for s in layer_settings], "architecture": architecture,
                 "lr": lr, "aux_coefficient": aux_coefficient, "dead_steps": dead_steps, "seed": seed,
-                "batch_images": batch_images, **(identity or {})}
+                "batch_images": batch_images, "lr_decay": lr_decay, "cls_repeats": cls_repeats, **(identity or {})}
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location=device, weights_only=False)
@@ -199,7 +257,9 @@ def train_saes(
     for sae in saes:
         sae.train()
     while state.step < steps:
-        idx = batch_indices(len(dataset), state.step, batch_images, seed)
+        idx = batch_indices(len(dataset), state.step, batch_images, seed)[rank::world]
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(state.step, steps, lr_decay)
         images = torch.stack([dataset[int(i)][0] for i in idx]).to(device)
         with torch.no_grad():
             acts = capture_resid(model, images, hooks)
@@ -207,19 +267,26 @@ def train_saes(
         record: dict[str, Any] = {"step": state.step + 1}
         optimizer.zero_grad(set_to_none=True)
         for layer, (sae, x) in enumerate(zip(saes, acts)):
-            xs, _, _ = standardize(x.reshape(-1, d))
+            tokens = x.reshape(-1, d) if cls_repeats == 1 else torch.cat([x.reshape(-1, d)] + [x[:, 0]] * (cls_repeats - 1))
+            xs, _, _ = standardize(tokens)
             dead = state.since_fired[layer] >= dead_steps
             output = sae.training_forward_pass(TrainStepInput(sae_in=xs, coefficients={}, dead_neuron_mask=dead,
                                                               n_training_steps=state.step, is_logging_step=False))
             total = total + output.loss
             with torch.no_grad():
                 fired = (output.feature_acts > 0).any(dim=0)
+                if world > 1:  # a latent fired if it fired in any process
+                    fired = fired.float()
+                    dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                    fired = fired > 0
                 state.since_fired[layer] = torch.where(fired, 0.0, state.since_fired[layer] + 1)
                 if (state.step + 1) % log_every == 0 or state.step + 1 == steps:
                     fve = 1 - (output.sae_out - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
                     record[f"fve_std_{layer}"] = float(fve)
                     record[f"dead_{layer}"] = int(dead.sum())
         total.backward()
+        if world > 1:
+            average_gradients(parameters, world)
         optimizer.step()
         with torch.no_grad():
             for sae in saes:
@@ -229,12 +296,12 @@ def train_saes(
             record["loss"] = float(total.detach())
             record["seconds"] = round(time.perf_counter() - started, 2)
             state.log.append(record)
-        if path is not None and (state.step % checkpoint_every == 0 or state.step == steps):
+        if path is not None and rank == 0 and (state.step % checkpoint_every == 0 or state.step == steps):
             atomic.torch_save(state.state_dict(identity), path)
     model_name = getattr(model.cfg, "model_name", None)
     out = {hook: inference_sae(sae.eval(), hook, model_name) for hook, sae in zip(hooks, saes)}
     return out, state.log, time.perf_counter() - started
 
 
-__all__ = ["LN_EPS", "capture_resid", "decode_latents", "encode_latents", "inference_sae", "resid_hooks", "standardize",
-           "train_saes", "training_sae"]
+__all__ = ["LN_EPS", "average_gradients", "capture_resid", "decode_latents", "encode_latents", "inference_sae",
+           "lr_factor", "process_group", "reconstruct", "resid_hooks", "standardize", "train_saes", "training_sae"]

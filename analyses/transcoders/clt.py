@@ -13,7 +13,8 @@ to targets ``i..n_layers-1``), ``b_dec`` ``[n_layers, d_model]``, ``W_skip`` ``[
 
 With ``cross_layer=False`` the same class is a set of per-layer transcoders (only ``W_dec[i -> i]``);
 with ``input_hook="hook_mlp_out"`` too, per-layer SAEs on the MLP outputs: the baselines on equal
-total latents, trained by the same loop.
+total latents, trained by the same loop. Their layer ``l`` is a sae-lens dictionary (``plt[l]``,
+:mod:`analyses.transcoders.per_layer`) and they save in sae-lens's format, one folder per layer.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ class CrossLayerTranscoder(nn.Module):
         return out
 
     @torch.no_grad()
-    def fold_scales(self, input_scale: Float[Tensor, n_layers], output_scale: Float[Tensor, n_layers]) -> None:
+    def fold_scales(self, input_scale: Float[Tensor, "n_layers"], output_scale: Float[Tensor, "n_layers"]) -> None:
         """Fold the per-layer scalars a transcoder was trained with (inputs divided by
         ``input_scale``, targets by ``output_scale``) into its weights, so it reads and writes the
         model's own activations."""
@@ -290,27 +291,46 @@ class CrossLayerTranscoder(nn.Module):
 
         return contributions(self, model, images, batch_size=batch_size)["scores"]
 
+    def __getitem__(self, layer: int) -> Any:
+        """Layer ``layer`` of per-layer transcoders / SAEs as a sae-lens object (``sae_lens.Transcoder``
+        family / ``sae_lens.SAE``; a copy of the weights; see :mod:`analyses.transcoders.per_layer`)."""
+        from analyses.transcoders.per_layer import to_sae_lens
+
+        return to_sae_lens(self, layer)
+
     # ------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write circuit-tracer's CLT layout into ``directory`` (whole or not at all): per layer ``i``,
-        ``W_enc_i.safetensors`` (``W_enc_i`` ``[d_latent, d_model]``, ``b_enc_i``, ``b_dec_i``,
-        ``threshold_i`` for JumpReLU, ``W_skip_i`` ``[d_model, d_model]`` with a skip) and
-        ``W_dec_i.safetensors`` (``W_dec_i`` ``[d_latent, n_targets, d_model]``), and ``config.json``."""
+        """Write the transcoder into ``directory`` (whole or not at all), with ``config.json``. A CLT in
+        circuit-tracer's CLT layout: per layer ``i``, ``W_enc_i.safetensors`` (``W_enc_i``
+        ``[d_latent, d_model]``, ``b_enc_i``, ``b_dec_i``, ``threshold_i`` for JumpReLU, ``W_skip_i``
+        ``[d_model, d_model]`` with a skip) and ``W_dec_i.safetensors`` (``W_dec_i``
+        ``[d_latent, n_targets, d_model]``). Per-layer dictionaries in sae-lens's format, one folder
+        ``layer_<l>`` per layer (:mod:`analyses.transcoders.per_layer`)."""
         from hooked_vit import atomic
 
         with atomic.atomic_directory(directory, replace=True) as folder:
-            for i in range(self.n_layers):
-                enc = {f"W_enc_{i}": self.W_enc[i], f"b_enc_{i}": self.b_enc[i], f"b_dec_{i}": self.b_dec[i]}
-                if self.activation == "jumprelu":
-                    enc[f"threshold_{i}"] = self.threshold[i]
-                if self.W_skip is not None:
-                    enc[f"W_skip_{i}"] = self.W_skip[i]
-                atomic.save_safetensors({k: v.detach().cpu().contiguous() for k, v in enc.items()},
-                                        folder / f"W_enc_{i}.safetensors")
-                atomic.save_safetensors({f"W_dec_{i}": self.W_dec[i].detach().cpu().contiguous()},
-                                        folder / f"W_dec_{i}.safetensors")
+            if self.cross_layer:
+                self._save_circuit_tracer_layout(folder)
+            else:
+                from analyses.transcoders.per_layer import save_layers
+
+                save_layers(self, folder)
             atomic.write_json(folder / CONFIG_FILE, self.config())
         return Path(directory)
+
+    def _save_circuit_tracer_layout(self, folder: Path) -> None:
+        from hooked_vit import atomic
+
+        for i in range(self.n_layers):
+            enc = {f"W_enc_{i}": self.W_enc[i], f"b_enc_{i}": self.b_enc[i], f"b_dec_{i}": self.b_dec[i]}
+            if self.activation == "jumprelu":
+                enc[f"threshold_{i}"] = self.threshold[i]
+            if self.W_skip is not None:
+                enc[f"W_skip_{i}"] = self.W_skip[i]
+            atomic.save_safetensors({k: v.detach().cpu().contiguous() for k, v in enc.items()},
+                                    folder / f"W_enc_{i}.safetensors")
+            atomic.save_safetensors({f"W_dec_{i}": self.W_dec[i].detach().cpu().contiguous()},
+                                    folder / f"W_dec_{i}.safetensors")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> CrossLayerTranscoder:
@@ -323,6 +343,11 @@ class CrossLayerTranscoder(nn.Module):
         clt = cls(cfg["n_layers"], cfg["d_model"], cfg["d_latent"], activation=cfg["activation"], k=cfg["k"],
                   skip=cfg["skip"], cross_layer=cfg["cross_layer"], input_hook=cfg["input_hook"],
                   bandwidth=cfg["bandwidth"])
+        if not clt.cross_layer:
+            from analyses.transcoders.per_layer import load_layers
+
+            load_layers(clt, directory)
+            return clt.to(device)
         with torch.no_grad():
             for i in range(clt.n_layers):
                 enc = load_safetensors(directory / f"W_enc_{i}.safetensors", "a transcoder's encoder", fix)

@@ -72,8 +72,9 @@ class Transcoders(Level):
         from analyses.transcoders.training import train_clt
 
         config = data["config"]
+        # a unit belongs to one process (units are dealt round-robin under torchrun): no data parallelism here
         return train_clt(model, data["train"], config, kind=kind, device=config.device, progress=self.show_progress,
-                         out_dir=dictionary_dir(data["out"], data["variant"], kind))
+                         out_dir=dictionary_dir(data["out"], data["variant"], kind), distributed=False)
 
     def compute(self, unit: str, model: Any, data: dict[str, Any]) -> dict[str, Any]:
         from analyses.transcoders.evaluation import (

@@ -91,6 +91,8 @@ class CLTConfig(ModelFamily):
         for name in self.baselines:
             if name not in BASELINES:
                 raise InvalidArgumentError(f"baselines must be among {', '.join(BASELINES)}, got {name!r}")
+        if self.skip and "sae" in self.baselines:
+            raise InvalidArgumentError("sae-lens SAEs have no skip connection: drop the sae baseline or skip")
         for name in ("lr", "tanh_scale", "threshold_init", "bandwidth"):
             if not _number(getattr(self, name)) or not getattr(self, name) > 0:
                 raise InvalidArgumentError(f"{name} must be a number > 0, got {getattr(self, name)!r}")

@@ -83,7 +83,7 @@ def _logits(model: Any, images: Tensor, batch_size: int, context: Any = None, ho
 
 
 def replacement_rows(model: Any, clt: CrossLayerTranscoder, images: Float[Tensor, "n channel height width"],
-                     labels: Int[Tensor, n], batch_size: int = 64) -> list[dict[str, Any]]:
+                     labels: Int[Tensor, "n"], batch_size: int = 64) -> list[dict[str, Any]]:
     """Accuracy and KL of the model with its MLP outputs replaced, one row per
     :func:`replacement_settings` entry, after the model's own row."""
     reference = _logits(model, images, batch_size)
@@ -120,7 +120,7 @@ def _dropped_accuracy(model: Any, clt: CrossLayerTranscoder, images: Tensor, lab
 
 
 def contribution_curves(model: Any, clt: CrossLayerTranscoder, images: Float[Tensor, "n channel height width"],
-                        labels: Int[Tensor, n], ablation: str = "final", batch_size: int = 64) -> dict[str, Any]:
+                        labels: Int[Tensor, "n"], ablation: str = "final", batch_size: int = 64) -> dict[str, Any]:
     """``scores`` (per image, ``[n][n_layers]``), ``per_class`` rows (mean score of each layer per
     class), ``ranking`` (layers by mean score, highest first) and the ``curves`` rows: for ``k``
     = 0..n_layers, the accuracy with the top-``k`` layers' terms dropped (``removal``) and with

@@ -74,13 +74,17 @@ def replaced(clt: Any, model: Any, layers: Iterable[int] | None = None, position
 
 
 def final_projection(model: Any, terms: Float[Tensor, "n_terms batch pos d_model"],
-                     resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "n_terms batch d_model"]:
+                     resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "n_terms batch d_pooled"]:
     """Each residual-stream term mapped onto the pooled representation by the final norm with its
-    scale frozen at ``resid``'s (linear): centre, divide by the scale, times the norm's weight, pool."""
+    scale frozen at ``resid``'s (linear): centre, divide by the scale, times the norm's weight, pool
+    (the CLS token, the patch mean, or both side by side for ``token_avg``)."""
     cfg = model.cfg
 
     def pool(x: Tensor) -> Tensor:
-        return x[..., 0, :] if cfg.pooling == "token" else x[..., cfg.n_prefix_tokens:, :].mean(dim=-2)
+        mean = x[..., cfg.n_prefix_tokens:, :].mean(dim=-2)
+        if cfg.pooling == "token_avg":
+            return torch.cat([x[..., 0, :], mean], dim=-1)
+        return x[..., 0, :] if cfg.pooling == "token" else mean
 
     def linear_norm(x: Tensor, reference: Tensor, norm: Any) -> Tensor:
         centred = reference - reference.mean(-1, keepdim=True)
@@ -101,6 +105,9 @@ def contributions(clt: Any, model: Any, images: Float[Tensor, "batch channel hei
     replaced model's ``logits`` ``[batch, n_classes]``."""
     check(clt.input_hook == "ln2.hook_normalized", "contribution scores need a transcoder reading the MLP inputs "
           f"(a CLT or per-layer transcoders), not one reading {clt.input_hook} (per-layer SAEs)")
+    check(model.cfg.pooling != "map", "contribution scores project terms linearly onto the pooled representation; an "
+          "attention-pool head (pooling 'map', SigLIP) is not linear in them: use a model with token, avg or "
+          "token_avg pooling")
     last = f"blocks.{clt.n_layers - 1}.hook_resid_post"
     names = {clt.input_name(l) for l in range(clt.n_layers)} | {last, "hook_pooled"}
     out: dict[str, list[Tensor]] = {"scores": [], "terms": [], "pooled": [], "logits": []}

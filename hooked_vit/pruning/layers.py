@@ -1,7 +1,7 @@
 """Which Linear layers of a HookedViT are pruned, and the hook whose value is each one's input.
 
-Pruned: every Linear inside the transformer blocks (``attn.qkv``, ``attn.proj``, ``mlp.fc1``,
-``mlp.fc2``); never the patch embedding or the classifier head.
+Pruned: every Linear inside the transformer blocks (``attn.qkv``, ``attn.proj``, ``mlp.fc1`` (``fc1_g`` and
+``fc1_x`` in a gated MLP), ``mlp.fc2``); never the patch embedding or the classifier head.
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ from torch import nn
 
 from hooked_vit.errors import InvalidTypeError
 
-# Linear inside a block -> the hook (relative to the block) whose value that Linear multiplies.
-# attn.hook_z is [batch, pos, head, d_head]; heads flattened head-major give proj's d_model input.
-INPUT_HOOKS: dict[str, str] = {
-    "attn.qkv": "ln1.hook_normalized",
-    "attn.proj": "attn.hook_z",
-    "mlp.fc1": "ln2.hook_normalized",
-    "mlp.fc2": "mlp.hook_post",
-}
+def input_hooks(block: nn.Module) -> dict[str, str]:
+    """Each pruned Linear of a block (name relative to it) -> the hook (relative to the block) whose value
+    that Linear multiplies. ``attn.hook_z`` is ``[batch, pos, head, d_head]``; heads flattened head-major
+    give proj's d_model input. A gated MLP has ``fc1_g`` and ``fc1_x`` for ``fc1``; an inner norm
+    (EVA-02) is the input of the Linear after it."""
+    attn_norm, mlp_norm = hasattr(block.attn, "norm"), hasattr(block.mlp, "norm")
+    hooks = {"attn.qkv": "ln1.hook_normalized",
+             "attn.proj": "attn.norm.hook_normalized" if attn_norm else "attn.hook_z"}
+    for fc in ("mlp.fc1_g", "mlp.fc1_x") if block.mlp.gated else ("mlp.fc1",):
+        hooks[fc] = "ln2.hook_normalized"
+    hooks["mlp.fc2"] = "mlp.norm.hook_normalized" if mlp_norm else "mlp.hook_post"
+    return hooks
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ def prunable_layers(model: nn.Module) -> list[PrunableLayer]:
         raise InvalidTypeError(f"pruning needs a HookedViT (with .blocks), got {type(model).__name__}")
     layers = []
     for i, block in enumerate(model.blocks):
-        for rel_name, hook in INPUT_HOOKS.items():
+        for rel_name, hook in input_hooks(block).items():
             module = block.get_submodule(rel_name)
             if not isinstance(module, nn.Linear):
                 raise InvalidTypeError(f"blocks.{i}.{rel_name} is {type(module).__name__}, expected nn.Linear")

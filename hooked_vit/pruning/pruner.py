@@ -63,7 +63,8 @@ def prune(
 ) -> PruningInfo:
     """Prune ``model`` (a dense HookedViT) in place and return what was done, measured.
 
-    Every ``nn.Linear`` inside the blocks (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``)
+    Every ``nn.Linear`` inside the blocks (``attn.qkv``, ``attn.proj``, ``mlp.fc1`` or a gated MLP's
+    ``fc1_g``/``fc1_x``, ``mlp.fc2``)
     is pruned: ``wanda`` and ``magnitude_row`` per output row (the ``int(in_features * sparsity)``
     lowest-scoring weights of each row become exactly zero), ``magnitude`` per layer (Han et al.:
     the ``int(numel * sparsity)`` smallest ``|W|`` of the matrix, :func:`layer_keep_mask`); with
