@@ -302,3 +302,47 @@ def test_tl_weight_processing_and_per_head_results_are_refused_where_they_do_not
     assert torch.equal(model.W_pos, model.pos_embed[0])  # EVA-02 adds a learned absolute embedding to RoPE
     dinov3 = HookedViT.from_timm(_make("vit_small_patch16_dinov3", img_size=32))
     assert dinov3.pos_embed is None and not bool(dinov3.W_pos.any())  # RoPE only
+
+
+def test_each_levels_core_runs_on_an_eva_with_every_part(tmp_path):
+    """A 2-block Eva with RoPE, SwiGLU, both inner norms and a 10-class head on 32 px digits (random
+    weights): the neuron level's unit ranking on the gated product, an SAE at the last block, a learned
+    circuit mask over all 16 sites, every model-level map, and Wanda, each on a small slice."""
+    from analyses.circuit.config import CircuitConfig
+    from analyses.circuit.discovery import discover_circuit
+    from analyses.common.ablation import load_or_compute_means
+    from analyses.layer.config import SAETrainConfig
+    from analyses.layer.sae import train_sae
+    from analyses.model.lrp import METHODS, attribution_map
+    from analyses.neuron.analysis import ModelAnalysis
+    from analyses.neuron.config import NeuronConfig
+    from hooked_vit import HookedViT
+    from hooked_vit.data import calibration_sample, load_dataset
+    from hooked_vit.evaluation import evaluate
+    from hooked_vit.pruning import prune
+
+    timm_model = _make("eva02_tiny_patch14_224", img_size=32, patch_size=4, embed_dim=64, num_heads=2,
+                       num_classes=10, scale_mlp=True, scale_attn_inner=True)
+    model = HookedViT.from_timm(timm_model)
+    assert (model.cfg.gated_mlp, model.cfg.mlp_norm, model.cfg.attn_norm, model.cfg.rope["rope_type"]) == (
+        True, True, True, "cat")
+    val = calibration_sample(load_dataset("digits", split="val", model=model), 40, seed=0)
+    train = calibration_sample(load_dataset("digits", split="train", model=model), 100, seed=0)
+    name = "eva_digits_test"
+    means = load_or_compute_means(model, train, show_progress=False)
+    record = ModelAnalysis(model, val, means, NeuronConfig(model=name, top_k=2, blocks=(1,), classes=(3,)),
+                           show_progress=False).class_record(3)["blocks"]["1"]
+    assert len(record["units"]) == 2 and all(0.0 <= s <= 1.0 for s in record["unit_selectivity"])
+    run = train_sae(model, train, SAETrainConfig(k=4, expansion_factor=2, training_samples=256, train_batch_size=32,
+                                                 buffer_size=128), progress=False)
+    assert run.sae.cfg.d_in == model.cfg.d_model
+    circuit = discover_circuit(model, train, 3, CircuitConfig(model=name, steps=2, batch_size=4, n_eval=4),
+                               show_progress=False)
+    assert 0.0 <= circuit.metrics["node_frac"] <= 1.0
+    images = val.tensors(show_progress=False)[0][:2]
+    for method in METHODS:
+        maps = attribution_map(method, model, images)
+        assert maps.shape == (2, 8, 8) and bool(torch.isfinite(maps).all()), method
+    prune(model, "wanda", 0.5, calibration=train.tensors(show_progress=False)[0][:16])
+    assert float((model.blocks[0].mlp.fc1_x.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert 0.0 <= evaluate(model, val, progress=False)["top1"] <= 1.0
