@@ -291,7 +291,7 @@ def by_hand_data_parallel(model, images, config, world):
     """``world`` processes simulated in one: process r's stream, the scales and decoder-bias start
     averaged, a latent alive if it fired on any process, the gradients averaged, one Adam step."""
     from analyses.transcoders import CrossLayerTranscoder
-    from analyses.transcoders.distributed import DataParallel
+    from analyses.common.data_parallel import DataParallel
     from analyses.transcoders.training import lr_factor, step_loss, token_stream
 
     clt = CrossLayerTranscoder.for_model(model, expansion_factor=config.expansion_factor, k=config.k, seed=config.seed)

@@ -89,7 +89,7 @@ class Replacement(Level):
         Under ``torchrun`` every process trains (each on its share of every batch) and waits until
         the first has saved it: every process has a unit left while it is not saved, so all get here."""
         from analyses.replacement.replacement import MODEL_FILE
-        from analyses.replacement.saes import process_group
+        from analyses.common.data_parallel import DataParallel
         from analyses.replacement.training import train_replacement
         from hooked_vit.reading import read_json
 
@@ -103,13 +103,10 @@ class Replacement(Level):
             rm = train_replacement(model, self.dataset(config, config.train_split, model), config,
                                    checkpoint=directory / TRAINING_STATE)
             rm.info["identity"] = identity
-            rank, world = process_group()
-            if rank == 0:
+            parallel = DataParallel.start()
+            if parallel.is_main:
                 rm.save(directory / RRM_DIR)
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
+            parallel.barrier()
             self._rm = (directory, rm)
         else:
             self._replacement(directory, model)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -34,6 +33,7 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput
 from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE, TopKTrainingSAEConfig
 
+from analyses.common.data_parallel import DataParallel
 from hooked_vit import atomic
 from hooked_vit.errors import InvalidArgumentError, check
 
@@ -156,26 +156,6 @@ def batch_indices(n: int, step: int, batch: int, seed: int) -> Int[Tensor, "n_ba
     return order[position * batch:(position + 1) * batch] if n >= batch else order
 
 
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def average_gradients(parameters: Sequence[Tensor], world: int) -> None:
-    """All-reduce the gradients of ``parameters`` to their mean over the ``world`` processes (one
-    flat buffer, one collective)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(parameters, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
 def lr_factor(step: int, steps: int, decay: float) -> float:
     """The learning-rate factor of step ``step`` of ``steps``: 1, then linear to 0 over the last
     ``decay`` fraction of the steps."""
@@ -233,8 +213,9 @@ def train_saes(
     check(len(dataset) >= 1, "the training split is empty")
     check(0.0 <= lr_decay <= 1.0, f"lr_decay must lie in [0, 1] (a fraction of the steps), got {lr_decay!r}")
     check(isinstance(cls_repeats, int) and cls_repeats >= 1, f"cls_repeats must be a whole number >= 1, got {cls_repeats!r}")
-    rank, world = process_group() if distributed else (0, 1)
-    check(batch_images >= world, f"batch_images ({batch_images}) must be at least the number of processes ({world})")
+    parallel = DataParallel.start(None if distributed else False)
+    check(batch_images >= parallel.world,
+          f"batch_images ({batch_images}) must be at least the number of processes ({parallel.world})")
     device = str(next(model.parameters()).device)
     d = model.cfg.d_model
     saes = []
@@ -257,7 +238,7 @@ def train_saes(
     for sae in saes:
         sae.train()
     while state.step < steps:
-        idx = batch_indices(len(dataset), state.step, batch_images, seed)[rank::world]
+        idx = batch_indices(len(dataset), state.step, batch_images, seed)[parallel.rank::parallel.world]
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(state.step, steps, lr_decay)
         images = torch.stack([dataset[int(i)][0] for i in idx]).to(device)
@@ -274,19 +255,14 @@ def train_saes(
                                                               n_training_steps=state.step, is_logging_step=False))
             total = total + output.loss
             with torch.no_grad():
-                fired = (output.feature_acts > 0).any(dim=0)
-                if world > 1:  # a latent fired if it fired in any process
-                    fired = fired.float()
-                    dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-                    fired = fired > 0
+                fired = parallel.any_((output.feature_acts > 0).any(dim=0))  # fired in any process
                 state.since_fired[layer] = torch.where(fired, 0.0, state.since_fired[layer] + 1)
                 if (state.step + 1) % log_every == 0 or state.step + 1 == steps:
                     fve = 1 - (output.sae_out - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
                     record[f"fve_std_{layer}"] = float(fve)
                     record[f"dead_{layer}"] = int(dead.sum())
         total.backward()
-        if world > 1:
-            average_gradients(parameters, world)
+        parallel.mean_gradients_(parameters)
         optimizer.step()
         with torch.no_grad():
             for sae in saes:
@@ -296,12 +272,12 @@ def train_saes(
             record["loss"] = float(total.detach())
             record["seconds"] = round(time.perf_counter() - started, 2)
             state.log.append(record)
-        if path is not None and rank == 0 and (state.step % checkpoint_every == 0 or state.step == steps):
+        if path is not None and parallel.is_main and (state.step % checkpoint_every == 0 or state.step == steps):
             atomic.torch_save(state.state_dict(identity), path)
     model_name = getattr(model.cfg, "model_name", None)
     out = {hook: inference_sae(sae.eval(), hook, model_name) for hook, sae in zip(hooks, saes)}
     return out, state.log, time.perf_counter() - started
 
 
-__all__ = ["LN_EPS", "average_gradients", "capture_resid", "decode_latents", "encode_latents", "inference_sae",
-           "lr_factor", "process_group", "reconstruct", "resid_hooks", "standardize", "train_saes", "training_sae"]
+__all__ = ["LN_EPS", "capture_resid", "decode_latents", "encode_latents", "inference_sae",
+           "lr_factor", "reconstruct", "resid_hooks", "standardize", "train_saes", "training_sae"]

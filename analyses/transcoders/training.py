@@ -4,7 +4,7 @@ The stream: each forward of ``images_per_forward`` training images (drawn epoch 
 seeded order) caches every layer's input and MLP output at once (one ``run_with_cache`` with a
 names filter); its tokens are shuffled and cut into ``forward_tokens // train_batch_size`` training
 batches. Step ``s`` therefore always sees the same batch, so a resumed training continues the
-stream exactly where the checkpoint left it. Under ``torchrun`` (:mod:`analyses.transcoders.distributed`)
+stream exactly where the checkpoint left it. Under ``torchrun`` (:mod:`analyses.common.data_parallel`)
 process ``rank`` of ``world`` takes the forwards ``rank, rank + world, ...`` of that order and the
 processes average their gradients: ``world`` times the tokens per step, the same weights everywhere.
 
@@ -32,7 +32,7 @@ from analyses.transcoders.clt import (
     HeavisideFunction,
     topk_pairs,
 )
-from analyses.transcoders.distributed import DataParallel
+from analyses.common.data_parallel import DataParallel
 from hooked_vit.errors import CheckpointMismatchError, check
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -170,7 +170,7 @@ def train_clt(model: Any, train: Any, config: Any, *, kind: str = "clt", out_dir
     ``training.json`` (losses, seconds). The parameter count and memory are printed first.
     ``distributed`` (default: whenever launched by ``torchrun`` with several processes): every
     process of the ``torchrun`` calls this and they train one transcoder data-parallel (see
-    :mod:`analyses.transcoders.distributed`); rank 0 writes the checkpoints and files, a resumed
+    :mod:`analyses.common.data_parallel`); rank 0 writes the checkpoints and files, a resumed
     training continues from the last checkpoint on every process."""
     from hooked_vit import atomic
     from hooked_vit.data.loaders import resolve_device
@@ -229,7 +229,7 @@ def train_clt(model: Any, train: Any, config: Any, *, kind: str = "clt", out_dir
         loss, parts = step_loss(clt, x, y, config, step, since_fired, processes=processes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        processes.mean_gradients_(clt)
+        processes.mean_gradients_(clt.parameters())
         optimizer.step()
         if step % max(1, config.steps // 50) == 0 or step == config.steps - 1:
             history.append({"step": step, **{k: round(v, 6) for k, v in parts.items()}})

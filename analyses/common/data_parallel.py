@@ -1,10 +1,9 @@
-"""Data-parallel transcoder training under ``torchrun``: every process streams its own share of the
-activations (process ``rank`` of ``world`` takes the forwards ``rank, rank + world, ...`` of the
-seeded image order) and the processes average their gradients after each backward (one
-``all_reduce`` of the flattened gradients, as DDP does), so every process holds the same weights.
-The first batch's per-layer scales, the decoder-bias start and the dead-latent statistics (a latent
-fired on any process) are averaged / combined the same way. One process (``world == 1``) does nothing
-extra; the process group is the one :func:`analyses.common.processes.start` joins.
+"""Data-parallel training under ``torchrun``, shared by the levels that train dictionaries
+(``transcoders``, ``replacement``): every process streams its own share of the activations and the
+processes average their gradients after each backward (one ``all_reduce`` of the flattened
+gradients, as DDP does), so every process holds the same weights; statistics such as which latents
+fired are combined the same way. One process (``world == 1``) does nothing extra; the process group is
+the one :func:`analyses.common.processes.start` joins.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from hooked_vit.errors import check
 
 @dataclass(frozen=True)
 class DataParallel:
-    """Process ``rank`` of ``world`` training one transcoder together."""
+    """Process ``rank`` of ``world`` training one model (dictionary) together."""
 
     rank: int = 0
     world: int = 1
@@ -62,12 +61,12 @@ class DataParallel:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def mean_gradients_(self, module: nn.Module) -> None:
-        """Average the gradients of ``module``'s trainable parameters over the processes (a parameter
+    def mean_gradients_(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Average the gradients of the trainable ``parameters`` over the processes (a parameter
         without a gradient on this process counts as a zero gradient)."""
         if self.world == 1:
             return
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in parameters if p.requires_grad]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
