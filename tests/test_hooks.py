@@ -26,11 +26,11 @@ def test_hook_names_are_pinned_in_execution_order(hooked_deit3_base):
 
 def test_family_final_hook_names_are_pinned():
     """The hooks each family adds: fc_norm after pooling, a distilled DeiT's second pooled token, CLIP's ln_pre,
-    SigLIP's attention pool."""
+    SigLIP's attention pool, EVA-02's RoPE, gated MLP and inner norms; the width of token_avg's pooled features."""
     import dataclasses
 
     from hooked_vit.config import HookedViTConfig
-    from hooked_vit.hook_table import hook_names
+    from hooked_vit.hook_table import hook_names, hook_shape
 
     base = HookedViTConfig(img_size=32, patch_size=8, in_chans=3, d_model=64, n_layers=1, n_heads=2, d_mlp=128,
                            n_classes=5)
@@ -52,6 +52,21 @@ def test_family_final_hook_names_are_pinned():
             "norm.hook_scale", "norm.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"]
     assert hook_names(1, dataclasses.replace(base, class_token=False, pooling="map")) == embed + blocks + [
         "ln_final.hook_scale", "ln_final.hook_normalized"] + [f"attn_pool.{name}" for name in pool] + ["hook_pooled"]
+    # transformers' DINOv2 classifier: CLS and the mean patch token side by side (hook_pooled [batch, 2 d_model]).
+    token_avg = dataclasses.replace(base, pooling="token_avg")
+    assert hook_names(1, token_avg) == hook_names(1)
+    assert hook_shape("hook_pooled", token_avg, 2) == (2, 128)
+    # timm's Eva (EVA-02, DINOv3): RoPE, a gated (SwiGLU) MLP, the inner norms on z and on the MLP's hidden.
+    eva = dataclasses.replace(base, rope={"rope_type": "cat", "temperature": 10000.0, "grid_indexing": "ij",
+                                          "grid_offset": 0.0, "rotate_half": False, "ref_feat_shape": None},
+                              gated_mlp=True, mlp_norm=True, attn_norm=True, act_fn="silu", timm_class="Eva")
+    assert hook_names(1, eva) == embed + [f"blocks.0.{name}" for name in [
+        "hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+        "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
+        "attn.norm.hook_scale", "attn.norm.hook_normalized", "hook_attn_out", "hook_resid_mid", "ln2.hook_scale",
+        "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "mlp.norm.hook_scale",
+        "mlp.norm.hook_normalized", "hook_mlp_out", "hook_resid_post"]] + [
+        "ln_final.hook_scale", "ln_final.hook_normalized", "hook_pooled"]
 
 
 def test_optional_tl_hook_names_are_pinned_and_listed_only_when_enabled(small_hooked):
