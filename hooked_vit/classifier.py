@@ -1,7 +1,8 @@
 """A classifier for a headless model (issue 20, requirement 5): "a linear probe trained on a dataset's
 pooled features (saved beside, reused), or CLIP zero-shot class embeddings given as a tensor".
 
-Both are one linear map ``d_model -> n_classes`` on the features the head reads (``hook_pooled``),
+Both are one linear map ``d_pooled -> n_classes`` on the features the head reads (``hook_pooled``;
+``cfg.d_pooled`` is ``d_model``, twice that for pooling ``'token_avg'``),
 attached as the model's ``head`` (an :class:`~hooked_vit.components.Unembed`) by
 :func:`attach_classifier`, so ``model(images)`` returns logits and every analysis, ``W_U`` and
 ``to_timm()`` work unchanged::
@@ -65,7 +66,7 @@ class LinearProbe:
     that ``l2``; ``settings``: what it was trained with; ``path``: its file (``None`` uncached);
     ``reused``: read from that file rather than trained."""
 
-    weight: Float[Tensor, "n_classes d_model"]
+    weight: Float[Tensor, "n_classes d_pooled"]
     bias: Float[Tensor, "n_classes"]
     l2: float
     train_accuracy: float
@@ -87,7 +88,7 @@ class LinearProbe:
 @torch.no_grad()
 def pooled_features(
     model: nn.Module, dataset: Any, *, batch_size: int | None = None
-) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, "n"]]:
+) -> tuple[Float[Tensor, "n d_pooled"], Int[Tensor, "n"]]:
     """The features the head reads (``hook_pooled``, float32, on the model's device) and the labels
     of every item of ``dataset``, in batches (the model in eval mode, restored after)."""
     from hooked_vit.data import make_loader
@@ -331,7 +332,7 @@ def _projection(model: nn.Module, class_embeddings: Any,
           f"logit_scale must be a positive number (CLIP's is 100), got {logit_scale!r}")
     head = model.head
     if isinstance(head, nn.Identity):
-        weight, bias, width, what = None, None, cfg.d_model, "the pooled features (no projection head)"
+        weight, bias, width, what = None, None, cfg.d_pooled, "the pooled features (no projection head)"
     elif isinstance(head, nn.Linear):
         weight, bias, width, what = head.weight, head.bias, head.out_features, "its projection head's output"
     else:
@@ -358,8 +359,8 @@ def zero_shot_head(
     Its logits are CLIP's, ``s cos(P x + b_P, T)``, times the image embedding's norm ``|P x + b_P|``
     (positive per image: same argmax and ranking); :func:`zero_shot_cosine_head` divides it."""
     weight, bias, classes = _projection(model, class_embeddings, logit_scale)
-    n_classes, d_model = classes.shape[0], model.cfg.d_model
-    head = Unembed(d_model, n_classes, device=classes.device, dtype=classes.dtype)
+    n_classes, d_pooled = classes.shape[0], model.cfg.d_pooled
+    head = Unembed(d_pooled, n_classes, device=classes.device, dtype=classes.dtype)
     with torch.no_grad():
         head.weight.copy_(classes if weight is None else classes @ weight)
         head.bias.copy_(torch.zeros(n_classes, dtype=classes.dtype) if bias is None else classes @ bias)
@@ -444,11 +445,11 @@ def attach_classifier(model: nn.Module, classifier: nn.Module | LinearProbe) -> 
     if not isinstance(classifier, nn.Linear) or classifier.bias is None:
         raise InvalidTypeError(f"classifier must be a LinearProbe or an nn.Linear with bias (d_model -> n_classes), "
                                f"got {type(classifier).__name__}")
-    check(classifier.in_features == cfg.d_model, f"the classifier reads {classifier.in_features} features but the "
-          f"model's pooled features (hook_pooled) are {cfg.d_model} wide")
+    check(classifier.in_features == cfg.d_pooled, f"the classifier reads {classifier.in_features} features but the "
+          f"model's pooled features (hook_pooled) are {cfg.d_pooled} wide")
     param = next(model.parameters())
     n_classes = classifier.out_features
-    head = Unembed(cfg.d_model, n_classes, device=param.device, dtype=param.dtype)
+    head = Unembed(cfg.d_pooled, n_classes, device=param.device, dtype=param.dtype)
     with torch.no_grad():
         head.weight.copy_(classifier.weight)
         head.bias.copy_(classifier.bias)

@@ -11,6 +11,7 @@ transformers 5.25 (installed) and 4.57 (whose parameter names differ), same resu
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -286,6 +287,9 @@ def test_dinov2_classifiers_read_cls_and_the_mean_patch_token(class_name, prefix
     relevance = chefer_propagate(model, chefer_cache(model, images), dtype=torch.float64)  # both halves enter
     torch.testing.assert_close(relevance.resid_pre[0].sum((1, 2)), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0)
     assert all(bool(torch.isfinite(m).all()) for m in (transformer_attribution(model, images), attn_lrp(model, images)))
+    other = torch.nn.Linear(2 * model.cfg.d_model, 3)  # a classifier attached to it reads both halves too
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(model).with_classifier(other)(images), other(cache["hook_pooled"]))
     model.save_pretrained(tmp_path / "dinov2_cls")
     with torch.no_grad():
         assert torch.equal(HookedViT.from_pretrained(tmp_path / "dinov2_cls")(images), model(images))
