@@ -60,11 +60,22 @@ def run_level_command(name: str, args: argparse.Namespace, *, alias: str | None 
     config = config_from_dict(config_class(name), given_options(args, config_class(name)))
     out = Path(args.out) if args.out else Path("runs") / f"{name}-{Path(config.model.removeprefix('alias:')).name}"
     from analyses.common.level import get_level, run_level
+    from analyses.common.processes import start, stop
+    from analyses.common.results import config_to_dict
 
-    result = run_level(get_level(name)(show_progress=not args.no_progress), config, out)
-    print(result.markdown())
-    files = sorted(p.name for p in out.iterdir() if p.is_file())
-    print(f"\nwrote {out}/: {', '.join(files)}")
+    processes = start()  # under torchrun: the processes share the units, the first writes the result
+    try:
+        settings = config_to_dict(config)
+        if hasattr(config, "device"):
+            config.device = processes.device(config.device)
+        result = run_level(get_level(name)(show_progress=not args.no_progress and processes.is_main), config, out,
+                           shard=processes.shard, barrier=processes.barrier, done_settings=settings)
+    finally:
+        stop(processes)
+    if processes.is_main:
+        print(result.markdown())
+        files = sorted(p.name for p in out.iterdir() if p.is_file())
+        print(f"\nwrote {out}/: {', '.join(files)}")
     return 0
 
 

@@ -133,6 +133,18 @@ def test_node_scores_and_an_edge_match_autograd_on_the_hand_built_model(three_bl
     assert float(graph.edges[0][i].sum()) == pytest.approx(float(graph.nodes[0][i]), rel=1e-4, abs=1e-6)
 
 
+def test_edges_of_images_taken_one_at_a_time_equal_all_at_once(three_blocks, rm, images, monkeypatch):
+    """Under a memory budget of one image per pass the edges (and so the graph) are the same."""
+    import analyses.replacement.replacement as module
+
+    together = rm.attribute(three_blocks, images[:3], 2)
+    monkeypatch.setattr(module, "IMAGE_FLOATS", 1)
+    apart = rm.attribute(three_blocks, images[:3], 2)
+    for a, b in zip(together.edges, apart.edges, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(together.edges[0].abs().max()) > 0
+
+
 def test_graph_prunes_saves_loads_and_plots(three_blocks, rm, images, tmp_path):
     from analyses.replacement.graph import AttributionGraph
 
@@ -353,3 +365,55 @@ def test_two_torchrun_processes_train_the_one_process_saes_and_resume(three_bloc
         for name, value in sae.state_dict().items():
             assert torch.equal(ranks[0][hook][name], ranks[1][hook][name]), (hook, name)
             torch.testing.assert_close(ranks[0][hook][name], value, rtol=1e-4, atol=1e-5)
+
+
+LEVEL_ARGS = ["--model", "deit3_tiny_digits", "--steps", "4", "--batch-images", "8", "--k", "4", "--expansion-factor", "1",
+              "--classes", "1", "--graph-images", "1", "--node-budget", "5", "--median-images", "16", "--fractions",
+              "0,0.1,1", "--faithfulness-images", "4", "--spurious-class", "none", "--no-progress"]
+
+
+def _table(path):
+    """A result CSV's rows, numbers as floats (the config comment line skipped)."""
+    import csv
+
+    def value(text):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    return [[value(v) for v in row] for row in csv.reader(lines)]
+
+
+def _same_numbers(a, b):
+    for x, y in zip(_table(a), _table(b), strict=True):
+        assert [v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=1e-6) for v in x] == y
+
+
+@pytest.mark.slow
+def test_the_level_command_under_torchrun_shares_the_units_and_trains_on_every_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m hooked_vit replacement``: the processes share the units and
+    train the replacement model together (the numbers equal one process's, 1e-5); then, with the
+    replacement model and one unit deleted, only one process has a unit left and both still train
+    (the driver's collective prepare; without it the other process leaves the training's all-reduce
+    waiting): the unit comes back with the same numbers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HOOKED_VIT_DIST_TIMEOUT": "120"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "hooked_vit", "replacement", *LEVEL_ARGS, "--out", str(one)], check=True,
+                   capture_output=True, env=env, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "hooked_vit", "replacement", *LEVEL_ARGS, "--out", str(two)]
+    run = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1 and '"processes": 2' in (two / "done.json").read_text()
+    for name in ("replacement.csv", "layers.csv", "faithfulness_auc.csv", "graphs.csv"):
+        _same_numbers(one / name, two / name)
+    import shutil
+
+    shutil.rmtree(two / "sparsity_0" / "rrm")
+    for name in ("sparsity_0/faithfulness.json", "sparsity_0/training_state.pt", "done.json"):
+        (two / name).unlink()
+    run = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _same_numbers(one / "faithfulness_auc.csv", two / "faithfulness_auc.csv")

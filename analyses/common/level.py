@@ -92,6 +92,9 @@ class Level:
     open_choices: ClassVar[tuple[str, ...]] = ()
     figures: ClassVar[dict[str, str]] = {}
     paper_numbers: ClassVar[str | None] = None
+    # prepare is a collective step under torchrun (it trains data-parallel): every process runs it for
+    # a variant with any unit left, its own units or not
+    collective_prepare: ClassVar[bool] = False
 
     def __init__(self, *, show_progress: bool = True, model_loader: Callable[[Any, Variant], Any] | None = None,
                  datasets: Mapping[str, Any] | None = None):
@@ -256,16 +259,23 @@ def _by_variant(plan: Iterable[tuple[Variant, str]]) -> dict[Variant, list[str]]
 
 def compute_units(level: Level, config: Any, out: str | os.PathLike, shard: Shard = Shard()) -> None:
     """This process's share of the level's units: each variant's model loaded once, saved units with
-    the same settings kept, the others computed and saved one by one."""
+    the same settings kept, the others computed and saved one by one. A level with
+    ``collective_prepare`` loads every variant and prepares it on every process while any of its
+    units (this process's or another's) is left, so a data-parallel prepare meets all processes."""
     from hooked_vit.data import progress
 
     out = Path(out)
-    for variant, units in _by_variant(shard.take(_plan(level, config))).items():
+    plan = _plan(level, config)
+    taken = shard.take(plan)
+    mine = set(taken)
+    collective = level.collective_prepare and not shard.whole
+    for variant, units in _by_variant(plan if collective else taken).items():
         model = level.load(config, variant)
         settings = level.settings(config, model, variant)
-        pending = [u for u in units
-                   if load_unit(unit_path(out, variant, u), settings, f"a {level.name}-level unit (JSON)") is None]
-        if pending:
+        left = [u for u in units
+                if load_unit(unit_path(out, variant, u), settings, f"a {level.name}-level unit (JSON)") is None]
+        pending = [u for u in left if (variant, u) in mine]
+        if pending or (collective and left):  # a collective prepare: every process while any unit is left
             level.pending = tuple(pending)
             data = level.prepare(config, model, variant, out)
             for unit in progress(pending, desc=f"{level.name}: {variant.label}", total=len(pending),

@@ -61,6 +61,7 @@ class Replacement(Level):
     Config = ReplacementConfig
     Result = ReplacementResult
     run_only = ("sparsities", "device", "batch_size", "checkpoint_every")
+    collective_prepare = True  # under torchrun every process trains the replacement model (data-parallel)
     open_choices = ("architecture", "schedule", "k", "expansion_factor", "steps", "lr", "lr_decay", "cls_repeats",
                     "objective", "median_images", "fractions", "spurious_poison")
     figures = {"catalogue.png": "Live latents across depth: class entropy and spatial entropy per layer",
@@ -87,7 +88,8 @@ class Replacement(Level):
     def prepare(self, config: ReplacementConfig, model: Any, variant: Variant, out: Path) -> dict[str, Any]:
         """Train and save the replacement model unless it is saved with the same training settings.
         Under ``torchrun`` every process trains (each on its share of every batch) and waits until
-        the first has saved it: every process has a unit left while it is not saved, so all get here."""
+        the first has saved it: the driver prepares a variant on every process while any of its
+        units is left (``collective_prepare``)."""
         from analyses.replacement.replacement import MODEL_FILE
         from analyses.common.data_parallel import DataParallel
         from analyses.replacement.training import train_replacement

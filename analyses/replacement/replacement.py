@@ -8,9 +8,10 @@ for a latent the gradient is the residual gradient pulled back through the decod
 ``std * grad @ W_dec.T`` (the standardisation's mean, std and the error held constant), for the
 error node it is the residual gradient itself. An edge from latent ``i`` of layer ``l`` to latent
 ``o`` of layer ``l + 1`` is the Jacobian of ``sum_tokens s_o * z_o`` (``s_o`` the downstream node's
-gradient, held constant) through block ``l + 1`` times ``(z_i - median_i)``, summed over tokens: a
-batch of vector-Jacobian products, one per downstream latent (the reference computes the same
-Jacobian with ``torch.func.jacrev``).
+gradient, held constant) through block ``l + 1`` times ``(z_i - median_i)``, summed over tokens (the
+reference computes the same Jacobian with ``torch.func.jacrev``; here the block's Jacobian is
+assembled from its token-local parts and its attention core, :mod:`block_jacobian`, exactly and at
+a fraction of a backward pass per downstream latent).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from analyses.replacement.block_jacobian import block_products
 from analyses.replacement.graph import AttributionGraph
 from analyses.replacement.saes import (
     LN_EPS,
@@ -45,6 +47,7 @@ MEDIANS_FILE = "medians.safetensors"
 METHODS = ("attribution", "random", "neuron")
 MODES = ("insertion", "deletion")
 METRICS = ("logit", "adjusted_logit", "probability", "accuracy")
+IMAGE_FLOATS = 2**26  # images per pass of the edges: their Jacobian products fit in this many floats (256 MB)
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -148,50 +151,53 @@ class ReplacementModel:
                                "resid": (g * (x - med["resid"])).sum(1)})
         return value.detach(), layers
 
-    def _edges(self, model: nn.Module, layer: int, up: dict[str, Tensor], down: dict[str, Tensor],
-               chunk: int) -> Float[Tensor, "batch fi_plus_1 fo_plus_1"]:
-        """Edges from layer ``layer`` to ``layer + 1`` per image (error row and column included)."""
-        hook, nxt = self.hooks[layer], self.hooks[layer + 1]
-        sae_up, sae_down = self.saes[hook], self.saes[nxt]
-        block = model.blocks[layer + 1]
-        batch, pos, _ = up["x"].shape
+    def _edges(self, model: nn.Module, layer: int, up: dict[str, Tensor], down: dict[str, Tensor]
+               ) -> Float[Tensor, "batch fi_plus_1 fo_plus_1"]:
+        """Edges from layer ``layer`` to ``layer + 1`` per image (error row and column included):
+        the block's Jacobian between the upstream latents' moves and the downstream latents'
+        gradients, exactly, through :func:`block_products`."""
+        hook = self.hooks[layer]
+        sae_up, sae_down = self.saes[hook], self.saes[self.hooks[layer + 1]]
+        x = up["x"]
+        batch, pos, d = x.shape
         f_in, f_out = sae_up.cfg.d_sae, sae_down.cfg.d_sae
-        # d(sum_tokens s_o z_o) / d(block output) at each token, the standardisation's std held constant:
-        # s_o * [z_o > 0] * (W_enc[:, o] - its mean) / (std + eps), a gate per token times one direction
-        gate = down["s"] * (down["z"] > 0) / (down["std"] + LN_EPS)  # [batch pos f_out]
-        direction = sae_down.W_enc - sae_down.W_enc.mean(dim=0, keepdim=True)  # [d f_out]
-        active = torch.nonzero(gate.abs().sum((0, 1)) > 0)[:, 0]
-        # the upstream latents' moves (z - median), scaled by std: per token only the few that differ
-        coeff = up["std"] * (up["z"] - self.medians[hook]["latents"])  # [batch pos f_in]
-        width = max(int((coeff != 0).sum(-1).max()), 1)
-        moved = coeff.abs().reshape(batch * pos, f_in).topk(width, dim=-1).indices  # [batch*pos width]
-        rows_dec = sae_up.W_dec[moved] * coeff.reshape(batch * pos, f_in).gather(1, moved)[..., None]  # [bp width d]
-        target = (torch.arange(batch, device=coeff.device).repeat_interleave(pos)[:, None] * f_in + moved).reshape(-1)
-        err_delta = up["error"] - self.medians[hook]["error"]  # [batch pos d]
-        edges = torch.zeros(batch, f_in + 1, f_out + 1, device=coeff.device)
-        x = up["x"].detach().clone().requires_grad_(True)
-        with torch.enable_grad():  # one forward of the block; the backward passes are batched over downstream latents
-            y = block(x)
-        for start in range(0, len(active), chunk):
-            rows = active[start:start + chunk]
-            cotangent = torch.einsum("btc,dc->cbtd", gate[:, :, rows], direction[:, rows])
-            (jac,) = torch.autograd.grad(y, x, cotangent, retain_graph=True, is_grads_batched=True)
-            with torch.no_grad():  # jac: [c batch pos d], pulled back onto the moved upstream latents only
-                c = len(rows)
-                through = torch.bmm(jac.reshape(c, batch * pos, -1).transpose(0, 1), rows_dec.transpose(1, 2))
-                summed = torch.zeros(c, batch * f_in, device=jac.device).index_add_(
-                    1, target, through.permute(1, 0, 2).reshape(c, -1))
-                edges[:, :f_in, rows] = summed.view(c, batch, f_in).permute(1, 2, 0)
-                edges[:, f_in, rows] = torch.einsum("cbtd,btd->bc", jac, err_delta)
-        node_totals = torch.cat([up["latents"], up["error_score"][:, None]], dim=1)
-        edges[:, :, f_out] = node_totals - edges[:, :, :f_out].sum(2)
+        with torch.no_grad():
+            # d(sum_tokens s_o z_o) / d(block output) at each token, the standardisation's std held
+            # constant: s_o * [z_o > 0] * (W_enc[:, o] - its mean) / (std + eps); per token only the
+            # active latents (padded to the most any token has, zero cotangents)
+            gate = down["s"] * (down["z"] > 0) / (down["std"] + LN_EPS)  # [batch pos f_out]
+            n = max(int((gate != 0).sum(-1).max()), 1)
+            active = (gate != 0).float().topk(n, dim=-1).indices  # [batch pos n]
+            direction = sae_down.W_enc - sae_down.W_enc.mean(dim=0, keepdim=True)  # [d f_out]
+            cotangents = gate.gather(-1, active)[..., None] * direction.T[active]  # [batch pos n d]
+            # the upstream latents' moves (z - median) * std * W_dec row: per token only the few that
+            # differ, and the error node's move (error - median) last
+            coeff = up["std"] * (up["z"] - self.medians[hook]["latents"])  # [batch pos f_in]
+            width = max(int((coeff != 0).sum(-1).max()), 1)
+            moved = coeff.abs().topk(width, dim=-1).indices  # [batch pos width]
+            moves = sae_up.W_dec[moved] * coeff.gather(-1, moved)[..., None]  # [batch pos width d]
+            tangents = torch.cat([moves.permute(2, 0, 1, 3), (up["error"] - self.medians[hook]["error"])[None]])
+        edges = torch.zeros(batch, f_in + 1, f_out + 1, device=x.device)
+        group = max(1, IMAGE_FLOATS // (f_out * pos * (width + 1)))  # images whose products fit in IMAGE_FLOATS
+        for g in _batches(batch, group):
+            per_move = block_products(model.blocks[layer + 1], x[g], tangents[:, g], cotangents[g], active[g], f_out)
+            with torch.no_grad():  # [images f_out pos width+1] summed over tokens into the upstream latents
+                images = per_move.shape[0]
+                target = (torch.arange(images, device=x.device)[:, None, None] * f_in + moved[g]).reshape(-1)
+                summed = torch.zeros(f_out, images * f_in, device=x.device).index_add_(
+                    1, target, per_move[..., :width].transpose(0, 1).reshape(f_out, -1))
+                edges[g, :f_in, :f_out] = summed.view(f_out, images, f_in).permute(1, 2, 0)
+                edges[g, f_in, :f_out] = per_move[..., width].sum(2)
+        with torch.no_grad():
+            node_totals = torch.cat([up["latents"], up["error_score"][:, None]], dim=1)
+            edges[:, :, f_out] = node_totals - edges[:, :, :f_out].sum(2)
         return edges
 
     def attribute(self, model: nn.Module, images: Float[Tensor, "batch channel height width"], target: int,
-                  *, objective: str | None = None, chunk: int = 128) -> AttributionGraph:
+                  *, objective: str | None = None) -> AttributionGraph:
         """The attribution graph of ``target`` over ``images`` (scores and edges averaged over them):
-        node scores of every layer's latents and error node, edges between adjacent layers by
-        batched vector-Jacobian products (``chunk`` downstream latents per backward pass)."""
+        node scores of every layer's latents and error node, and the edges between adjacent layers
+        (exact, through each block's Jacobian assembled from its parts: :func:`block_products`)."""
         self._check_model(model)
         objective = objective or self.objective
         check(objective in ("logit", "logit_minus_mean"), f"objective must be logit or logit_minus_mean, got {objective!r}")
@@ -201,7 +207,7 @@ class ReplacementModel:
         model.eval()
         labels = torch.full((len(images),), int(target), dtype=torch.long, device=images.device)
         value, layers = self._node_scores(model, images, labels, objective)
-        edges = [self._edges(model, l, layers[l], layers[l + 1], chunk).mean(0) for l in range(len(self.hooks) - 1)]
+        edges = [self._edges(model, l, layers[l], layers[l + 1]).mean(0) for l in range(len(self.hooks) - 1)]
         return AttributionGraph(self.hooks, int(target), objective, len(images),
                                 [layer["latents"].mean(0).cpu() for layer in layers],
                                 torch.stack([layer["error_score"].mean(0) for layer in layers]).cpu(),
