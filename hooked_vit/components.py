@@ -14,6 +14,7 @@ sub-block output that reaches the residual stream (``hook_attn_out``, ``hook_mlp
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -244,18 +245,19 @@ class Attention(nn.Module):
         return self.qkv.bias.view(3, self.n_heads, self.d_head)[which]
 
 
-def build_rope(cfg: HookedViTConfig) -> nn.Module | None:
-    """timm's rotary position embedding of ``cfg.rope`` (``None`` without), built as timm's ``Eva`` builds
-    it for a fixed image size; its sin/cos tables are non-persistent buffers, computed here on the CPU
-    (so also when the model is built on the meta device) and moved with the model."""
-    if cfg.rope is None:
+def build_rope(settings: dict[str, Any] | None, d_model: int, n_heads: int, grid_size: int) -> nn.Module | None:
+    """timm's rotary position embedding of ``settings`` (a config's ``rope``; ``None`` without), built as
+    timm's ``Eva`` builds it for a ``grid_size`` x ``grid_size`` patch grid; its sin/cos tables are
+    non-persistent buffers, computed here on the CPU (so also when the model is built on the meta
+    device) and moved with the model."""
+    if settings is None:
         return None
-    kwargs = dict(cfg.rope)
+    kwargs = dict(settings)
     rope_type = kwargs.pop("rope_type")
     if rope_type == "cat":
-        kwargs.update(in_pixels=False, feat_shape=[cfg.grid_size, cfg.grid_size])
+        kwargs.update(in_pixels=False, feat_shape=[grid_size, grid_size])
     with torch.device("cpu"):  # also inside HookedViT's meta-device construction
-        return create_rope_embed(rope_type=rope_type, dim=cfg.d_model, num_heads=cfg.n_heads, **kwargs)
+        return create_rope_embed(rope_type=rope_type, dim=d_model, num_heads=n_heads, **kwargs)
 
 
 def rotary_table(rope: nn.Module, grid_size: int) -> Float[Tensor, "n_patches two_d_head"]:

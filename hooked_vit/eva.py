@@ -54,14 +54,11 @@ def _rope_problems(model: Eva, grid_size: int) -> list[str]:
         return [f"rotary embedding {type(rope).__name__} (supported: RotaryEmbeddingCat, RotaryEmbeddingDinoV3)"]
     if any(getattr(rope, name, None) is not None for name in ("shift_coords", "jitter_coords", "rescale_coords")):
         return ["train-time RoPE coordinate augmentation (shift/jitter/rescale_coords)"]
-    settings = rope_settings(model)
-    d_model, n_heads = model.embed_dim, model.blocks[0].attn.num_heads
-    probe = HookedViTConfig(img_size=grid_size, patch_size=1, in_chans=3, d_model=d_model, n_layers=0,
-                            n_heads=n_heads, d_mlp=1, n_classes=0, rope=settings)
     theirs = rotary_table(rope, grid_size)
     if theirs.is_meta:  # built on the meta device (architecture only): no table to compare
         return []
-    ours = rotary_table(build_rope(probe), grid_size)
+    ours = rotary_table(build_rope(rope_settings(model), model.embed_dim, model.blocks[0].attn.num_heads, grid_size),
+                        grid_size)
     if ours.shape != theirs.shape or not torch.equal(ours, theirs.to(ours)):
         return ["rotary embedding settings that timm's Eva constructor does not produce"]
     return []

@@ -91,7 +91,7 @@ class HookedViT(TransformerLensMixin, SAEMixin, HookedRootModule):
         if cfg.ln_pre:  # CLIP: timm's norm_pre, LayerNorm on embed + pos_embed; its output enters block 0
             self.ln_pre = LayerNorm(d_model, cfg.ln_eps)
         # EVA-02 / DINOv3: timm's rotary embedding, applied to q and k in every block (hook_rot_q/k)
-        self.rope = build_rope(cfg)
+        self.rope = build_rope(cfg.rope, cfg.d_model, cfg.n_heads, cfg.grid_size)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         if not cfg.fc_norm:  # the final LayerNorm on every position
             self.ln_final = LayerNorm(d_model, cfg.ln_eps)

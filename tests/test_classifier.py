@@ -195,6 +195,27 @@ def test_a_level_runs_on_a_headless_model_with_a_probe(cache, tmp_path, monkeypa
     assert len(list((cache / "probes").glob("*-digits-train-*.safetensors"))) == 1
 
 
+def test_a_level_that_reads_no_logits_takes_a_headless_model_as_it_is(tmp_path):
+    """MIS reads unit activations only: its dense headless model loads with ``--classifier model``; a
+    fine-tuned variant (trained on labels) still needs a classifier, and says so before any work."""
+    from analyses.common.level import Level
+    from analyses.common.variants import load_variant
+    from analyses.mis.compute import MIS
+    from hooked_vit import HookedViT
+    from hooked_vit.errors import InvalidArgumentError
+
+    folder = tmp_path / "headless"
+    HookedViT.from_timm(make_timm("vit_tiny_patch16_224", num_classes=0, depth=1, img_size=32, patch_size=8,
+                                  embed_dim=32, num_heads=2)).save_pretrained(folder)
+    assert Level.needs_logits and not MIS.needs_logits
+    model = load_variant(str(folder), 0.0, device="cpu", needs_logits=False)
+    assert model.cfg.n_classes == 0
+    with pytest.raises(InvalidArgumentError, match="is headless"):
+        load_variant(str(folder), 0.0, device="cpu")
+    with pytest.raises(InvalidArgumentError, match="is headless"):
+        load_variant(str(folder), 0.5, finetune_epochs=2, device="cpu", needs_logits=False)
+
+
 def test_bad_inputs_give_one_line(clip, tmp_path):
     from safetensors.torch import save_file
 

@@ -110,6 +110,25 @@ def test_topk_indices_match_a_full_sort():
         assert torch.equal(found, scores.argsort(-1, descending=True)[:, :k].sort(-1).values)
 
 
+def by_hand_hooks(clt, replaced, place=lambda out, y: y):
+    """Forward hooks computing every layer's codes by hand at its ``ln2`` output (into ``seen``, returned
+    with them) and writing ``place(out, by-hand target)`` into the MLP outputs of ``replaced``."""
+    seen = {}
+
+    def store(layer):
+        def hook(x, hook):
+            seen[layer] = by_hand_codes(clt, layer, x)
+        return hook
+
+    def substitute(layer):
+        def hook(out, hook):
+            return place(out, by_hand_target(clt, seen, layer))
+        return hook
+
+    hooks = [(f"blocks.{l}.ln2.hook_normalized", store(l)) for l in range(clt.n_layers)]
+    return hooks + [(f"blocks.{l}.hook_mlp_out", substitute(l)) for l in replaced], seen
+
+
 def model_clt(model, seed=0, **options):
     """A random CLT on ``model``'s blocks, at the scale of its activations."""
     clt = random_clt(model.cfg.n_layers, model.cfg.d_model, seed=seed, **options)
@@ -124,29 +143,14 @@ def test_the_replaced_forward_equals_hand_written_hooks(tiny, positions):
     clt = model_clt(tiny, k=4)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
     layers = {"all": None, "cls": [1], "patches": [0]}[positions]
-    replaced = [0, 1] if layers is None else layers
-    seen = {}
+    tokens = {"all": slice(None), "cls": slice(0, 1), "patches": slice(1, None)}[positions]  # one prefix token
 
-    def store(layer):
-        def hook(x, hook):
-            seen[layer] = by_hand_codes(clt, layer, x)
-        return hook
+    def place(out, y):
+        out = out.clone()
+        out[:, tokens] = y[:, tokens]
+        return out
 
-    def substitute(layer):
-        def hook(out, hook):
-            y = by_hand_target(clt, seen, layer)
-            out = out.clone()
-            if positions == "all":
-                out[:] = y
-            elif positions == "cls":
-                out[:, 0] = y[:, 0]
-            else:  # the patch tokens, after the one prefix token (CLS)
-                out[:, 1:] = y[:, 1:]
-            return out
-        return hook
-
-    hooks = [(f"blocks.{l}.ln2.hook_normalized", store(l)) for l in range(2)]
-    hooks += [(f"blocks.{l}.hook_mlp_out", substitute(l)) for l in replaced]
+    hooks, _ = by_hand_hooks(clt, [0, 1] if layers is None else layers, place)
     with torch.no_grad():
         expected = tiny.run_with_hooks(images, fwd_hooks=hooks)
         with clt.replaced(tiny, layers=layers, positions=positions):
@@ -162,25 +166,14 @@ def test_a_contribution_score_by_hand(tiny):
     scores = clt.contributions(tiny, images)
     assert scores.shape == (3, 2)
     # By hand: replace every MLP output, keep the codes, the last residual stream and the pooled output.
-    seen, kept = {}, {}
-
-    def store(layer):
-        def hook(x, hook):
-            seen[layer] = by_hand_codes(clt, layer, x)
-        return hook
-
-    def substitute(layer):
-        def hook(out, hook):
-            return by_hand_target(clt, seen, layer)
-        return hook
+    hooks, seen = by_hand_hooks(clt, [0, 1])
+    kept = {}
 
     def keep(name):
         def hook(x, hook):
             kept[name] = x
         return hook
 
-    hooks = [(f"blocks.{l}.ln2.hook_normalized", store(l)) for l in range(2)]
-    hooks += [(f"blocks.{l}.hook_mlp_out", substitute(l)) for l in range(2)]
     names = ["hook_full_embed", "blocks.0.hook_attn_out", "blocks.1.hook_attn_out", "blocks.1.hook_resid_post",
              "hook_pooled"]
     hooks += [(name, keep(name)) for name in names]

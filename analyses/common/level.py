@@ -95,6 +95,8 @@ class Level:
     # prepare is a collective step under torchrun (it trains data-parallel): every process runs it for
     # a variant with any unit left, its own units or not
     collective_prepare: ClassVar[bool] = False
+    # the level reads class logits: a headless model needs a --classifier (else it is analysed as it is)
+    needs_logits: ClassVar[bool] = True
 
     def __init__(self, *, show_progress: bool = True, model_loader: Callable[[Any, Variant], Any] | None = None,
                  datasets: Mapping[str, Any] | None = None):
@@ -141,7 +143,7 @@ class Level:
             return self.model_loader(config, variant)
         from analyses.common.variants import load_model
 
-        return load_model(config, variant.sparsity)
+        return load_model(config, variant.sparsity, needs_logits=self.needs_logits)
 
     def dataset(self, config: Any, split: str, model: Any = None) -> Any:
         """Split ``split`` of ``config.data`` (or the dataset given for it), transformed for ``model``.

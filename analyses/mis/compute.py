@@ -71,6 +71,7 @@ class MIS(Level):
     Result = MISResult
     run_only = ("sparsities", "device", "batch_size")
     open_choices = ("position", "split", "n_tasks", "n_references", "quantile", "similarity", "temperature")
+    needs_logits = False  # units' activations only: a headless model (DINOv2, CLIP's image tower) runs as it is
     figures: ClassVar[dict[str, str]] = {
         "mis_vs_depth.png": "Mean MIS per block and unit kind, one line per model variant"}
 
