@@ -22,7 +22,7 @@ from hooked_vit.components import rotary_table
 from hooked_vit.errors import check
 
 TOKENS_PER_PASS = 8192  # (token, cotangent) pairs per pass through the part after the core
-FLOATS_PER_PASS = 2**24  # size of the largest intermediate of block_products (64 MB in float32)
+FLOATS_PER_PASS = 2**20  # largest intermediate of block_products (4 MB in float32: passes that stay in cache are faster)
 
 
 def core_inputs(block: nn.Module, x: Float[Tensor, "batch pos d_model"]
