@@ -112,7 +112,7 @@ def block_products(block: nn.Module, x: Float[Tensor, "batch pos d_model"],
         q, k, v = core_inputs(block, x)
         z, pattern = attention_core(q, k, v, scale)
         check_split(block, x, after_core(block, x, z))
-        z_heads = pattern @ v  # [batch head pos d_head]
+        z_heads = z.view(batch, pos, heads, d_head).transpose(1, 2)  # [batch head pos d_head]
         pushed = core_input_jvp(block, x, tangents).view(w, batch, pos, 3, heads, d_head)
         q_, k_, v_ = (pushed[:, :, :, i].permute(1, 3, 2, 4, 0).contiguous() for i in range(3))  # [b h pos e w]
         moves = tangents.permute(1, 2, 3, 0).contiguous()  # [batch pos d w]
@@ -121,7 +121,8 @@ def block_products(block: nn.Module, x: Float[Tensor, "batch pos d_model"],
     rows = (torch.arange(batch, device=x.device)[:, None, None] * n_out + slots)  # [batch pos n]
     with torch.no_grad():
         dz = gz.view(batch, pos, n, heads, d_head).permute(0, 3, 1, 2, 4).contiguous()  # [b h t n e]
-        step = max(1, FLOATS_PER_PASS // (batch * pos * w * max(n, heads)))  # per query token: [b s n w], [b s h w]
+        # per query token: keys [b s n w], q . k' [b s h w], scores [b h n s]
+        step = max(1, FLOATS_PER_PASS // (batch * pos * max(n * w, heads * w, heads * n)))
         for t0 in range(0, pos, step):  # query tokens t: the score and query parts of the core's backward
             t = slice(t0, min(t0 + step, pos))
             c = t.stop - t.start
