@@ -22,7 +22,10 @@ from hooked_vit.components import rotary_table
 from hooked_vit.errors import check
 
 TOKENS_PER_PASS = 8192  # (token, cotangent) pairs per pass through the part after the core
-FLOATS_PER_PASS = 2**20  # largest intermediate of block_products (4 MB in float32: passes that stay in cache are faster)
+# largest intermediate of block_products on a CPU (4 MB in float32: passes that stay in its caches run
+# faster); a GPU takes GPU_PASS_FACTOR times more per pass (fewer kernel launches)
+FLOATS_PER_PASS = 2**20
+GPU_PASS_FACTOR = 64
 
 
 def core_inputs(block: nn.Module, x: Float[Tensor, "batch pos d_model"]
@@ -117,12 +120,13 @@ def block_products(block: nn.Module, x: Float[Tensor, "batch pos d_model"],
         q_, k_, v_ = (pushed[:, :, :, i].permute(1, 3, 2, 4, 0).contiguous() for i in range(3))  # [b h pos e w]
         moves = tangents.permute(1, 2, 3, 0).contiguous()  # [batch pos d w]
     gx, gz = pull_after_core(block, x, z, cotangents)
+    per_pass = FLOATS_PER_PASS * (1 if x.device.type == "cpu" else GPU_PASS_FACTOR)
     out = torch.zeros(batch, n_out, pos, w, device=x.device)
     rows = (torch.arange(batch, device=x.device)[:, None, None] * n_out + slots)  # [batch pos n]
     with torch.no_grad():
         dz = gz.view(batch, pos, n, heads, d_head).permute(0, 3, 1, 2, 4).contiguous()  # [b h t n e]
         # per query token: keys [b s n w], q . k' [b s h w], scores [b h n s]
-        step = max(1, FLOATS_PER_PASS // (batch * pos * max(n * w, heads * w, heads * n)))
+        step = max(1, per_pass // (batch * pos * max(n * w, heads * w, heads * n)))
         for t0 in range(0, pos, step):  # query tokens t: the score and query parts of the core's backward
             t = slice(t0, min(t0 + step, pos))
             c = t.stop - t.start
@@ -140,7 +144,7 @@ def block_products(block: nn.Module, x: Float[Tensor, "batch pos d_model"],
             out.view(batch * n_out, pos * w).index_add_(0, rows[:, t].reshape(-1),
                                                         keys.permute(0, 1, 3, 2, 4).reshape(-1, pos * w))
         # value part: dv_o[s] = sum over its (t, j) of pattern[t, s] dz[t, j], dotted with the moved v
-        step = max(1, FLOATS_PER_PASS // (batch * pos * max(d, heads * w)))  # per output: [b h s e], [b h s w]
+        step = max(1, per_pass // (batch * pos * max(d, heads * w)))  # per output: [b h s e], [b h s w]
         for o0 in range(0, n_out, step):
             here = torch.nonzero((slots >= o0) & (slots < o0 + step), as_tuple=True)
             c = min(step, n_out - o0)
