@@ -34,19 +34,9 @@ from analyses.replacement.saes import (
     training_sae,
 )
 from hooked_vit import HookedViT
-from hooked_vit.loading import create_timm_from_spec
 from hooked_vit.pretrained import get_spec
 
 PARTS = ("train", "forward", "graph")
-
-
-def load(name: str, device: str) -> HookedViT:
-    """The alias's model: its shipped weights, or random weights of its architecture."""
-    spec = get_spec(name)
-    if spec.weights_path is not None:
-        return HookedViT.from_pretrained(name, device=device).eval()
-    torch.manual_seed(0)
-    return HookedViT.from_timm(create_timm_from_spec(spec)).to(device).eval()
 
 
 def main() -> None:
@@ -68,7 +58,9 @@ def main() -> None:
     if not set(parts) <= set(PARTS):
         parser.error(f"--parts takes {PARTS}, got {args.parts!r}")
 
-    model = load(args.model, args.device)
+    # the alias's shipped weights, or random weights (seed 0) of its architecture
+    model = HookedViT.from_pretrained(args.model, pretrained=get_spec(args.model).weights_path is not None, seed=0,
+                                      device=args.device)
     size = model.cfg.img_size
     images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
     data = [(image, 0) for image in images.cpu()]
