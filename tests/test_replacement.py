@@ -372,23 +372,12 @@ LEVEL_ARGS = ["--model", "deit3_tiny_digits", "--steps", "4", "--batch-images", 
               "0,0.1,1", "--faithfulness-images", "4", "--spurious-class", "none", "--no-progress"]
 
 
-def _table(path):
-    """A result CSV's rows, numbers as floats (the config comment line skipped)."""
-    import csv
-
-    def value(text):
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
-    return [[value(v) for v in row] for row in csv.reader(lines)]
-
-
 def _same_numbers(a, b):
-    for x, y in zip(_table(a), _table(b), strict=True):
-        assert [v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=1e-6) for v in x] == y
+    """Two result CSVs hold the same rows, numbers within 1e-5."""
+    from analyses.common.results import read_csv
+
+    for x, y in zip(read_csv(a), read_csv(b), strict=True):
+        assert {k: v if isinstance(v, str) else pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in x.items()} == y
 
 
 @pytest.mark.slow
